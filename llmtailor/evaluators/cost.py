@@ -1,0 +1,238 @@
+"""Cost of a plan on a device, from the plan and the architecture alone (no weights).
+
+Bytes are exact: they are the bytes of the packed form that
+``llmtailor.compression.pack`` produces, and a test holds the two equal.
+
+Storage rules (one layer, weight matrix of ``out`` rows by ``in`` inputs):
+- 16 bits: float16 values, nothing else.
+- b < 16 bits: b-bit codes, bit-packed; one float16 scale per group of ``group_size``
+  consecutive inputs of a row (0 means one group per row); when ``in`` is not a
+  multiple of the group size the last group of each row is shorter, and it still has
+  its own scale. Asymmetric quantization adds one b-bit integer zero point per group,
+  bit-packed.
+- Sparse layers store whichever of three forms is smallest: dense codes (zeros
+  included), a bitmask of kept positions plus the kept codes, or CSR (kept codes, a
+  column index each, int16 when ``in`` <= 65536, and an int32 row pointer per row + 1).
+  N:M layers store the kept codes plus a ceil(log2 M)-bit position per kept value.
+- Pruning keeps the same number of weights in every row: ``in - floor(ratio * in)``
+  for unstructured sparsity, ``in / M * N`` for N:M. The pruners follow this rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llmtailor.arch import Architecture, Linear
+from llmtailor.hw_profiles import DeviceProfile, roofline
+from llmtailor.hw_profiles.roofline import Operation
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity
+
+FLOAT16_BYTES = 2
+INT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How the model is used on the device: context kept, batch, and prompt length."""
+
+    context_length: int = 2048
+    batch_size: int = 1
+    prompt_length: int = 512
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """Bytes of one stored weight matrix, by component."""
+
+    format: str  # dense | bitmask | csr | n:m
+    values: int
+    scales: int
+    zeros: int
+    index: int
+
+    @property
+    def total(self) -> int:
+        return self.values + self.scales + self.zeros + self.index
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups per row: the last one is shorter when in_features is not a multiple of group_size."""
+    return 1 if group_size == 0 or group_size >= in_features else math.ceil(in_features / group_size)
+
+
+def kept_per_row(in_features: int, sparsity: LayerSparsity) -> int:
+    """How many weights of each row a pruner keeps."""
+    if sparsity.pattern == "unstructured":
+        return in_features - math.floor(sparsity.ratio * in_features)
+    n, m = (int(x) for x in sparsity.pattern.split(":"))
+    return in_features // m * n
+
+
+def _packed(count: int, bits: int) -> int:
+    return math.ceil(count * bits / 8)
+
+
+def tensor_bytes(out_features: int, in_features: int, precision: LayerPrecision, sparsity: LayerSparsity) -> TensorBytes:
+    """Bytes of one weight matrix stored at this precision and sparsity."""
+    bits = precision.bits
+    scales = zeros = 0
+    if bits < 16:
+        groups = out_features * num_groups(in_features, precision.group_size)
+        scales = groups * FLOAT16_BYTES
+        zeros = 0 if precision.symmetric else _packed(groups, bits)
+    dense_values = _packed(out_features * in_features, bits)
+    if sparsity.is_identity:
+        return TensorBytes("dense", dense_values, scales, zeros, 0)
+    kept = out_features * kept_per_row(in_features, sparsity)
+    kept_values = _packed(kept, bits)
+    if sparsity.pattern != "unstructured":
+        m = int(sparsity.pattern.split(":")[1])
+        return TensorBytes("n:m", kept_values, scales, zeros, _packed(kept, math.ceil(math.log2(m))))
+    index_bytes = 2 if in_features <= 65536 else 4
+    options = [
+        TensorBytes("dense", dense_values, scales, zeros, 0),
+        TensorBytes("bitmask", kept_values, scales, zeros, _packed(out_features * in_features, 1)),
+        TensorBytes("csr", kept_values, scales, zeros, kept * index_bytes + (out_features + 1) * INT32_BYTES),
+    ]
+    return min(options, key=lambda t: t.total)
+
+
+def stored_layers(arch: Architecture) -> list[Linear]:
+    """Every weight matrix a plan can set the precision of: the linears and the embedding."""
+    return [*arch.linears, arch.embedding]
+
+
+def layer_bytes(plan: CompressionPlan, lin: Linear) -> TensorBytes:
+    """Bytes of one layer of the model under the plan."""
+    return tensor_bytes(lin.out_features, lin.in_features, plan.precision_of(lin.name), plan.sparsity_of(lin.name))
+
+
+def weight_bytes(plan: CompressionPlan, arch: Architecture) -> int:
+    """Bytes of every stored weight matrix under the plan."""
+    return sum(layer_bytes(plan, lin).total for lin in stored_layers(arch))
+
+
+def bits_per_weight(plan: CompressionPlan, arch: Architecture) -> float:
+    """Average stored bits per weight, scales, zero points and sparse indices included."""
+    return 8 * weight_bytes(plan, arch) / sum(lin.params for lin in stored_layers(arch))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes the model needs on the device, by component."""
+
+    weights: int  # linear layers (an untied lm_head included)
+    embedding: int
+    other: int  # norms and biases, float16
+    kv_cache: int
+    activations: int
+    overhead: int  # the runtime itself, from the device profile
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.embedding + self.other + self.kv_cache + self.activations + self.overhead
+
+
+def kv_cache_bytes(plan: CompressionPlan, arch: Architecture, workload: Workload) -> int:
+    """KV cache at the workload's context length and batch (quantized caches add a scale per head and token)."""
+    vectors = 2 * arch.num_layers * arch.num_kv_heads * workload.context_length * workload.batch_size
+    scales = vectors * FLOAT16_BYTES if plan.kv_cache_bits < 16 else 0
+    return _packed(vectors * arch.head_dim, plan.kv_cache_bits) + scales
+
+
+def activation_bytes(arch: Architecture, workload: Workload) -> int:
+    """Peak working buffers of one block during prefill, in float16, plus the last token's logits in float32."""
+    tokens = workload.batch_size * workload.prompt_length
+    hidden_buffers = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * FLOAT16_BYTES
+    scores = workload.batch_size * arch.num_heads * workload.prompt_length**2 * FLOAT16_BYTES
+    logits = workload.batch_size * arch.vocab_size * 4
+    return hidden_buffers + scores + logits
+
+
+def memory(plan: CompressionPlan, arch: Architecture, workload: Workload, runtime_overhead: int = 0) -> MemoryEstimate:
+    """Memory the plan needs: weights, embedding, other parameters, KV cache, activations, runtime."""
+    return MemoryEstimate(
+        weights=sum(layer_bytes(plan, lin).total for lin in arch.linears),
+        embedding=layer_bytes(plan, arch.embedding).total,
+        other=arch.other_params * FLOAT16_BYTES,
+        kv_cache=kv_cache_bytes(plan, arch, workload),
+        activations=activation_bytes(arch, workload),
+        overhead=runtime_overhead,
+    )
+
+
+@dataclass(frozen=True)
+class LatencyEstimate:
+    """Predicted time to first token (prefill of the prompt) and time per generated token."""
+
+    prefill_s: float
+    decode_s_per_token: float
+    energy_j_per_token: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / self.decode_s_per_token
+
+
+def _weight_only_kernel(bits: int) -> str:
+    return "int8_weight_only" if bits == 8 else "int4_weight_only"
+
+
+def _linear_operation(plan: CompressionPlan, lin: Linear, profile: DeviceProfile, tokens: int) -> Operation:
+    """A matmul of `tokens` rows through one layer, with the bytes the device really reads for it."""
+    precision, sparsity = plan.precision_of(lin.name), plan.sparsity_of(lin.name)
+    kept_share = 1.0
+    if not sparsity.is_identity:
+        kernel = "sparse_unstructured" if sparsity.pattern == "unstructured" else f"sparse_{sparsity.pattern.replace(':', '_')}"
+        if kernel in profile.kernels:
+            kept_share = kept_per_row(lin.in_features, sparsity) / lin.in_features
+        else:
+            sparsity = LayerSparsity()  # no sparse kernel: the runtime works on the dense form
+    if precision.bits < 16 and _weight_only_kernel(precision.bits) not in profile.kernels:
+        precision = LayerPrecision()  # no low-bit kernel: weights are expanded to float16 first
+    read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity).total
+    flops = 2.0 * tokens * lin.params * kept_share
+    return Operation(flops, read, roofline.compute_precision(profile, plan.precision_of(lin.name).act_bits == 8))
+
+
+def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, workload: Workload) -> LatencyEstimate:
+    """Roofline prediction of prefill and per-token decode time, and decode energy per token."""
+    batch, prompt, context = workload.batch_size, workload.prompt_length, workload.context_length
+    linears = list(arch.linears)
+    if arch.tie_embeddings:  # the head reads the embedding matrix, at the embedding's precision
+        linears.append(Linear(arch.embedding.name, arch.hidden_size, arch.vocab_size, None, "lm_head"))
+    kv_per_block = kv_cache_bytes(plan, arch, workload) / arch.num_layers
+    attention_width = arch.num_heads * arch.head_dim
+    fp = roofline.compute_precision(profile, False)
+
+    prefill = [_linear_operation(plan, lin, profile, batch * (prompt if lin.kind != "lm_head" else 1)) for lin in linears]
+    prefill += [Operation(4.0 * batch * attention_width * prompt * (prompt + 1) / 2, 0.0, fp)] * arch.num_layers
+    decode = [_linear_operation(plan, lin, profile, batch) for lin in linears]
+    decode += [Operation(4.0 * batch * attention_width * context, kv_per_block, fp)] * arch.num_layers
+
+    prefill_s = roofline.total_seconds(prefill, profile, arch.num_layers)
+    decode_s = roofline.total_seconds(decode, profile, arch.num_layers)
+    return LatencyEstimate(prefill_s, decode_s, decode_s * profile.power_watts)
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Everything the cost model predicts for one plan on one device."""
+
+    memory: MemoryEstimate
+    latency: LatencyEstimate
+    budget_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.budget_bytes
+
+
+def estimate(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, workload: Workload) -> CostEstimate:
+    """Memory, latency and energy of a plan on a device, and whether it fits the device's budget."""
+    return CostEstimate(
+        memory(plan, arch, workload, profile.runtime_overhead_bytes),
+        latency(plan, arch, profile, workload),
+        profile.usable_memory_bytes,
+    )

@@ -1,0 +1,66 @@
+"""Fidelity and perplexity of a compressed model on held-out text, against its teacher.
+
+Fidelity is the mean over tokens of KL(teacher || compressed) between next-token
+distributions: 0 for a perfect copy, and far more sensitive than accuracy, so it is
+the search's quality objective. The teacher's log-probabilities are computed once per
+process and kept in float32 (8 windows of 256 tokens of a 49k vocabulary is 400 MB).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Fidelity and perplexity measured on the evaluation windows."""
+
+    kl: float  # mean KL(teacher || model) per token, in nats
+    perplexity: float
+    tokens: int
+
+
+class Reference:
+    """The evaluation windows and the teacher's next-token log-probabilities on them."""
+
+    def __init__(self, teacher: Any, tokenizer: Any, documents: tuple[str, ...] | list[str],
+                 windows: int = 8, window_tokens: int = 256) -> None:
+        ids = tokenizer("\n\n".join(documents), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        available = ids.numel() // window_tokens
+        if available < 1:
+            raise ValueError(f"evaluation text has {ids.numel()} tokens; one window needs {window_tokens}")
+        count = min(windows, available)
+        # Windows spread over the whole text, not just its start.
+        starts = torch.linspace(0, (available - 1) * window_tokens, count).long()
+        self.input_ids = torch.stack([ids[s : s + window_tokens] for s in starts])
+        self.teacher_logprobs = [log_probs(teacher, window[None])[0] for window in self.input_ids]
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+@torch.no_grad()
+def log_probs(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities in float32, [batch, tokens, vocab]."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def measure(model: Any, reference: Reference) -> Quality:
+    """KL to the teacher and perplexity of the model on the reference windows."""
+    kl_total, nll_total, predicted = 0.0, 0.0, 0
+    for window, teacher in zip(reference.input_ids, reference.teacher_logprobs, strict=True):
+        student = log_probs(model, window[None])[0]
+        kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+        kl_total += kl.sum().item()
+        nll_total -= student[:-1].gather(1, window[1:, None]).sum().item()
+        predicted += window.numel() - 1
+    if not math.isfinite(kl_total) or not math.isfinite(nll_total):
+        raise FloatingPointError("the compressed model's outputs are not finite (NaN or inf)")
+    return Quality(kl=kl_total / reference.tokens, perplexity=math.exp(nll_total / predicted), tokens=reference.tokens)

@@ -1,0 +1,136 @@
+"""Accuracy through lm-eval: the built-in offline tasks, and any lm-eval task by name.
+
+Built-in tasks are made from installed text, held out from calibration, so they run
+offline. ``pydoc_cloze``: a passage's opening, and four continuations of equal word
+count, one true and three taken from other passages of the same corpus. Any other
+name is looked up in lm-eval's own registry and passed straight through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmtailor import files
+from llmtailor.errors import UserError
+
+CONTEXT_WORDS = 32
+CONTINUATION_WORDS = 8
+CHOICES = 4
+
+
+def _passages(documents: tuple[str, ...] | list[str]) -> list[list[str]]:
+    """Paragraphs of prose long enough for a context and a continuation, as word lists."""
+    out = []
+    for doc in documents:
+        for paragraph in re.split(r"\n\s*\n", doc):
+            if paragraph.lstrip().startswith((">>>", "*", "=", "-")):
+                continue  # code examples and headings are not prose
+            words = paragraph.split()
+            if len(words) >= CONTEXT_WORDS + CONTINUATION_WORDS:
+                out.append(words)
+    return out
+
+
+def pydoc_cloze_items(documents: tuple[str, ...] | list[str], limit: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Multiple-choice continuation items built from the given documents."""
+    passages = _passages(documents)
+    if len(passages) < CHOICES:
+        raise UserError(f"the task text has {len(passages)} usable passages; pydoc_cloze needs at least {CHOICES}")
+    rng = random.Random(seed)
+    order = list(range(len(passages)))
+    rng.shuffle(order)
+    items = []
+    for i in order[:limit]:
+        words = passages[i]
+        context = " ".join(words[:CONTEXT_WORDS])
+        truth = " ".join(words[CONTEXT_WORDS : CONTEXT_WORDS + CONTINUATION_WORDS])
+        others = rng.sample([j for j in range(len(passages)) if j != i], CHOICES - 1)
+        distractors = []
+        for j in others:
+            start = rng.randrange(0, len(passages[j]) - CONTINUATION_WORDS + 1)
+            distractors.append(" ".join(passages[j][start : start + CONTINUATION_WORDS]))
+        label = rng.randrange(CHOICES)
+        choices = distractors[:label] + [truth] + distractors[label:]
+        items.append({"context": context, "choices": choices, "label": label})
+    return items
+
+
+def pydoc_cloze(documents: tuple[str, ...] | list[str], limit: int, cache: Path) -> dict[str, Any]:
+    """The lm-eval task config of pydoc_cloze, its items written as JSONL in the cache."""
+    items = pydoc_cloze_items(documents, limit)
+    text = "".join(json.dumps(item) + "\n" for item in items)
+    path = cache / "tasks" / f"pydoc_cloze-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not path.exists():
+        files.write_text(path, text)
+    return {
+        "task": "pydoc_cloze",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+
+
+BUILTIN_TASKS: dict[str, Callable[..., dict[str, Any]]] = {"pydoc_cloze": pydoc_cloze}
+_task_manager = None
+
+
+def task_manager() -> Any:
+    """lm-eval's task registry, built once per process (building it takes seconds)."""
+    global _task_manager
+    if _task_manager is None:
+        from lm_eval.tasks import TaskManager
+
+        _task_manager = TaskManager(verbosity="ERROR")
+    return _task_manager
+
+
+def check_task_names(names: list[str]) -> None:
+    """Raise UserError for any task that is neither built in nor known to lm-eval."""
+    unknown = [n for n in names if n not in BUILTIN_TASKS]
+    if not unknown:
+        return
+    known = set(task_manager().all_tasks)
+    missing = [n for n in unknown if n not in known]
+    if missing:
+        raise UserError(
+            f"unknown lm-eval task(s) {missing}: use a built-in task ({', '.join(BUILTIN_TASKS)}) "
+            "or a name from `lm_eval ls tasks`"
+        )
+
+
+def resolve_tasks(names: list[str], documents: tuple[str, ...] | list[str], limit: int, cache: Path) -> list[Any]:
+    """lm-eval task entries: built-in configs made from the documents, other names as they are."""
+    check_task_names(names)
+    return [BUILTIN_TASKS[n](documents, limit, cache) if n in BUILTIN_TASKS else n for n in names]
+
+
+def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """Accuracy of an in-memory model on lm-eval tasks: {task: acc}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+    with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own progress bars, one per task and phase
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=task_manager(), limit=limit, verbosity="ERROR",
+            log_samples=False, bootstrap_iters=0,
+        )["results"]
+    return {name: float(metrics["acc,none"]) for name, metrics in results.items() if "acc,none" in metrics}

@@ -1,0 +1,174 @@
+"""Device profiles: public facts about a device (memory, bandwidth, compute, kernels, power).
+
+A profile is a YAML file in this folder (found by its name) or anywhere (found by its
+path). ``--memory 8GB`` alone is an ad-hoc profile: the memory budget the user gives,
+with the speed figures of the ``laptop-x86-16gb`` profile standing in for "a typical
+CPU", so latencies are then only comparable with each other, not predictions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtailor.errors import UserError
+
+PROFILE_DIR = Path(__file__).parent
+AD_HOC_BASE = "laptop-x86-16gb"
+KNOWN_KERNELS = frozenset(
+    {"int8_weight_only", "int4_weight_only", "int8_activations", "sparse_2_4", "sparse_unstructured"}
+)
+PRECISIONS = ("fp32", "fp16", "int8")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the cost model needs to know about a device."""
+
+    name: str
+    description: str
+    memory_bytes: int  # physical memory
+    usable_memory_bytes: int  # what the OS leaves to a model: the budget
+    memory_bandwidth_gbps: float  # GB/s, peak
+    peak_tflops: dict[str, float]  # per compute precision: fp32, fp16, int8
+    power_watts: float  # under sustained inference load
+    kernels: frozenset[str] = field(default_factory=frozenset)
+    runtime_overhead_bytes: int = 0  # the inference runtime's own memory
+    bandwidth_efficiency: float = 0.7  # share of peak bandwidth reached in practice
+    compute_efficiency: float = 0.5  # share of peak compute reached in practice
+    layer_overhead_us: float = 0.0  # fixed cost per decoder block per forward pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["kernels"] = sorted(self.kernels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
+        """The inverse of to_dict."""
+        return cls(**{**data, "kernels": frozenset(data.get("kernels", ()))})
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """Bytes from '8GB', '512 MB', '1.5GiB' or a plain number of bytes (GB = 10^9, GiB = 2^30)."""
+    if isinstance(text, bool):
+        raise UserError(f"malformed {what} {text!r}: use a number with a unit, such as 8GB, 512MB or 1.5GiB")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise UserError(f"malformed {what} {text!r}: use a number with a unit, such as 8GB, 512MB or 1.5GiB")
+        unit = (match[2] or "").lower().removesuffix("b") if (match[2] or "").lower() != "b" else ""
+        value = float(match[1]) * _UNITS[unit]
+    if value <= 0:
+        raise UserError(f"{what} must be more than zero, got {text!r}")
+    return int(value)
+
+
+def format_size(num_bytes: float) -> str:
+    """A byte count for people: '161.3 MB', '7.25 GB' (decimal units, like parse_size)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.{1 if unit != 'GB' else 2}f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def available() -> list[str]:
+    """Names of the profiles that ship with llmtailor."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load(name_or_path: str) -> DeviceProfile:
+    """A profile by its name (see `llmtailor devices`) or by the path of a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"unknown device {name_or_path!r}: choose one of {', '.join(available())} "
+            "(`llmtailor devices`), give a profile YAML path, or use --memory SIZE"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"device profile {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return _from_yaml(data, str(path))
+
+
+def from_memory(size: str, base: DeviceProfile | None = None) -> DeviceProfile:
+    """An ad-hoc profile: the budget given, on a base device (a typical CPU by default)."""
+    budget = parse_size(size, "memory budget")
+    if base is None:
+        base = replace(load(AD_HOC_BASE), name="memory", runtime_overhead_bytes=0)
+        description = f"a {format_size(budget)} memory budget (speeds of a typical laptop CPU)"
+    else:
+        description = f"{base.description}, limited to {format_size(budget)}"
+    return replace(base, name=f"{base.name}-{str(size).replace(' ', '')}", description=description,
+                   usable_memory_bytes=budget)
+
+
+_REQUIRED = {"name": str, "description": str, "memory": "size", "usable_memory": "size",
+             "memory_bandwidth_gbps": float, "peak_tflops": dict, "power_watts": float}
+_OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency": float,
+             "compute_efficiency": float, "layer_overhead_us": float}
+
+
+def _from_yaml(data: Any, where: str) -> DeviceProfile:
+    if not isinstance(data, dict):
+        raise UserError(f"device profile {where} must be a YAML mapping of fields")
+    unknown = set(data) - set(_REQUIRED) - set(_OPTIONAL)
+    if unknown:
+        raise UserError(f"device profile {where}: unknown field(s) {sorted(unknown)}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise UserError(f"device profile {where}: missing field(s) {missing}")
+    values: dict[str, Any] = {}
+    for key, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if kind == "size":
+            value = parse_size(value, f"{key} in {where}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UserError(f"device profile {where}: {key} must be a non-negative number, got {value!r}")
+            value = float(value)
+        elif not isinstance(value, kind):
+            raise UserError(f"device profile {where}: {key} must be a {kind.__name__}, got {value!r}")
+        values[key] = value
+    tflops = values["peak_tflops"]
+    if "fp32" not in tflops or set(tflops) - set(PRECISIONS):
+        raise UserError(f"device profile {where}: peak_tflops needs fp32 and may have only {PRECISIONS}")
+    for precision, tf in tflops.items():
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or tf <= 0:
+            raise UserError(f"device profile {where}: peak_tflops.{precision} must be a positive number")
+    for key in ("memory_bandwidth_gbps", "power_watts"):
+        if values[key] <= 0:
+            raise UserError(f"device profile {where}: {key} must be more than zero")
+    for key in ("bandwidth_efficiency", "compute_efficiency"):
+        if key in values and not 0 < values[key] <= 1:
+            raise UserError(f"device profile {where}: {key} must be in (0, 1]")
+    kernels = frozenset(values.get("kernels", ()))
+    if kernels - KNOWN_KERNELS:
+        raise UserError(f"device profile {where}: unknown kernels {sorted(kernels - KNOWN_KERNELS)}; "
+                        f"known are {sorted(KNOWN_KERNELS)}")
+    if values["usable_memory"] > values["memory"]:
+        raise UserError(f"device profile {where}: usable_memory is larger than memory")
+    return DeviceProfile(
+        name=values["name"], description=values["description"], memory_bytes=values["memory"],
+        usable_memory_bytes=values["usable_memory"], memory_bandwidth_gbps=values["memory_bandwidth_gbps"],
+        peak_tflops={k: float(v) for k, v in tflops.items()}, power_watts=values["power_watts"],
+        kernels=kernels, runtime_overhead_bytes=values.get("runtime_overhead", 0),
+        bandwidth_efficiency=values.get("bandwidth_efficiency", 0.7),
+        compute_efficiency=values.get("compute_efficiency", 0.5),
+        layer_overhead_us=values.get("layer_overhead_us", 0.0),
+    )

@@ -1,0 +1,35 @@
+"""Roofline timing: an operation takes as long as its memory traffic or its arithmetic, whichever is longer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtailor.hw_profiles import DeviceProfile
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One unit of work in a forward pass: arithmetic, bytes moved, and the precision it computes in."""
+
+    flops: float
+    bytes: float
+    precision: str  # fp32 | fp16 | int8
+
+
+def compute_precision(profile: DeviceProfile, int8_activations: bool) -> str:
+    """The precision a matmul runs in on this device."""
+    if int8_activations and "int8_activations" in profile.kernels and "int8" in profile.peak_tflops:
+        return "int8"
+    return "fp16" if "fp16" in profile.peak_tflops else "fp32"
+
+
+def seconds(op: Operation, profile: DeviceProfile) -> float:
+    """Time of one operation on the device: max(bytes / bandwidth, flops / compute), both derated."""
+    bandwidth = profile.memory_bandwidth_gbps * 1e9 * profile.bandwidth_efficiency
+    compute = profile.peak_tflops[op.precision] * 1e12 * profile.compute_efficiency
+    return max(op.bytes / bandwidth, op.flops / compute)
+
+
+def total_seconds(ops: list[Operation], profile: DeviceProfile, blocks: int) -> float:
+    """Time of a forward pass: its operations in sequence plus a fixed overhead per block."""
+    return sum(seconds(op, profile) for op in ops) + blocks * profile.layer_overhead_us * 1e-6

@@ -1,0 +1,82 @@
+"""The Pareto front of a study: feasible finished trials that no other feasible trial dominates."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from llmtailor.search.objectives import Objective
+
+COLUMNS = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "bits_per_weight",
+           "sparsity", "prefill_s", "decode_ms_per_token", "energy_mj_per_token", "seconds", "status"]
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == optuna.trial.TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
+
+
+def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:
+    better_or_equal = all(s * x <= s * y for x, y, s in zip(a, b, signs, strict=True))
+    return better_or_equal and any(s * x < s * y for x, y, s in zip(a, b, signs, strict=True))
+
+
+def front_trials(study: optuna.Study, objectives: list[Objective]) -> list[optuna.trial.FrozenTrial]:
+    """Feasible, evaluated trials not dominated by another (ties: the earliest of equals is kept)."""
+    signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
+    pool = [t for t in study.get_trials(deepcopy=False) if _feasible(t) and t.user_attrs.get("status") == "evaluated"]
+    front = []
+    for t in pool:
+        if any(_dominates(o.values, t.values, signs) or (o.values == t.values and o.number < t.number) for o in pool):
+            continue
+        front.append(t)
+    return front
+
+
+def row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """One table row of a trial's scores."""
+    a = trial.user_attrs
+    mb = lambda key: a[key] / 1e6 if key in a else None  # noqa: E731
+    return {
+        "trial": trial.number,
+        "kl": a.get("kl"),
+        "perplexity": a.get("perplexity"),
+        "accuracy": a.get("accuracy"),
+        "memory_mb": mb("memory_bytes"),
+        "budget_mb": mb("budget_bytes"),
+        "fits": a.get("fits"),
+        "bits_per_weight": a.get("bits_per_weight"),
+        "sparsity": a.get("sparsity"),
+        "prefill_s": a.get("prefill_s"),
+        "decode_ms_per_token": a["decode_s_per_token"] * 1e3 if "decode_s_per_token" in a else None,
+        "energy_mj_per_token": a["energy_j_per_token"] * 1e3 if "energy_j_per_token" in a else None,
+        "seconds": a.get("seconds"),
+        "status": a.get("status", trial.state.name.lower()),
+    }
+
+
+def front(study: optuna.Study, objectives: list[Objective]) -> pd.DataFrame:
+    """The Pareto front as a table, best quality (first objective) first."""
+    rows = [row(t) for t in front_trials(study, objectives)]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    first = objectives[0]
+    return table.sort_values(first.attr if first.attr in table else "trial",
+                             ascending=first.direction == "minimize", ignore_index=True)
+
+
+def trials(study: optuna.Study) -> pd.DataFrame:
+    """Every trial of the study as a table, failures with their reason."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        r = row(t)
+        r["state"] = t.state.name
+        r["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        rows.append(r)
+    return pd.DataFrame(rows, columns=[*COLUMNS, "state", "fail_reason"])
+
+
+def plan_json(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The plan stored on a trial, as plain data."""
+    return json.loads(trial.user_attrs["plan"])

@@ -1,0 +1,27 @@
+"""Search spaces: how an Optuna trial becomes a CompressionPlan.
+
+A space samples a plan from a trial, names the smallest plan it can reach (so an
+impossible budget is refused before any work), and gives the uniform baselines that
+every study tries first. ``SPACES`` finds a space by name.
+"""
+
+from __future__ import annotations
+
+from llmtailor.errors import UserError
+from llmtailor.spaces.base import SearchSpace
+from llmtailor.spaces.grouped import GroupedSpace, by_depth_segment, by_layer
+
+SPACES: dict[str, SearchSpace] = {
+    "coarse": GroupedSpace("coarse", by_depth_segment(3)),
+    "per-layer": GroupedSpace("per-layer", by_layer),
+}
+
+
+def get(name: str) -> SearchSpace:
+    """A search space by name."""
+    if name not in SPACES:
+        raise UserError(f"unknown search space {name!r}: choose one of {', '.join(SPACES)}")
+    return SPACES[name]
+
+
+__all__ = ["SPACES", "SearchSpace", "get"]

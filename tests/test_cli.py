@@ -1,0 +1,124 @@
+"""The command line end to end on the tiny model: fit, resume, report, devices, and every user error."""
+
+import csv
+import json
+
+import optuna
+import pytest
+
+from llmtailor import cli
+from llmtailor.search import study as study_mod
+
+FAST = ["--context", "256", "--prompt", "64", "--task-items", "8", "--eval-windows", "2", "--window-tokens", "64",
+        "--no-progress"]
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_fit_writes_front_report_and_plans_then_resumes(tiny_model_dir, tmp_path, capsys):
+    results = tmp_path / "results"
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 5, "--study", "t", "--results", results, *FAST]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "Best plan that fits" in out
+    folder = results / "t"
+    rows = list(csv.DictReader((folder / "front.csv").open()))
+    assert rows, "the front is empty"
+    for row in rows:
+        assert float(row["memory_mb"]) <= 0.5 and row["status"] == "evaluated"
+        assert float(row["kl"]) >= 0 and float(row["perplexity"]) > 1 and 0 <= float(row["accuracy"]) <= 1
+        plan = json.loads((folder / "plans" / f"{row['trial']}.json").read_text())
+        assert set(plan) == {"precision", "sparsity", "student", "kv_cache_bits"}
+    html = (folder / "report.html").read_text()
+    assert "<svg" in html and "Accuracy vs memory" in html and "Pareto front" in html
+    trials = list(csv.DictReader((folder / "trials.csv").open()))
+    assert len(trials) == 5
+    # The first enqueued baseline is the dense model: over this budget, rejected by cost alone.
+    assert trials[0]["status"] == "over_budget"
+
+    code, _, err = run([*argv[:4], "--trials", 7, *argv[6:]], capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'study.db'}")
+    assert study_mod.finished(study) == 7
+    assert sorted(t.number for t in study.trials) == list(range(7))
+    code, _, err = run([*argv[:4], "--trials", 7, *argv[6:]], capsys)
+    assert code == 0 and "already has 7" in err
+
+    code, _, err = run(["fit", tiny_model_dir, "--memory", "400kB", "--trials", 8, "--study", "t",
+                        "--results", results, *FAST], capsys)
+    assert code == 2 and "was made with another device" in err
+
+    (folder / "report.html").unlink()
+    code, out, _ = run(["report", "t", "--results", results], capsys)
+    assert code == 0 and (folder / "report.html").is_file()
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, tmp_path, monkeypatch):
+    from llmtailor.evaluators import quality
+
+    calls = {"n": 0}
+    real = quality.measure
+
+    def flaky(model, reference):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise FloatingPointError("the compressed model's outputs are not finite (NaN or inf)")
+        return real(model, reference)
+
+    monkeypatch.setattr(quality, "measure", flaky)
+    args = cli.build_parser().parse_args(["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "4",
+                                          "--results", str(tmp_path), *FAST])
+    setup = study_mod.prepare(cli._config(args))
+    study = study_mod.run(setup, progress=False, log=lambda m: None)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and "not finite" in failed[0].user_attrs["fail_reason"]
+    assert study_mod.finished(study) == 4
+
+
+def test_devices_lists_the_profiles(capsys):
+    code, out, _ = run(["devices"], capsys)
+    assert code == 0
+    for name in ("raspberry-pi-5-8gb", "laptop-x86-16gb", "rtx-4090-24gb"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "./no/such/model", "--memory", "8GB"], "model path ./no/such/model does not exist"),
+    (["fit", "{model}", "--device", "toaster"], "unknown device 'toaster'"),
+    (["fit", "{model}", "--memory", "eight gigs"], "malformed memory budget"),
+    (["fit", "{model}", "--memory", "0GB"], "memory budget must be more than zero"),
+    (["fit", "{model}", "--memory", "300kB"], "cannot fit .* smallest plan .* needs"),
+    (["fit", "{model}"], "give a target"),
+    (["fit", "{model}", "--memory", "8GB", "--trials", "0"], "--trials must be at least 1"),
+    (["fit", "{model}", "--memory", "8GB", "--tasks", "no_such_task_xyz"], "unknown lm-eval task"),
+    (["fit", "{model}", "--memory", "8GB", "--objectives", "kl,beauty"], "unknown objective"),
+    (["fit", "{model}", "--memory", "8GB", "--space", "everything"], "unknown search space"),
+    (["fit", "{model}", "--memory", "8GB", "--context", "0"], "--context must be at least 1"),
+    (["sweep", "{model}", "--memory", "8GB", "--storage", "nosuchdb://x"], "cannot open storage"),
+    (["report", "nothing-here"], "no study 'nothing-here'"),
+])
+def test_user_errors_are_one_line_exit_2_and_write_nothing(argv, message, tiny_model_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tiny_model_dir) if a == "{model}" else a for a in argv] + ["--results", str(tmp_path / "results")]
+    if argv[0] == "sweep":
+        argv += FAST
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmtailor: error: ")
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_storage_passwords_never_appear_in_errors(tiny_model_dir, tmp_path, capsys):
+    url = "postgresql+psycopg2://alice:s3cret@127.0.0.1:1/db"
+    code, _, err = run(["sweep", tiny_model_dir, "--memory", "8GB", "--storage", url, "--results", tmp_path, *FAST],
+                       capsys)
+    assert code == 2 and "s3cret" not in err and "alice:***@" in err

@@ -1,0 +1,101 @@
+import itertools
+
+import pytest
+import torch
+
+from llmtailor import compression
+from llmtailor.compression import compress_layer
+from llmtailor.compression.packing import pack_layer
+from llmtailor.compression.quantize import pack_bits, rtn, unpack_bits
+from llmtailor.evaluators.cost import stored_layers, tensor_bytes
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError, Student
+
+SPARSITIES = [LayerSparsity(), LayerSparsity(0.5), LayerSparsity(0.9), LayerSparsity(0.5, "2:4"),
+              LayerSparsity(0.75, "1:4")]
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [
+    (b, g, s) for b, g, s in itertools.product((16, 8, 4, 3, 2), (0, 32, 128), (False, True))
+    if b < 16 or (g == 0 and not s)])
+def test_packed_bytes_equal_cost_model_and_unpack_exactly(bits, group, symmetric):
+    torch.manual_seed(bits + group)
+    weight = torch.randn(24, 200)
+    precision = LayerPrecision(bits, group, symmetric)
+    for sparsity in SPARSITIES:
+        dense, quantized, mask = compress_layer(weight, precision, sparsity)
+        packed = pack_layer(dense, quantized, mask, precision, sparsity)
+        assert packed.nbytes == tensor_bytes(24, 200, precision, sparsity).total
+        tolerance = 1e-3 if bits == 16 else 0.0  # 16-bit layers are stored as float16
+        assert torch.allclose(packed.unpack(), dense, atol=tolerance, rtol=tolerance)
+
+
+def test_bit_packing_round_trips():
+    for bits in (2, 3, 4, 8):
+        values = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+        packed = pack_bits(values, bits)
+        assert packed.nbytes == -(-1001 * bits // 8)
+        assert torch.equal(unpack_bits(packed, bits, 1001), values)
+
+
+def test_rtn_error_shrinks_with_bits_and_groups():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * torch.linspace(0.1, 3, 256)  # columns of very different ranges
+    error = lambda p: ((rtn(weight, p).dequantize() - weight).norm() / weight.norm()).item()  # noqa: E731
+    assert error(LayerPrecision(8)) < 0.01
+    assert error(LayerPrecision(8)) < error(LayerPrecision(4)) < error(LayerPrecision(3)) < error(LayerPrecision(2))
+    assert error(LayerPrecision(4, 32)) < error(LayerPrecision(4, 128)) < error(LayerPrecision(4, 0))
+
+
+def test_rtn_codes_stay_in_range_and_zero_is_exact():
+    weight = torch.randn(8, 64)
+    weight[:, :5] = 0
+    for p in (LayerPrecision(4, 32), LayerPrecision(3, 0, True), LayerPrecision(2, 16)):
+        q = rtn(weight, p)
+        assert int(q.codes.max()) < 2**p.bits
+        assert torch.all(q.dequantize()[:, :5] == 0)
+
+
+def test_pruning_keeps_the_asked_share_and_pattern():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    _, _, mask = compress_layer(weight, LayerPrecision(), LayerSparsity(0.3))
+    assert (mask.sum(dim=1) == 64 - int(0.3 * 64)).all()
+    kept = weight.abs()[mask].min()
+    assert (weight.abs()[~mask] <= kept + 1e-6).sum() > 0  # the pruned are the small ones, row by row
+    for row in range(16):
+        assert weight[row].abs()[~mask[row]].max() <= weight[row].abs()[mask[row]].min()
+    _, _, nm = compress_layer(weight, LayerPrecision(), LayerSparsity(0.5, "2:4"))
+    assert (nm.reshape(16, 16, 4).sum(dim=2) == 2).all()
+
+
+def test_apply_leaves_the_teacher_alone_and_keeps_ties(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in stored_layers(tiny.arch)},
+                           sparsity={tiny.arch.linears[0].name: LayerSparsity(0.5)})
+    model = compression.apply(plan, tiny.model, tiny.arch)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(model.model.embed_tokens.weight, tiny.model.model.embed_tokens.weight)
+    first = model.get_submodule(tiny.arch.linears[0].name).weight
+    assert (first == 0).float().mean().item() >= 0.5
+
+
+def test_pack_of_a_model_matches_apply(tiny):
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in tiny.arch.linears},
+                           sparsity={tiny.arch.linears[1].name: LayerSparsity(0.5, "2:4")})
+    model = compression.apply(plan, tiny.model, tiny.arch)
+    packed = compression.pack(plan, tiny.model, tiny.arch)
+    for lin in tiny.arch.linears:
+        assert torch.equal(packed[lin.name].unpack(), model.get_submodule(lin.name).weight.data)
+
+
+@pytest.mark.parametrize("plan, message", [
+    (CompressionPlan(student=Student(layers=(0, 1))), "student"),
+    (CompressionPlan(kv_cache_bits=8), "KV-cache"),
+    (CompressionPlan(precision={"model.layers.0.mlp.up_proj": LayerPrecision(4, method="magic")}), "unknown quant"),
+    (CompressionPlan(sparsity={"model.layers.0.mlp.up_proj": LayerSparsity(0.5, method="magic")}), "unknown prun"),
+    (CompressionPlan(precision={"model.layers.0.mlp.up_proj": LayerPrecision(8, act_bits=8)}), "activation"),
+])
+def test_plans_this_version_cannot_apply_are_refused(tiny, plan, message):
+    with pytest.raises(PlanError, match=message):
+        compression.apply(plan, tiny.model, tiny.arch)

