@@ -19,7 +19,9 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     target = parser.add_argument_group("target (at least one)")
     target.add_argument("--device", help="device profile name (see `llmtailor devices`) or YAML path")
     target.add_argument("--memory", help="memory budget, such as 8GB or 512MB (with --device: limits that device)")
-    parser.add_argument("--trials", type=int, default=default_trials, help="total trials of the study (resumes up to it)")
+    parser.add_argument("--trials", type=int, default=default_trials,
+                        help="plans to measure in all (resumes up to it); plans over budget are rejected in "
+                        "milliseconds and not counted")
     parser.add_argument("--study", help="study name (default: model and device); results go to RESULTS/STUDY/")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--space", default="coarse", help="search space: coarse (default) or per-layer")

@@ -36,6 +36,7 @@ SAMPLERS = {
 }
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 STUDY_ATTR = "llmtailor"
+MAX_REJECTIONS_PER_TRIAL = 100
 
 
 @dataclass(frozen=True)
@@ -232,34 +233,47 @@ def _mean_sparsity(plan: Any, arch: Architecture) -> float:
     return sum(plan.sparsity_of(lin.name).ratio * lin.params for lin in arch.linears) / params
 
 
-def finished(study: optuna.Study) -> int:
-    """Trials that ran to an end (complete or failed)."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+def measured(study: optuna.Study) -> int:
+    """Trials that were measured or failed trying; plans over budget are rejected in milliseconds and not counted."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if t.state == optuna.trial.TrialState.FAIL or t.user_attrs.get("status") == "evaluated"
+    )
 
 
 def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study:
-    """Run the study until it holds the asked number of finished trials; resumable."""
+    """Run the study until it holds the asked number of measured trials; resumable.
+
+    ``--trials`` counts plans that were measured (or failed), because a plan over
+    budget costs milliseconds: a study keeps sampling until that many plans that fit
+    were evaluated, or until it has rejected MAX_REJECTIONS_PER_TRIAL times as many.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(setup)
     total = setup.config.trials
-    done = finished(study)
-    if done >= total:
-        log(f"study {setup.study_name} already has {done} finished trials (asked {total})")
+    if measured(study) >= total:
+        log(f"study {setup.study_name} already has {measured(study)} measured trials (asked {total})")
         return study
     evaluator = TrialEvaluator(setup, log)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=finished(study), desc="trials", unit="trial", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, initial=measured(study), desc="measured plans", unit="plan", disable=not progress,
+               file=sys.stderr)
+    limit = len(study.trials) + MAX_REJECTIONS_PER_TRIAL * total
 
-    def tick(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.n = finished(study_)
-        bar.set_postfix_str(trial.user_attrs.get("status") or trial.state.name.lower())
+    def stop_when_done(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        count = measured(study_)
+        bar.n = count
+        bar.set_postfix_str(f"{len(study_.trials)} sampled")
+        if count >= total or len(study_.trials) >= limit:
+            study_.stop()
 
-    stop_at_total = optuna.study.MaxTrialsCallback(total, states=FINISHED)
     try:
-        study.optimize(evaluator, n_trials=total - finished(study), catch=(Exception,),
-                       callbacks=[tick, stop_at_total], gc_after_trial=True)
+        study.optimize(evaluator, catch=(Exception,), callbacks=[stop_when_done], gc_after_trial=True)
     finally:
         bar.close()
+    if measured(study) < total:
+        log(f"only {measured(study)} of {len(study.trials)} sampled plans fit the budget; stopped sampling")
     return study
