@@ -88,10 +88,19 @@ class GroupedSpace(SearchSpace):
         return min(candidates, key=lambda p: weight_bytes(p, arch))
 
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
+        """Dense, uniform 8-bit and 4-bit at each group size, and 4-bit with an 8-bit embedding.
+
+        Plans over budget among them are rejected by the cost model in milliseconds;
+        the rest anchor the front across the budget's range from the first trials.
+        """
         keys = list(self.groups(arch))
-        uniform = lambda bits, group: {"group_size": group, "embed_bits": bits,  # noqa: E731
-                                       **{f"bits_{k}": bits for k in keys}, **{f"sparsity_{k}": 0.0 for k in keys}}
-        return [uniform(16, 128), uniform(8, 0), uniform(4, 128)]
+
+        def uniform(bits: int, group: int, embed_bits: int | None = None) -> dict[str, Any]:
+            return {"group_size": group, "embed_bits": embed_bits or bits,
+                    **{f"bits_{k}": bits for k in keys}, **{f"sparsity_{k}": 0.0 for k in keys}}
+
+        return [uniform(16, 128), uniform(8, 0), uniform(4, 128, embed_bits=8), uniform(4, 32), uniform(4, 128),
+                uniform(4, 0)]
 
 
 def _without_identities(precision: dict[str, LayerPrecision], sparsity: dict[str, LayerSparsity]) -> CompressionPlan:
