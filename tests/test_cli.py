@@ -122,3 +122,26 @@ def test_storage_passwords_never_appear_in_errors(tiny_model_dir, tmp_path, caps
     code, _, err = run(["sweep", tiny_model_dir, "--memory", "8GB", "--storage", url, "--results", tmp_path, *FAST],
                        capsys)
     assert code == 2 and "s3cret" not in err and "alice:***@" in err
+
+
+def test_an_interrupted_trial_is_not_counted_and_is_redone(tiny_model_dir, tmp_path, monkeypatch):
+    from llmtailor.evaluators import quality
+
+    real = quality.measure
+    interrupt = {"armed": True}
+
+    def ctrl_c_once(model, reference):
+        if interrupt.pop("armed", False):
+            raise KeyboardInterrupt
+        return real(model, reference)
+
+    monkeypatch.setattr(quality, "measure", ctrl_c_once)
+    args = cli.build_parser().parse_args(["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "3",
+                                          "--results", str(tmp_path), *FAST])
+    setup = study_mod.prepare(cli._config(args))
+    with pytest.raises(KeyboardInterrupt):
+        study_mod.run(setup, progress=False, log=lambda m: None)
+    study = study_mod.run(setup, progress=False, log=lambda m: None)
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(interrupted) == 1 and "fail_reason" not in interrupted[0].user_attrs
+    assert study_mod.measured(study) == 3

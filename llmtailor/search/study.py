@@ -234,11 +234,12 @@ def _mean_sparsity(plan: Any, arch: Architecture) -> float:
 
 
 def measured(study: optuna.Study) -> int:
-    """Trials that were measured or failed trying; plans over budget are rejected in milliseconds and not counted."""
+    """Trials that were measured, or failed with a reason; rejections (over budget) and interrupted trials
+    (Ctrl-C, or a dead process found by its heartbeat) are not counted, so a resumed study redoes them."""
     return sum(
         1
         for t in study.get_trials(deepcopy=False, states=FINISHED)
-        if t.state == optuna.trial.TrialState.FAIL or t.user_attrs.get("status") == "evaluated"
+        if "fail_reason" in t.user_attrs or t.user_attrs.get("status") == "evaluated"
     )
 
 
