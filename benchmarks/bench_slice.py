@@ -5,7 +5,7 @@ teacher and perplexity on held-out pydoc text, lm-eval accuracy on pydoc_cloze, 
 cost model's weight bytes next to the bytes actually held by the packed tensors;
 then runs a real `fit` study and reports the median seconds per trial.
 
-    python benchmarks/bench_slice.py [--items 80] [--windows 8] [--trials 12]
+    python benchmarks/bench_slice.py [--items 80] [--windows 8] [--trials 16]
 
 Writes benchmarks/results/bench_slice.json and prints a Markdown table.
 """
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from llmtailor import compression, models, text  # noqa: E402
 from llmtailor.evaluators import cost, quality, tasks  # noqa: E402
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity  # noqa: E402
-from llmtailor.search import SearchConfig, prepare, run  # noqa: E402
+from llmtailor.search import SearchConfig, front, prepare, run  # noqa: E402
 from llmtailor.search.study import measured  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "bench_slice.json"
@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=80, help="pydoc_cloze items per plan")
     parser.add_argument("--windows", type=int, default=8, help="256-token evaluation windows per plan")
-    parser.add_argument("--trials", type=int, default=12, help="trials of the timed fit study")
+    parser.add_argument("--trials", type=int, default=16, help="trials of the timed fit study")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -102,6 +102,7 @@ def main() -> None:
         over = [t.user_attrs["seconds"] for t in study.trials if t.user_attrs.get("status") == "over_budget"]
         trials_done = measured(study)
         trials_sampled = len(study.trials)
+        front_size = len(front(study, setup.objectives))
 
     figures = {
         "date": date.today().isoformat(),
@@ -112,6 +113,7 @@ def main() -> None:
         "plans": rows,
         "fit_trials_measured": trials_done,
         "fit_trials_sampled": trials_sampled,
+        "fit_pareto_points": front_size,
         "fit_wall_s": fit_s,
         "median_s_per_trial_all": statistics.median(seconds),
         "median_s_per_trial_evaluated": statistics.median(evaluated) if evaluated else None,
@@ -127,7 +129,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['plan']} | {r['kl_nats_per_token']:.4f} | {r['perplexity']:.2f} | {r['accuracy_pydoc_cloze']:.3f} | "
               f"{r['weight_bytes_cost_model']:,} | {r['weight_bytes_packed']:,} | {r['bits_per_weight']:.2f} |")
-    print(f"\nfit: {trials_done} measured of {trials_sampled} sampled trials in {fit_s:.0f} s; "
+    print(f"\nfit: {trials_done} measured of {trials_sampled} sampled trials in {fit_s:.0f} s, {front_size} Pareto points; "
           f"median s/trial: all {figures['median_s_per_trial_all']:.2f}, "
           f"evaluated {figures['median_s_per_trial_evaluated']}, over budget {figures['median_s_per_trial_over_budget']}")
 

@@ -93,8 +93,8 @@ def _search(args: argparse.Namespace) -> int:
     from llmtailor import report, search
     from llmtailor.hw_profiles import format_size
 
-    setup = search.prepare(_config(args))
     _quiet_libraries()
+    setup = search.prepare(_config(args))
     study = search.run(setup, progress=not args.no_progress)
     paths = report.write(study, setup.results_path)
     front = search.front(study, setup.objectives)

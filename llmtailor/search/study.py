@@ -267,7 +267,7 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
     def stop_when_done(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         count = measured(study_)
         bar.n = count
-        bar.set_postfix_str(f"{len(study_.trials)} sampled")
+        bar.set_postfix_str(f"{len(study_.get_trials(deepcopy=False, states=FINISHED))} sampled")
         if count >= total or len(study_.trials) >= limit:
             study_.stop()
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from llmtailor.errors import UserError
 from llmtailor.spaces.base import SearchSpace
-from llmtailor.spaces.grouped import GroupedSpace, by_depth_segment, by_layer
+from llmtailor.spaces.grouped import GroupedSpace, by_depth_segment, by_layer, by_part
 
 SPACES: dict[str, SearchSpace] = {
-    "coarse": GroupedSpace("coarse", by_depth_segment(3)),
-    "per-layer": GroupedSpace("per-layer", by_layer),
+    "coarse": GroupedSpace("coarse", by_depth_segment(3), by_part),
+    "per-layer": GroupedSpace("per-layer", by_layer, by_layer),
 }
 
 

@@ -1,20 +1,21 @@
 """Per-layer precision and sparsity, sampled once per group of layers.
 
-The layers of a group share one choice of weight bits and one sparsity ratio; all
-layers share one group size; the embedding (with a tied head) has bits of its own.
-With one group per layer this is the full per-layer space (hundreds of parameters);
-with a few groups (attention and MLP in each third of the depth) a search of a few
-dozen trials can cover it.
+The layers of a bits group share one choice of weight bits, the layers of a sparsity
+group one sparsity ratio; all layers share one group size; the embedding (with a tied
+head) has bits of its own. With one group per layer this is the full per-layer space
+(hundreds of parameters). The coarse space groups bits by part (attention or MLP) and
+third of the depth, and sparsity by part alone: with sparsity per segment too, a
+uniform draw would prune some group in 99.9% of trials, and magnitude pruning is
+costly enough on small models that nearly every such plan is dominated.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 from llmtailor.arch import Architecture, Linear
-from llmtailor.evaluators.cost import tensor_bytes, weight_bytes
+from llmtailor.evaluators.cost import weight_bytes
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity
 from llmtailor.spaces.base import SearchSpace
 
@@ -28,11 +29,15 @@ def by_depth_segment(segments: int) -> Callable[[Linear, Architecture], str]:
     """Group layers by part (attention or MLP) and by which of `segments` depth slices holds them."""
 
     def group(lin: Linear, arch: Architecture) -> str:
-        part = "attn" if lin.kind in ATTENTION_KINDS else "mlp"
         block = lin.block if lin.block is not None else arch.num_layers - 1
-        return f"{part}_{block * segments // arch.num_layers}"
+        return f"{by_part(lin, arch)}_{block * segments // arch.num_layers}"
 
     return group
+
+
+def by_part(lin: Linear, arch: Architecture) -> str:
+    """Group layers by part: attention or MLP."""
+    return "attn" if lin.kind in ATTENTION_KINDS else "mlp"
 
 
 def by_layer(lin: Linear, arch: Architecture) -> str:
@@ -40,51 +45,49 @@ def by_layer(lin: Linear, arch: Architecture) -> str:
     return lin.name
 
 
+Grouping = Callable[[Linear, Architecture], str]
+
+
 class GroupedSpace(SearchSpace):
     """Bits and sparsity per group of layers, one group size, and the embedding's bits."""
 
-    def __init__(self, name: str, grouping: Callable[[Linear, Architecture], str]) -> None:
+    def __init__(self, name: str, bits_grouping: Grouping, sparsity_grouping: Grouping) -> None:
         self.name = name
-        self.grouping = grouping
+        self.bits_grouping = bits_grouping
+        self.sparsity_grouping = sparsity_grouping
 
-    def groups(self, arch: Architecture) -> dict[str, list[Linear]]:
+    @staticmethod
+    def groups(grouping: Grouping, arch: Architecture) -> dict[str, list[Linear]]:
         """Layers by group key, in model order."""
         out: dict[str, list[Linear]] = {}
         for lin in arch.linears:
-            out.setdefault(self.grouping(lin, arch), []).append(lin)
+            out.setdefault(grouping(lin, arch), []).append(lin)
         return out
 
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
         params = {"group_size": trial.suggest_categorical("group_size", GROUP_SIZES),
                   "embed_bits": trial.suggest_categorical("embed_bits", BITS)}
-        for key in self.groups(arch):
+        for key in self.groups(self.bits_grouping, arch):
             params[f"bits_{key}"] = trial.suggest_categorical(f"bits_{key}", BITS)
+        for key in self.groups(self.sparsity_grouping, arch):
             params[f"sparsity_{key}"] = trial.suggest_categorical(f"sparsity_{key}", SPARSITY)
         return self.plan(params, arch)
 
     def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
         group_size = params["group_size"]
         precision = {arch.embedding.name: LayerPrecision(params["embed_bits"], group_size)}
-        sparsity = {}
-        for key, layers in self.groups(arch).items():
-            for lin in layers:
-                precision[lin.name] = LayerPrecision(params[f"bits_{key}"], group_size)
-                sparsity[lin.name] = LayerSparsity(params[f"sparsity_{key}"])
+        for lin in arch.linears:
+            precision[lin.name] = LayerPrecision(params[f"bits_{self.bits_grouping(lin, arch)}"], group_size)
+        sparsity = {lin.name: LayerSparsity(params[f"sparsity_{self.sparsity_grouping(lin, arch)}"])
+                    for lin in arch.linears}
         return _without_identities(precision, sparsity)
 
     def smallest(self, arch: Architecture) -> CompressionPlan:
-        candidates = []
-        for group_size in GROUP_SIZES:
-            params: dict[str, Any] = {"group_size": group_size, "embed_bits": min(BITS)}
-            for key, layers in self.groups(arch).items():
-                bits, ratio = min(
-                    itertools.product(BITS, SPARSITY),
-                    key=lambda c: sum(tensor_bytes(x.out_features, x.in_features,
-                                                   LayerPrecision(c[0], group_size), LayerSparsity(c[1])).total
-                                      for x in layers),
-                )
-                params[f"bits_{key}"], params[f"sparsity_{key}"] = bits, ratio
-            candidates.append(self.plan(params, arch))
+        # Fewest bits and the highest sparsity are the smallest per layer at every shape and group size.
+        params: dict[str, Any] = {"embed_bits": min(BITS)}
+        params.update({f"bits_{k}": min(BITS) for k in self.groups(self.bits_grouping, arch)})
+        params.update({f"sparsity_{k}": max(SPARSITY) for k in self.groups(self.sparsity_grouping, arch)})
+        candidates = [self.plan({**params, "group_size": g}, arch) for g in GROUP_SIZES]
         return min(candidates, key=lambda p: weight_bytes(p, arch))
 
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
@@ -93,11 +96,12 @@ class GroupedSpace(SearchSpace):
         Plans over budget among them are rejected by the cost model in milliseconds;
         the rest anchor the front across the budget's range from the first trials.
         """
-        keys = list(self.groups(arch))
+        bits_keys = self.groups(self.bits_grouping, arch)
+        sparsity_keys = self.groups(self.sparsity_grouping, arch)
 
         def uniform(bits: int, group: int, embed_bits: int | None = None) -> dict[str, Any]:
             return {"group_size": group, "embed_bits": embed_bits or bits,
-                    **{f"bits_{k}": bits for k in keys}, **{f"sparsity_{k}": 0.0 for k in keys}}
+                    **{f"bits_{k}": bits for k in bits_keys}, **{f"sparsity_{k}": 0.0 for k in sparsity_keys}}
 
         return [uniform(16, 128), uniform(8, 0), uniform(4, 128, embed_bits=8), uniform(4, 32), uniform(4, 128),
                 uniform(4, 0)]
