@@ -57,19 +57,16 @@ class GroupedSpace(SearchSpace):
         self.sparsity_grouping = sparsity_grouping
 
     @staticmethod
-    def groups(grouping: Grouping, arch: Architecture) -> dict[str, list[Linear]]:
-        """Layers by group key, in model order."""
-        out: dict[str, list[Linear]] = {}
-        for lin in arch.linears:
-            out.setdefault(grouping(lin, arch), []).append(lin)
-        return out
+    def keys(grouping: Grouping, arch: Architecture) -> list[str]:
+        """The group keys of a grouping, in model order."""
+        return list(dict.fromkeys(grouping(lin, arch) for lin in arch.linears))
 
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
         params = {"group_size": trial.suggest_categorical("group_size", GROUP_SIZES),
                   "embed_bits": trial.suggest_categorical("embed_bits", BITS)}
-        for key in self.groups(self.bits_grouping, arch):
+        for key in self.keys(self.bits_grouping, arch):
             params[f"bits_{key}"] = trial.suggest_categorical(f"bits_{key}", BITS)
-        for key in self.groups(self.sparsity_grouping, arch):
+        for key in self.keys(self.sparsity_grouping, arch):
             params[f"sparsity_{key}"] = trial.suggest_categorical(f"sparsity_{key}", SPARSITY)
         return self.plan(params, arch)
 
@@ -85,8 +82,8 @@ class GroupedSpace(SearchSpace):
     def smallest(self, arch: Architecture) -> CompressionPlan:
         # Fewest bits and the highest sparsity are the smallest per layer at every shape and group size.
         params: dict[str, Any] = {"embed_bits": min(BITS)}
-        params.update({f"bits_{k}": min(BITS) for k in self.groups(self.bits_grouping, arch)})
-        params.update({f"sparsity_{k}": max(SPARSITY) for k in self.groups(self.sparsity_grouping, arch)})
+        params.update({f"bits_{k}": min(BITS) for k in self.keys(self.bits_grouping, arch)})
+        params.update({f"sparsity_{k}": max(SPARSITY) for k in self.keys(self.sparsity_grouping, arch)})
         candidates = [self.plan({**params, "group_size": g}, arch) for g in GROUP_SIZES]
         return min(candidates, key=lambda p: weight_bytes(p, arch))
 
@@ -96,8 +93,8 @@ class GroupedSpace(SearchSpace):
         Plans over budget among them are rejected by the cost model in milliseconds;
         the rest anchor the front across the budget's range from the first trials.
         """
-        bits_keys = self.groups(self.bits_grouping, arch)
-        sparsity_keys = self.groups(self.sparsity_grouping, arch)
+        bits_keys = self.keys(self.bits_grouping, arch)
+        sparsity_keys = self.keys(self.sparsity_grouping, arch)
 
         def uniform(bits: int, group: int, embed_bits: int | None = None) -> dict[str, Any]:
             return {"group_size": group, "embed_bits": embed_bits or bits,
