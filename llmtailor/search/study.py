@@ -233,14 +233,15 @@ def _mean_sparsity(plan: Any, arch: Architecture) -> float:
     return sum(plan.sparsity_of(lin.name).ratio * lin.params for lin in arch.linears) / params
 
 
+def _is_measured(trial: optuna.trial.FrozenTrial) -> bool:
+    """Measured, or failed with a reason; not a rejection (over budget) nor an interrupted trial."""
+    return "fail_reason" in trial.user_attrs or trial.user_attrs.get("status") == "evaluated"
+
+
 def measured(study: optuna.Study) -> int:
     """Trials that were measured, or failed with a reason; rejections (over budget) and interrupted trials
     (Ctrl-C, or a dead process found by its heartbeat) are not counted, so a resumed study redoes them."""
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False, states=FINISHED)
-        if "fail_reason" in t.user_attrs or t.user_attrs.get("status") == "evaluated"
-    )
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if _is_measured(t))
 
 
 def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study:
@@ -254,27 +255,31 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(setup)
     total = setup.config.trials
-    if measured(study) >= total:
-        log(f"study {setup.study_name} already has {measured(study)} measured trials (asked {total})")
+    done = measured(study)
+    if done >= total:
+        log(f"study {setup.study_name} already has {done} measured trials (asked {total})")
         return study
     evaluator = TrialEvaluator(setup, log)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=measured(study), desc="measured plans", unit="plan", disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(total=total, initial=done, desc="measured plans", unit="plan", disable=not progress, file=sys.stderr)
     limit = len(study.trials) + MAX_REJECTIONS_PER_TRIAL * total
 
     def stop_when_done(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        count = measured(study_)
-        bar.n = count
-        bar.set_postfix_str(f"{len(study_.get_trials(deepcopy=False, states=FINISHED))} sampled")
-        if count >= total or len(study_.trials) >= limit:
+        nonlocal done
+        # Recount from storage (other processes may share the study) only after a measured trial:
+        # a rejection takes milliseconds, and reading every trial after each would dominate it.
+        if _is_measured(trial):
+            done = measured(study_)
+        bar.n = done
+        bar.set_postfix_str(f"{trial.number + 1} sampled")
+        if done >= total or trial.number + 1 >= limit:
             study_.stop()
 
     try:
         study.optimize(evaluator, catch=(Exception,), callbacks=[stop_when_done], gc_after_trial=True)
     finally:
         bar.close()
-    if measured(study) < total:
-        log(f"only {measured(study)} of {len(study.trials)} sampled plans fit the budget; stopped sampling")
+    if done < total:
+        log(f"only {done} of {len(study.trials)} sampled plans fit the budget; stopped sampling")
     return study
