@@ -74,12 +74,16 @@ def resolve(spec: str | None) -> tuple[str, str]:
     return "hub", spec
 
 
+def _display_name(spec: str | None, where: str) -> str:
+    return DEFAULT_MODEL_NAME if spec in (None, "default") else Path(where).name.removesuffix(".gguf")
+
+
 def load_config(spec: str | None, *, trust_remote_code: bool = False) -> tuple[Any, str]:
     """The model's config and display name, without its weights."""
     from transformers import AutoConfig
 
     kind, where = resolve(spec)
-    name = DEFAULT_MODEL_NAME if spec in (None, "default") else Path(where).name.removesuffix(".gguf")
+    name = _display_name(spec, where)
     if kind == "gguf":
         with _clear_errors(spec):
             return AutoConfig.from_pretrained(_convert_gguf(Path(where))), name
@@ -99,7 +103,6 @@ def load(spec: str | None = None, *, trust_remote_code: bool = False) -> LoadedM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(spec)
-    _, name = load_config(spec, trust_remote_code=trust_remote_code)
     with _clear_errors(spec):
         if kind == "gguf":
             folder = _convert_gguf(Path(where))
@@ -117,7 +120,7 @@ def load(spec: str | None = None, *, trust_remote_code: bool = False) -> LoadedM
     model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, arch_mod.from_model(model), name)
+    return LoadedModel(model, tokenizer, arch_mod.from_model(model), _display_name(spec, where))
 
 
 def _strip_quantization_marker(model: Any) -> None:
