@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +12,13 @@ from pathlib import Path
 from llmtailor.errors import UserError
 
 EPILOG = "Sizes use decimal units (8GB = 8e9 bytes); GiB/MiB are binary."
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported like every other user error: one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> None:
@@ -28,7 +36,8 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
                         help="comma-separated: kl, perplexity, accuracy, memory, latency, energy")
-    parser.add_argument("--tasks", default="pydoc_cloze", help="comma-separated lm-eval tasks (default: pydoc_cloze)")
+    parser.add_argument("--tasks", default="pydoc_cloze",
+                        help="comma-separated lm-eval tasks (default: pydoc_cloze), or none for no accuracy")
     parser.add_argument("--task-items", type=int, default=24, help="items of each built-in task (default: 24)")
     parser.add_argument("--eval-windows", type=int, default=4, help="held-out windows for KL and perplexity")
     parser.add_argument("--window-tokens", type=int, default=256, help="tokens per evaluation window")
@@ -37,25 +46,47 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--batch", type=int, default=1, help="batch size on the device")
     parser.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines "
+                        "(default: SQLite in the study's results folder)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the llmtailor command."""
-    parser = argparse.ArgumentParser(prog="llmtailor", description="Fit a causal LM to a device.", epilog=EPILOG)
+    parser = Parser(prog="llmtailor", description="Fit a causal LM to a device.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="find the best compressed plan that fits a device, in minutes")
     _search_options(fit, default_trials=12)
     sweep = sub.add_parser("sweep", help="a long, resumable search on shared Optuna storage")
     _search_options(sweep, default_trials=200)
-    sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite in the study's results folder)")
     report = sub.add_parser("report", help="write front.csv, trials.csv, plans/ and report.html of a study")
     report.add_argument("study")
     report.add_argument("--results", default="results")
     report.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
     sub.add_parser("devices", help="list the device profiles")
+    cache = sub.add_parser("cache", help="list what llmtailor keeps in its cache (converted GGUF models, task items)")
+    cache.add_argument("--clear", action="store_true", help="delete everything in the cache")
     return parser
+
+
+def _join_negative_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Make `--memory -5GB` mean `--memory=-5GB`: argparse takes `-5GB` for an option and says only
+    "expected one argument"; joined, the value reaches the check that explains what is wrong with it."""
+    value_options = {option for sub in _subparsers(parser) for action in sub._actions if action.nargs is None
+                     for option in action.option_strings}
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in value_options and re.match(r"^-\d", token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [p for a in actions for p in a.choices.values()]
 
 
 def _config(args: argparse.Namespace):
@@ -66,10 +97,11 @@ def _config(args: argparse.Namespace):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    tasks = () if args.tasks.strip().lower() == "none" else split(args.tasks)
     return SearchConfig(
         model=args.model, device=args.device, memory=args.memory, trials=args.trials, study=args.study,
-        results_dir=args.results, storage=getattr(args, "storage", None), space=args.space, sampler=args.sampler,
-        objectives=split(args.objectives), tasks=split(args.tasks), task_items=args.task_items,
+        results_dir=args.results, storage=args.storage, space=args.space, sampler=args.sampler,
+        objectives=split(args.objectives), tasks=tasks, task_items=args.task_items,
         eval_windows=args.eval_windows, window_tokens=args.window_tokens, text=args.text,
         workload=Workload(args.context, args.batch, args.prompt), seed=args.seed,
         trust_remote_code=args.trust_remote_code,
@@ -108,7 +140,8 @@ def _search(args: argparse.Namespace) -> int:
           f"{best['trial']}.json]")
     print(f"  memory {best['memory_mb']:.1f} MB of {budget}; {best['bits_per_weight']:.2f} bits/weight, "
           f"{best['sparsity']:.0%} sparse; decode {best['decode_ms_per_token']:.2f} ms/token (predicted)")
-    print(f"  KL to teacher {best['kl']:.4f}, perplexity {best['perplexity']:.2f}, accuracy {best['accuracy']:.3f}")
+    accuracy = "not measured (--tasks none)" if best["accuracy"] is None else f"{best['accuracy']:.3f}"
+    print(f"  KL to teacher {best['kl']:.4f}, perplexity {best['perplexity']:.2f}, accuracy {accuracy}")
     print(f"  why: the lowest KL among the {len(front)} Pareto-optimal plans that fit; the others trade quality "
           f"for less memory or latency:\n")
     shown = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "bits_per_weight", "sparsity", "decode_ms_per_token"]
@@ -120,8 +153,8 @@ def _search(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import optuna
 
-    from llmtailor import report
-    from llmtailor.search.study import open_storage
+    from llmtailor import files, report
+    from llmtailor.search.storage import open_storage, redact
 
     folder = Path(args.results) / args.study
     if args.storage is None and not (folder / "study.db").is_file():
@@ -129,10 +162,11 @@ def _report(args: argparse.Namespace) -> int:
                         "or give --storage")
     url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=open_storage(url))
-    except KeyError:
-        raise UserError(f"storage has no study named {args.study!r}") from None
+    storage = open_storage(url)
+    if args.study not in optuna.get_all_study_names(storage):
+        raise UserError(f"storage {redact(url)} has no study named {args.study!r}")
+    files.check_writable_folder(folder, "results folder")
+    study = optuna.load_study(study_name=args.study, storage=storage)
     paths = report.write(study, folder)
     print(f"Report: {paths['html']}  Front: {paths['front']}")
     return 0
@@ -153,13 +187,28 @@ def _devices(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "devices": _devices}
+def _cache(args: argparse.Namespace) -> int:
+    from llmtailor import cache
+    from llmtailor.hw_profiles import format_size
+
+    found = cache.clear() if args.clear else cache.entries()
+    for entry in found:
+        print(f"{'removed ' if args.clear else ''}{entry.kind:<6} {format_size(entry.bytes):>10}  {entry.path}")
+    total = format_size(sum(e.bytes for e in found))
+    verb = "removed" if args.clear else "in"
+    print(f"{len(found)} entries, {total} {verb} {cache.cache_dir()}" if found else f"the cache {cache.cache_dir()} is empty")
+    return 0
+
+
+COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "devices": _devices, "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; user errors print one line and exit 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = parser.parse_args(_join_negative_values(argv, parser))
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"llmtailor: error: {exc}", file=sys.stderr)

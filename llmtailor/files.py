@@ -3,18 +3,77 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+from llmtailor.errors import UserError
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than a call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 def write_text(path: Path, content: str) -> None:
-    """Write a text file atomically: to a temporary file beside it, then rename over it."""
+    """Write a text file atomically: to a temporary file beside it, then rename over it.
+
+    The file gets the mode an ordinary ``open`` would give (0666 less the umask), not
+    the 0600 of a temporary file: results are files the user shares.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(content)
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(path: Path, contents: dict[str, str]) -> None:
+    """Make `path` a folder holding exactly `contents` (file name -> text), swapping it in whole.
+
+    The new folder is written beside the old one and renamed into place, so a crash
+    leaves either the old folder or the new one, never a mix.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    old = path.parent / f".{path.name}.old"
+    try:
+        os.chmod(staging, 0o777 & ~umask())
+        for name, text in contents.items():
+            write_text(staging / name, text)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable_folder(path: Path | str, what: str) -> None:
+    """Raise UserError unless `path` is a folder that exists and is writable, or could be created.
+
+    Nothing stays behind: the check creates a temporary folder in the nearest existing
+    ancestor and removes it at once.
+    """
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create the {what} {target}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".llmtailor-write-check-"))
+    except OSError as exc:
+        raise UserError(f"cannot write the {what} {target}: {exc.strerror or exc} in {existing}; "
+                        "choose a folder you can write") from None

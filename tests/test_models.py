@@ -33,8 +33,9 @@ def test_not_a_model_is_a_clear_error(tmp_path):
         models.resolve(str(tmp_path))
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF but not really")
-    with pytest.raises(UserError, match="could not load model"):
+    with pytest.raises(UserError, match="broken.gguf is truncated or not a valid GGUF file") as caught:
         models.load_config(str(broken))
+    assert "offline" not in str(caught.value)
 
 
 def test_hub_id_without_network_or_cache_is_a_clear_error(monkeypatch):

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from llmtailor.errors import UserError
+
 
 @dataclass(frozen=True)
 class Quality:
@@ -24,15 +26,22 @@ class Quality:
     tokens: int
 
 
+def evaluation_ids(tokenizer: Any, documents: tuple[str, ...] | list[str], window_tokens: int) -> torch.Tensor:
+    """The token ids of the evaluation documents; UserError if they do not fill one window."""
+    ids = tokenizer("\n\n".join(documents), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < window_tokens:
+        raise UserError(f"the evaluation text has {ids.numel()} tokens; one window needs {window_tokens}: "
+                        "give more text (--text) or fewer --window-tokens")
+    return ids
+
+
 class Reference:
     """The evaluation windows and the teacher's next-token log-probabilities on them."""
 
     def __init__(self, teacher: Any, tokenizer: Any, documents: tuple[str, ...] | list[str],
                  windows: int = 8, window_tokens: int = 256) -> None:
-        ids = tokenizer("\n\n".join(documents), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        ids = evaluation_ids(tokenizer, documents, window_tokens)
         available = ids.numel() // window_tokens
-        if available < 1:
-            raise ValueError(f"evaluation text has {ids.numel()} tokens; one window needs {window_tokens}")
         count = min(windows, available)
         # Windows spread over the whole text, not just its start.
         starts = torch.linspace(0, (available - 1) * window_tokens, count).long()

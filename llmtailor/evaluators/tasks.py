@@ -64,15 +64,14 @@ def pydoc_cloze_items(documents: tuple[str, ...] | list[str], limit: int, seed: 
     return items
 
 
-def pydoc_cloze(documents: tuple[str, ...] | list[str], limit: int, cache: Path) -> dict[str, Any]:
-    """The lm-eval task config of pydoc_cloze, its items written as JSONL in the cache."""
-    items = pydoc_cloze_items(documents, limit)
+def multiple_choice_task(name: str, items: list[dict[str, Any]], cache: Path) -> dict[str, Any]:
+    """The lm-eval config of a multiple-choice task whose items are written as JSONL in the cache."""
     text = "".join(json.dumps(item) + "\n" for item in items)
-    path = cache / "tasks" / f"pydoc_cloze-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    path = cache / "tasks" / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
     if not path.exists():
         files.write_text(path, text)
     return {
-        "task": "pydoc_cloze",
+        "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(path)}},
         "test_split": "test",
@@ -87,7 +86,8 @@ def pydoc_cloze(documents: tuple[str, ...] | list[str], limit: int, cache: Path)
     }
 
 
-BUILTIN_TASKS: dict[str, Callable[..., dict[str, Any]]] = {"pydoc_cloze": pydoc_cloze}
+# Built-in tasks by name: each makes its multiple-choice items from the task documents.
+BUILTIN_TASKS: dict[str, Callable[..., list[dict[str, Any]]]] = {"pydoc_cloze": pydoc_cloze_items}
 _task_manager = None
 
 
@@ -115,10 +115,18 @@ def check_task_names(names: list[str]) -> None:
         )
 
 
+def check_tasks(names: list[str], documents: tuple[str, ...] | list[str], limit: int) -> None:
+    """Raise UserError unless every task is known and every built-in one can be made from the documents."""
+    check_task_names(names)
+    for name in names:
+        if name in BUILTIN_TASKS:
+            BUILTIN_TASKS[name](documents, limit)
+
+
 def resolve_tasks(names: list[str], documents: tuple[str, ...] | list[str], limit: int, cache: Path) -> list[Any]:
     """lm-eval task entries: built-in configs made from the documents, other names as they are."""
     check_task_names(names)
-    return [BUILTIN_TASKS[n](documents, limit, cache) if n in BUILTIN_TASKS else n for n in names]
+    return [multiple_choice_task(n, BUILTIN_TASKS[n](documents, limit), cache) if n in BUILTIN_TASKS else n for n in names]
 
 
 def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:

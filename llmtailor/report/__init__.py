@@ -49,12 +49,15 @@ def write(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     table = pareto.trials(study)
     out_dir = Path(out_dir)
     paths = {"front": out_dir / "front.csv", "trials": out_dir / "trials.csv", "html": out_dir / "report.html"}
-    files.write_text(paths["front"], front.to_csv(index=False))
-    files.write_text(paths["trials"], table.to_csv(index=False))
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for number in front["trial"]:
-        files.write_text(out_dir / "plans" / f"{number}.json", json.dumps(pareto.plan_json(by_number[number]), indent=1))
-    files.write_text(paths["html"], html(study.study_name, info, front, table, by_number))
+    # Everything is rendered before anything is written, and each file is replaced whole (the plans
+    # folder too), so a failure leaves the previous report's files as they were.
+    contents = {paths["front"]: front.to_csv(index=False), paths["trials"]: table.to_csv(index=False),
+                paths["html"]: html(study.study_name, info, front, table, by_number)}
+    plans = {f"{n}.json": json.dumps(pareto.plan_json(by_number[n]), indent=1) for n in front["trial"]}
+    files.replace_folder(out_dir / "plans", plans)
+    for path, content in contents.items():
+        files.write_text(path, content)
     return paths
 
 
@@ -99,6 +102,7 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
         best_html = f"<h2>Best plan (trial {best})</h2><pre>{escape(plan)}</pre>"
     columns = [c for c in pareto.COLUMNS if c not in ("status", "budget_mb", "fits")]
     workload = info["workload"]
+    tasks = f'lm-eval tasks {escape(", ".join(info["tasks"]))} ({info["task_items"]} items)' if info["tasks"] else "no lm-eval tasks"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmtailor: {escape(name)}</title><style>{STYLE}</style></head>
 <body>
@@ -106,7 +110,7 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
 <p class="sub">{escape(info["model_name"])} on {escape(device["description"])} — budget {escape(format_size(device["usable_memory_bytes"]))},
 context {workload["context_length"]}, batch {workload["batch_size"]}, prompt {workload["prompt_length"]};
 objectives: {escape(", ".join(info["objectives"]))}; quality measured on {info["eval_tokens"]} held-out tokens of {escape(info["text"])}
-and lm-eval tasks {escape(", ".join(info["tasks"]))} ({info["task_items"]} items).</p>
+and {tasks}.</p>
 <p>{len(trials)} trials: {counts.get("COMPLETE", 0)} complete ({over} over budget, rejected by the cost model before any
 weight was touched), {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.</p>
 <div class="plots">{"".join(plots)}</div>

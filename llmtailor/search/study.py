@@ -7,11 +7,30 @@ raises or produces NaN is recorded as failed with its reason, and the study goes
 
 Constraints are set with ``trial.set_constraint`` (Optuna 5's API; the issue's
 ``constraints_func`` is deprecated there and the samplers read these values).
+
+Several processes (and machines) may share one study. Each draws its own plans (its
+sampler seed mixes the user's seed with the host, the process and the study's size
+when it joined, so a resumed run does not replay the first run's draws); a plan
+already measured in the study is not measured again (its result is copied, see
+``status``); and a process stops measuring once the study holds the asked total, so
+the total is overshot by at most the trials already running when it was reached.
+
+Every finished trial carries a ``status`` user attribute:
+``evaluated`` (measured), ``failed`` (an error in a method; ``fail_reason`` says which),
+``over_budget`` (rejected by the cost model), ``duplicate`` (the same plan as trial
+``duplicate_of``, whose result it copies), ``skipped`` (pruned: the same plan is being
+measured by another process, or the asked total was reached), ``interrupted`` (Ctrl-C)
+and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` and
+``failed`` count toward ``--trials``; interrupted and dead trials are redone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,13 +39,14 @@ from typing import Any
 
 import optuna
 
-from llmtailor import hw_profiles, models, spaces, text
+from llmtailor import files, hw_profiles, models, spaces, text
 from llmtailor.arch import Architecture
 from llmtailor.errors import UserError
-from llmtailor.evaluators import cost
+from llmtailor.evaluators import cost, quality
 from llmtailor.evaluators import tasks as lm_tasks
 from llmtailor.hw_profiles import DeviceProfile, format_size
 from llmtailor.search import objectives as objectives_mod
+from llmtailor.search import storage as storage_mod
 from llmtailor.search.objectives import Objective
 
 SAMPLERS = {
@@ -35,8 +55,11 @@ SAMPLERS = {
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+COUNTED = ("evaluated", "failed")  # statuses that count toward --trials
 STUDY_ATTR = "llmtailor"
 MAX_REJECTIONS_PER_TRIAL = 100
+# Attributes a duplicate trial copies from the measured trial of the same plan.
+MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -53,7 +76,7 @@ class SearchConfig:
     space: str = "coarse"
     sampler: str = "nsga2"
     objectives: tuple[str, ...] = objectives_mod.DEFAULT_OBJECTIVES
-    tasks: tuple[str, ...] = ("pydoc_cloze",)
+    tasks: tuple[str, ...] = ("pydoc_cloze",)  # empty: no lm-eval accuracy
     task_items: int = 24
     eval_windows: int = 4
     window_tokens: int = 256
@@ -76,6 +99,7 @@ class Setup:
     study_name: str
     results_path: Path
     storage_url: str
+    splits: text.TextSplits
 
     def fingerprint(self) -> dict[str, Any]:
         """What a study was made for; a resumed study must match it."""
@@ -91,11 +115,6 @@ def slug(text_: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text_).strip("-").lower() or "study"
 
 
-def redact(url: str) -> str:
-    """A storage URL with any password hidden."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
 def device_profile(device: str | None, memory: str | None) -> DeviceProfile:
     """The target: a named or YAML device, an ad-hoc memory budget, or a device limited to a budget."""
     if device is None and memory is None:
@@ -105,7 +124,7 @@ def device_profile(device: str | None, memory: str | None) -> DeviceProfile:
 
 
 def prepare(config: SearchConfig) -> Setup:
-    """Check every input (target, model, budget, tasks, storage) before anything is loaded or written."""
+    """Check every input (target, model, budget, text, tasks, results folder, storage) before anything is written."""
     if config.trials < 1:
         raise UserError(f"--trials must be at least 1, got {config.trials}")
     if config.sampler not in SAMPLERS:
@@ -115,7 +134,19 @@ def prepare(config: SearchConfig) -> Setup:
     profile = device_profile(config.device, config.memory)
     space = spaces.get(config.space)
     objectives = objectives_mod.get(config.objectives)
+    if not config.tasks and any(o.name == "accuracy" for o in objectives):
+        raise UserError("the accuracy objective needs lm-eval tasks: give --tasks, or drop accuracy from --objectives")
+    if config.storage is not None:
+        storage_mod.check_url(config.storage)
+    study_name = config.study
+    if study_name is not None and slug(study_name) != study_name:
+        raise UserError(f"study name {study_name!r} may hold only lowercase letters, digits, '.', '_' and '-'")
+    files.check_writable_folder(config.results_dir, "results folder")
+    splits = text.split(config.text)
+    lm_tasks.check_tasks(list(config.tasks), splits.task, config.task_items)
     arch, model_name = models.load_architecture(config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = models.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    quality.evaluation_ids(tokenizer, splits.evaluation, config.window_tokens)
     smallest = cost.estimate(space.smallest(arch), arch, profile, config.workload)
     if not smallest.fits:
         m = smallest.memory
@@ -125,123 +156,186 @@ def prepare(config: SearchConfig) -> Setup:
             f"KV cache {format_size(m.kv_cache)} at context {config.workload.context_length}, runtime "
             f"{format_size(m.overhead)}); give more memory, a shorter --context, or a larger device"
         )
-    lm_tasks.check_task_names(list(config.tasks))
-    study_name = config.study or slug(f"{model_name}-{profile.name}")
-    if slug(study_name) != study_name:
-        raise UserError(f"study name {study_name!r} may hold only letters, digits, '.', '_' and '-'")
+    study_name = study_name or slug(f"{model_name}-{profile.name}")
     results_path = Path(config.results_dir) / study_name
     storage_url = config.storage or f"sqlite:///{(results_path / 'study.db').resolve()}"
-    return Setup(config, profile, arch, model_name, space, objectives, study_name, results_path, storage_url)
+    if config.storage is not None and storage_mod.sqlite_path(storage_url) is None:
+        storage_mod.open_storage(storage_url)  # a database server: reachable, and the login works
+    return Setup(config, profile, arch, model_name, space, objectives, study_name, results_path, storage_url, splits)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for the URL; heartbeats let a later run fail the trials of a dead process."""
-    try:
-        if url.startswith(("sqlite", "postgresql", "mysql")):
-            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
-        raise ValueError("not a database URL")
-    except Exception as exc:  # SQLAlchemy raises many types for bad URLs and unreachable servers
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot open storage {redact(url)}: {redact(reason)} (use sqlite:///path.db or "
-                        "postgresql+psycopg2://user@host/db)") from None
+def _load_existing(setup: Setup) -> optuna.Study | None:
+    """The study if the storage already holds it; creates no file when it does not."""
+    database = storage_mod.sqlite_path(setup.storage_url)
+    if database is not None and not database.is_file():
+        return None
+    storage = storage_mod.open_storage(setup.storage_url)
+    if setup.study_name not in optuna.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=setup.study_name, storage=storage)
 
 
-def open_study(setup: Setup) -> optuna.Study:
-    """Create the study, or load it and check that it was made for the same model and target."""
-    if setup.config.storage is None:
-        setup.results_path.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(setup.storage_url)
-    directions = [o.direction for o in setup.objectives]
-    study = optuna.create_study(study_name=setup.study_name, storage=storage, directions=directions,
-                                sampler=SAMPLERS[setup.config.sampler](setup.config.seed), load_if_exists=True)
+def _check_made_for(setup: Setup, study: optuna.Study) -> None:
     made_for = study.user_attrs.get(STUDY_ATTR)
-    wanted = setup.fingerprint()
     if made_for is None:
-        study.set_user_attr(STUDY_ATTR, wanted)
-        for params in setup.space.baselines(setup.arch):
-            study.enqueue_trial(params, skip_if_exists=True)
-    else:
-        differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text") if made_for.get(k) != wanted[k]]
-        if differs:
-            raise UserError(f"study {setup.study_name!r} was made with another {', '.join(differs)}: "
-                            "use the same options to resume it, or --study NEW_NAME for a new one")
-    optuna.storages.fail_stale_trials(study)
-    return study
+        raise UserError(f"study {setup.study_name!r} in {storage_mod.redact(setup.storage_url)} was not made by "
+                        "llmtailor: choose another --study name")
+    wanted = setup.fingerprint()
+    differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text") if made_for.get(k) != wanted[k]]
+    if differs:
+        raise UserError(f"study {setup.study_name!r} was made with another {', '.join(differs)}: "
+                        "use the same options to resume it, or --study NEW_NAME for a new one")
+
+
+def _create(setup: Setup) -> tuple[optuna.Study, bool]:
+    """Create the study with its fingerprint and baselines, or load it if another process just made it;
+    say whether this call made it."""
+    database = storage_mod.sqlite_path(setup.storage_url)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    storage = storage_mod.open_storage(setup.storage_url)
+    directions = [o.direction for o in setup.objectives]
+    study = optuna.create_study(study_name=setup.study_name, storage=storage, directions=directions, load_if_exists=True)
+    if STUDY_ATTR in study.user_attrs:
+        _check_made_for(setup, study)
+        return study, False
+    study.set_user_attr(STUDY_ATTR, setup.fingerprint())
+    for params in setup.space.baselines(setup.arch):
+        study.enqueue_trial(params, skip_if_exists=True)
+    return study, True
+
+
+def process_seed(seed: int, trials_in_study: int) -> int:
+    """The sampler seed of this process: the user's seed mixed with who joins the study, and when."""
+    salt = f"{seed}|{trials_in_study}|{socket.gethostname()}|{os.getpid()}"
+    return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4], "little")
+
+
+def plan_key(plan_json: str) -> str:
+    """A short digest that is equal for equal plans."""
+    return hashlib.sha256(plan_json.encode()).hexdigest()[:20]
+
+
+def status(trial: optuna.trial.FrozenTrial) -> str:
+    """What became of a trial (see the module docstring); trials of older studies get one by their state."""
+    attrs = trial.user_attrs
+    if "status" in attrs:
+        return attrs["status"]
+    return "failed" if "fail_reason" in attrs else trial.state.name.lower()
+
+
+def _counts(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state in FINISHED and status(trial) in COUNTED
+
+
+def measured(study: optuna.Study) -> int:
+    """Trials that were measured, or failed with a reason; rejections (over budget), duplicates, skipped,
+    interrupted and dead trials are not counted, so a resumed study redoes what was lost."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if _counts(t))
+
+
+class RepeatedFailure(Exception):
+    """A plan that already failed in this study; it is failed again without being measured."""
 
 
 class TrialEvaluator:
     """The objective function: the teacher, its reference outputs and the tasks, loaded once."""
 
     def __init__(self, setup: Setup, log: Any = print) -> None:
-        from llmtailor.evaluators import quality
-
         c = setup.config
         self.setup = setup
         log(f"loading {setup.model_name} ...")
-        self.teacher = models.load(c.model, trust_remote_code=c.trust_remote_code)
-        splits = text.split(c.text)
+        self.teacher = models.load(c.model, trust_remote_code=c.trust_remote_code, log=log)
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of {c.text} ...")
-        self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, splits.evaluation,
+        self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, setup.splits.evaluation,
                                            c.eval_windows, c.window_tokens)
-        self.tasks = lm_tasks.resolve_tasks(list(c.tasks), splits.task, c.task_items, models.cache_dir())
-        lm_tasks.task_manager()
+        self.tasks = lm_tasks.resolve_tasks(list(c.tasks), setup.splits.task, c.task_items, models.cache_dir())
+        if self.tasks:
+            lm_tasks.task_manager()
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.stop = False  # set when the asked total is reached while this process was sampling
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         started = time.perf_counter()
         try:
             return self._evaluate(trial, started)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("status", "interrupted")
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); a resumed run redoes it")
+            raise
         except Exception as exc:
+            trial.set_user_attr("status", "duplicate" if isinstance(exc, RepeatedFailure) else "failed")
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
 
     def _evaluate(self, trial: optuna.Trial, started: float) -> list[float]:
         from llmtailor import compression
-        from llmtailor.evaluators import quality
 
         s = self.setup
         plan = s.space.sample(trial, s.arch)
         estimate = cost.estimate(plan, s.arch, s.profile, s.config.workload)
         m, lat = estimate.memory, estimate.latency
+        plan_json = plan.to_json()
         attrs: dict[str, Any] = {
-            "plan": plan.to_json(), "memory_bytes": m.total, "budget_bytes": estimate.budget_bytes,
-            "weight_bytes": m.weights + m.embedding, "kv_cache_bytes": m.kv_cache, "fits": estimate.fits,
-            "prefill_s": lat.prefill_s, "decode_s_per_token": lat.decode_s_per_token,
+            "plan": plan_json, "plan_key": plan_key(plan_json), "memory_bytes": m.total,
+            "budget_bytes": estimate.budget_bytes, "weight_bytes": m.weights + m.embedding, "kv_cache_bytes": m.kv_cache,
+            "fits": estimate.fits, "prefill_s": lat.prefill_s, "decode_s_per_token": lat.decode_s_per_token,
             "energy_j_per_token": lat.energy_j_per_token, "bits_per_weight": cost.bits_per_weight(plan, s.arch),
-            "sparsity": _mean_sparsity(plan, s.arch),
+            "sparsity": _mean_sparsity(plan, s.arch), "worker": self.worker,
         }
         trial.set_constraint("memory_over_budget_bytes", m.total - estimate.budget_bytes)
-        if estimate.fits:
-            model = compression.apply(plan, self.teacher.model, s.arch)
-            q = quality.measure(model, self.reference)
-            accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks)
-            del model
-            attrs.update(kl=q.kl, perplexity=q.perplexity, eval_tokens=q.tokens, status="evaluated",
-                         accuracy=sum(accuracy.values()) / len(accuracy) if accuracy else None,
-                         **{f"accuracy_{k}": v for k, v in accuracy.items()})
-        else:
+        if not estimate.fits:
             attrs["status"] = "over_budget"
+        else:
+            # Written before measuring, so other processes see which plan this trial is measuring.
+            trial.set_user_attr("plan_key", attrs["plan_key"])
+            self._reuse_or_skip(trial, attrs)
+            if attrs.get("status") != "duplicate":
+                model = compression.apply(plan, self.teacher.model, s.arch)
+                q = quality.measure(model, self.reference)
+                accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks) if self.tasks else {}
+                del model
+                attrs.update(kl=q.kl, perplexity=q.perplexity, eval_tokens=q.tokens, status="evaluated",
+                             accuracy=sum(accuracy.values()) / len(accuracy) if accuracy else None,
+                             **{f"accuracy_{k}": v for k, v in accuracy.items()})
         attrs["seconds"] = time.perf_counter() - started
         for key, value in attrs.items():
             if value is not None:
                 trial.set_user_attr(key, value)
         return objectives_mod.values(s.objectives, attrs)
 
+    def _reuse_or_skip(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        """Copy the result of an earlier measurement of the same plan, or skip a plan that need not be measured."""
+        total = self.setup.config.trials
+        others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, optuna.trial.TrialState.RUNNING))
+        twins = [t for t in others if t.number != trial.number and t.user_attrs.get("plan_key") == attrs["plan_key"]]
+        for twin in twins:
+            if twin.state == optuna.trial.TrialState.COMPLETE and status(twin) == "evaluated":
+                attrs.update({k: twin.user_attrs[k] for k in twin.user_attrs
+                              if k in MEASURED_ATTRS or k.startswith("accuracy_")})
+                attrs.update(status="duplicate", duplicate_of=twin.number)
+                return
+            if twin.state == optuna.trial.TrialState.FAIL and status(twin) == "failed":
+                trial.set_user_attr("duplicate_of", twin.number)
+                raise RepeatedFailure(f"the same plan as trial {twin.number}, which failed: {twin.user_attrs['fail_reason']}")
+        if any(t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number for t in twins):
+            self._skip(trial, f"the same plan is being measured by trial {min(t.number for t in twins)}")
+        if sum(1 for t in others if _counts(t)) >= total:
+            self.stop = True
+            self._skip(trial, f"the study reached the asked {total} measured trials")
+
+    @staticmethod
+    def _skip(trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("status", "skipped")
+        trial.set_user_attr("skip_reason", reason)
+        raise optuna.TrialPruned(reason)
+
 
 def _mean_sparsity(plan: Any, arch: Architecture) -> float:
     params = sum(lin.params for lin in arch.linears)
     return sum(plan.sparsity_of(lin.name).ratio * lin.params for lin in arch.linears) / params
-
-
-def _is_measured(trial: optuna.trial.FrozenTrial) -> bool:
-    """Measured, or failed with a reason; not a rejection (over budget) nor an interrupted trial."""
-    return "fail_reason" in trial.user_attrs or trial.user_attrs.get("status") == "evaluated"
-
-
-def measured(study: optuna.Study) -> int:
-    """Trials that were measured, or failed with a reason; rejections (over budget) and interrupted trials
-    (Ctrl-C, or a dead process found by its heartbeat) are not counted, so a resumed study redoes them."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if _is_measured(t))
 
 
 def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study:
@@ -250,18 +344,40 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
     ``--trials`` counts plans that were measured (or failed), because a plan over
     budget costs milliseconds: a study keeps sampling until that many plans that fit
     were evaluated, or until it has rejected MAX_REJECTIONS_PER_TRIAL times as many.
+    A new study is created only once the teacher, the text and the tasks have loaded,
+    so a run that fails before its first trial leaves no study behind.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(setup)
     total = setup.config.trials
-    done = measured(study)
-    if done >= total:
-        log(f"study {setup.study_name} already has {done} measured trials (asked {total})")
-        return study
+    study = _load_existing(setup)
+    if study is not None:
+        _check_made_for(setup, study)
+        optuna.storages.fail_stale_trials(study)
+        done = measured(study)
+        if done >= total:
+            log(f"study {setup.study_name} already has {done} measured trials (asked {total})")
+            return study
     evaluator = TrialEvaluator(setup, log)
+    created_folder = not setup.results_path.exists()
+    created_study = False
+    if study is None:
+        study, created_study = _create(setup)
+    try:
+        return _optimize(study, evaluator, setup, progress, log)
+    except BaseException:
+        if created_study:
+            _remove_if_untouched(study, setup, created_folder)
+        raise
+
+
+def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, progress: bool, log: Any) -> optuna.Study:
     from tqdm.auto import tqdm
 
+    total = setup.config.trials
+    seed = process_seed(setup.config.seed, len(study.trials))
+    study.sampler = SAMPLERS[setup.config.sampler](seed)
+    done = measured(study)
     bar = tqdm(total=total, initial=done, desc="measured plans", unit="plan", disable=not progress, file=sys.stderr)
     limit = len(study.trials) + MAX_REJECTIONS_PER_TRIAL * total
 
@@ -269,11 +385,11 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
         nonlocal done
         # Recount from storage (other processes may share the study) only after a measured trial:
         # a rejection takes milliseconds, and reading every trial after each would dominate it.
-        if _is_measured(trial):
+        if status(trial) in (*COUNTED, "skipped"):
             done = measured(study_)
         bar.n = done
         bar.set_postfix_str(f"{trial.number + 1} sampled")
-        if done >= total or trial.number + 1 >= limit:
+        if done >= total or evaluator.stop or trial.number + 1 >= limit:
             study_.stop()
 
     try:
@@ -281,5 +397,15 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
     finally:
         bar.close()
     if done < total:
-        log(f"only {done} of {len(study.trials)} sampled plans fit the budget; stopped sampling")
+        log(f"only {done} of {len(study.trials)} sampled plans were measured (the rest were over budget or "
+            "repeated plans); stopped sampling")
     return study
+
+
+def _remove_if_untouched(study: optuna.Study, setup: Setup, created_folder: bool) -> None:
+    """Delete the study this run created if the run failed before any trial ran (so the same command can start over)."""
+    if any(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        return
+    optuna.delete_study(study_name=setup.study_name, storage=storage_mod.open_storage(setup.storage_url))
+    if created_folder:
+        shutil.rmtree(setup.results_path, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""Every kind of bad input a user can give, with the one-line message each must get.
+
+Shared by the test that holds them (test_errors.py) and by the script that lists
+them in benchmarks/BENCHMARKS.md (benchmarks/bad_inputs.py). Placeholders in argv:
+{model} the tiny model folder, {in} the folder of input files made by make_inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SMALL_TEXT = "\n\n".join(f"Paragraph {i} has a few words of prose in it." for i in range(8))
+
+
+def make_inputs(folder: Path, model_dir: Path) -> Path:
+    """Write the bad input files (device YAMLs, broken GGUFs, odd model folders, short text) into folder."""
+    import gguf
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = (
+        "name: board\ndescription: a test board\nmemory: 8GB\nusable_memory: 6GB\nmemory_bandwidth_gbps: 17\n"
+        "peak_tflops: {fp32: 0.1}\npower_watts: 10\n"
+    )
+    yamls = {
+        "missing-field.yaml": good.replace("power_watts: 10\n", ""),
+        "negative-bandwidth.yaml": good.replace("memory_bandwidth_gbps: 17", "memory_bandwidth_gbps: -17"),
+        "wrong-type.yaml": good.replace("power_watts: 10", "power_watts: lots"),
+        "unknown-key.yaml": good + "colour: red\n",
+        "unsafe-tag.yaml": good + "kernels: !!python/object/apply:os.system ['touch pwned']\n",
+        "not-a-mapping.yaml": "- just\n- a list\n",
+    }
+    for name, text in yamls.items():
+        (folder / name).write_text(text)
+    (folder / "notes.txt").write_text("not a model")
+    (folder / "short.txt").write_text(SMALL_TEXT)
+    (folder / "empty-model").mkdir(exist_ok=True)
+    (folder / "not-gguf.gguf").write_bytes(b"this is not a GGUF file at all" * 10)
+    writer = gguf.GGUFWriter(str(folder / "whole.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((32, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = (folder / "whole.gguf").read_bytes()
+    (folder / "truncated.gguf").write_bytes(whole[: len(whole) - 4000])
+    (folder / "whole.gguf").unlink()
+    remote = folder / "remote-code-model"
+    remote.mkdir(exist_ok=True)
+    config = (model_dir / "config.json").read_text()
+    (remote / "config.json").write_text(config.replace('"model_type": "llama"', '"model_type": "custom-llama",\n'
+                                        '  "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}'))
+    (remote / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    return folder
+
+
+FIT = ["fit", "{model}", "--memory", "8GB"]
+# (id, argv, the message the one line must match). Every case must exit 2 and write nothing.
+CASES: list[tuple[str, list[str], str]] = [
+    ("results folder cannot be created (/proc)", [*FIT, "--results", "/proc/forbidden"],
+     r"cannot write the results folder /proc/forbidden"),
+    ("results folder under a file", [*FIT, "--results", "/etc/hostname/x"],
+     r"cannot create the results folder /etc/hostname/x: /etc/hostname is a file"),
+    ("text source missing", [*FIT, "--text", "/nonexistent.txt"], r"text source '/nonexistent.txt' is neither"),
+    ("text too short for one evaluation window", [*FIT, "--text", "{in}/short.txt", "--tasks", "none",
+                                                   "--window-tokens", "512"],
+     r"evaluation text has \d+ tokens; one window needs 512"),
+    ("corrupt .gguf", ["fit", "{in}/not-gguf.gguf", "--memory", "8GB"], r"not-gguf.gguf is truncated or not a valid GGUF"),
+    ("truncated .gguf", ["fit", "{in}/truncated.gguf", "--memory", "8GB"], r"truncated.gguf is truncated or not a valid GGUF"),
+    ("negative budget, separate value", ["fit", "{model}", "--memory", "-5GB"], r"malformed memory budget '-5GB'"),
+    ("negative budget, joined value", ["fit", "{model}", "--memory=-5GB"], r"malformed memory budget '-5GB'"),
+    ("storage driver not installed", [*FIT, "--storage", "mysql://x"],
+     r"needs the Python package 'mysqlclient' .*pip install mysqlclient"),
+    ("storage URL malformed", [*FIT, "--storage", "not a url"], r"malformed storage URL"),
+    ("storage URL of an unknown database", ["sweep", "{model}", "--memory", "8GB", "--storage", "nosuchdb://x"],
+     r"malformed storage URL 'nosuchdb://x'"),
+    ("storage unreachable", ["sweep", "{model}", "--memory", "8GB", "--storage",
+                             "postgresql+psycopg2://alice:s3cret@127.0.0.1:1/db"],
+     r"cannot open storage postgresql\+psycopg2://alice:\*\*\*@127.0.0.1:1/db"),
+    ("model path missing", ["fit", "./no/such/model", "--memory", "8GB"], r"model path ./no/such/model does not exist"),
+    ("file that is not a model", ["fit", "{in}/notes.txt", "--memory", "8GB"], r"is a file but not a .gguf model"),
+    ("folder that is not a model", ["fit", "{in}/empty-model", "--memory", "8GB"], r"has no config.json"),
+    ("hub id with no network and no cache", ["fit", "no-such-org/no-such-model", "--memory", "8GB"],
+     r"could not load model 'no-such-org/no-such-model': .*offline, or not in the Hugging Face cache"),
+    ("model with its own code, no --trust-remote-code", ["fit", "{in}/remote-code-model", "--memory", "8GB"],
+     r"ships its own code.*--trust-remote-code"),
+    ("unknown device", ["fit", "{model}", "--device", "toaster"], r"unknown device 'toaster'"),
+    ("device YAML missing a field", ["fit", "{model}", "--device", "{in}/missing-field.yaml"],
+     r"missing field\(s\) \['power_watts'\]"),
+    ("device YAML negative bandwidth", ["fit", "{model}", "--device", "{in}/negative-bandwidth.yaml"],
+     r"memory_bandwidth_gbps must be a non-negative number"),
+    ("device YAML wrong type", ["fit", "{model}", "--device", "{in}/wrong-type.yaml"], r"power_watts must be a .*number"),
+    ("device YAML unknown key", ["fit", "{model}", "--device", "{in}/unknown-key.yaml"], r"unknown field\(s\) \['colour'\]"),
+    ("device YAML with a Python tag", ["fit", "{model}", "--device", "{in}/unsafe-tag.yaml"], r"is not valid YAML"),
+    ("device YAML not a mapping", ["fit", "{model}", "--device", "{in}/not-a-mapping.yaml"], r"must be a YAML mapping"),
+    ("no target", ["fit", "{model}"], r"give a target"),
+    ("budget malformed", ["fit", "{model}", "--memory", "eight gigs"], r"malformed memory budget"),
+    ("budget zero", ["fit", "{model}", "--memory", "0GB"], r"memory budget must be more than zero"),
+    ("budget below the smallest plan", ["fit", "{model}", "--memory", "300kB"], r"cannot fit .* smallest plan .* needs"),
+    ("unknown task", [*FIT, "--tasks", "no_such_task_xyz"], r"unknown lm-eval task"),
+    ("accuracy objective without tasks", [*FIT, "--tasks", "none", "--objectives", "accuracy,memory"],
+     r"accuracy objective needs lm-eval tasks"),
+    ("unknown objective", [*FIT, "--objectives", "kl,beauty"], r"unknown objective"),
+    ("unknown space", [*FIT, "--space", "everything"], r"unknown search space"),
+    ("unknown sampler", [*FIT, "--sampler", "astrology"], r"unknown sampler 'astrology'"),
+    ("zero trials", [*FIT, "--trials", "0"], r"--trials must be at least 1"),
+    ("zero context", [*FIT, "--context", "0"], r"--context must be at least 1"),
+    ("study name with odd characters", [*FIT, "--study", "My Study!"], r"study name 'My Study!' may hold only"),
+    ("unknown option", [*FIT, "--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    ("report of a study that does not exist", ["report", "nothing-here"], r"no study 'nothing-here'"),
+]
