@@ -8,7 +8,9 @@ driver package must be installed (the message names the package to install).
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from pathlib import Path
 
 import optuna
@@ -17,6 +19,7 @@ from llmtailor.errors import UserError
 
 HEARTBEAT_INTERVAL_S = 30
 STALE_AFTER_S = 120  # a running trial with no heartbeat for this long belongs to a dead process
+SCHEMA_RACE_RETRIES = 5
 EXAMPLES = "use sqlite:///path/study.db or postgresql+psycopg2://user@host/db"
 # Python module a SQLAlchemy dialect imports -> the PyPI package that provides it.
 DRIVER_PACKAGES = {
@@ -81,12 +84,25 @@ class Storage(optuna.storages.RDBStorage):
         return stale
 
 
-def open_storage(url: str, *, heartbeat_s: int = HEARTBEAT_INTERVAL_S, stale_after_s: int = STALE_AFTER_S) -> Storage:
-    """An Optuna storage for the URL; heartbeats let a later run fail the trials of a dead process."""
+def open_storage(url: str) -> Storage:
+    """An Optuna storage for the URL; heartbeats let a later run fail the trials of a dead process.
+
+    Workers started together on an empty database all try to create Optuna's tables;
+    all but one then hit a unique-key violation. That race is retried; a server that
+    cannot be reached or refuses the login fails at once.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
     check_url(url)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return Storage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=stale_after_s)
-    except Exception as exc:  # SQLAlchemy raises many types for unreachable servers and refused logins
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open storage {redact(url)}: {redact(reason)} ({EXAMPLES})") from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return Storage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=STALE_AFTER_S)
+        except Exception as exc:  # SQLAlchemy raises many types for unreachable servers and refused logins
+            racing = isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError)
+            if racing and attempt < SCHEMA_RACE_RETRIES:
+                time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+                continue
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open storage {redact(url)}: {redact(reason)} ({EXAMPLES})") from None
+    raise AssertionError("unreachable")

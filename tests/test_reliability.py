@@ -1,0 +1,233 @@
+"""Shared and resumed studies lose and repeat nothing; faults are recorded and the sweep goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from llmtailor import cli
+from llmtailor.search import storage as storage_mod
+from llmtailor.search import study as study_mod
+
+FAST = ["--context", "256", "--prompt", "64", "--eval-windows", "2", "--window-tokens", "64", "--no-progress"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def argv(model_dir, results, study, trials, *extra):
+    return ["sweep", str(model_dir), "--memory", "500kB", "--trials", str(trials), "--study", study,
+            "--results", str(results), "--tasks", "none", *FAST, *extra]
+
+
+def setup_for(args: list[str]) -> study_mod.Setup:
+    return study_mod.prepare(cli._config(cli.build_parser().parse_args(args)))
+
+
+def run(args: list[str]) -> optuna.Study:
+    return study_mod.run(setup_for(args), progress=False, log=lambda m: None)
+
+
+def evaluated_keys(study: optuna.Study) -> list[str]:
+    return [t.user_attrs["plan_key"] for t in study.trials if study_mod.status(t) == "evaluated"]
+
+
+def sampled_params(study: optuna.Study) -> list[dict]:
+    """Parameters of the trials the sampler drew (not the enqueued baselines)."""
+    return [t.params for t in study.trials if "fixed_params" not in t.system_attrs]
+
+
+def worker_process(args: list[str], prelude: str = "") -> subprocess.Popen:
+    code = textwrap.dedent(prelude) + "\nimport sys\nfrom llmtailor import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_workers_share_a_study_without_repeating_plans_or_overshooting(backend, tiny_model_dir, tmp_path, request):
+    total, workers = 24, 3
+    extra = []
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        extra = ["--storage", url]
+    else:
+        extra = ["--storage", f"sqlite:///{tmp_path / 'shared.db'}"]
+    name = f"shared-{backend}-{time.time_ns()}"
+    procs = [worker_process(argv(tiny_model_dir, tmp_path / "results", name, total, *extra)) for _ in range(workers)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name=name, storage=storage_mod.open_storage(extra[1]))
+    keys = evaluated_keys(study)
+    assert len(keys) == len(set(keys)), "a plan was measured twice"
+    done = study_mod.measured(study)
+    assert total <= done <= total + workers - 1, done
+    measured_by = {t.user_attrs["worker"] for t in study.trials if study_mod.status(t) == "evaluated"}
+    assert len(measured_by) >= 2, "the workers did not share the study"
+    draws = {}
+    for t in study.trials:
+        if "fixed_params" not in t.system_attrs:
+            draws.setdefault(t.user_attrs.get("worker"), []).append(tuple(sorted(t.params.items())))
+    firsts = [d[:3] for d in draws.values() if len(d) >= 3]
+    assert len(firsts) == len(set(map(tuple, firsts))), "two workers drew the same plans"
+
+
+def test_a_resumed_run_draws_new_plans_and_reuses_measured_ones(tiny_model_dir, tmp_path):
+    first = run(argv(tiny_model_dir, tmp_path, "resume", 10))
+    first_draws = sampled_params(first)
+    study = run(argv(tiny_model_dir, tmp_path, "resume", 20))
+    second_draws = sampled_params(study)[len(first_draws):]
+    assert second_draws[:3] != first_draws[:3], "the resumed run replayed the first run's draws"
+    keys = evaluated_keys(study)
+    assert len(keys) == len(set(keys)) and study_mod.measured(study) == 20
+
+    # A plan the study has measured is not measured again: its result is copied, and it does not count.
+    twin = next(t for t in study.trials if study_mod.status(t) == "evaluated" and "fixed_params" not in t.system_attrs)
+    study.enqueue_trial(twin.params)
+    study = run(argv(tiny_model_dir, tmp_path, "resume", 21))
+    copies = [t for t in study.trials if t.user_attrs.get("duplicate_of") == twin.number]
+    assert copies and study_mod.status(copies[0]) == "duplicate"
+    assert copies[0].values == twin.values and copies[0].user_attrs["kl"] == twin.user_attrs["kl"]
+    assert study_mod.measured(study) == 21
+
+
+def test_a_killed_process_leaves_a_trial_failed_with_its_reason(tiny_model_dir, tmp_path, monkeypatch):
+    args = argv(tiny_model_dir, tmp_path, "killed", 6)
+    dies_on_third_measurement = """
+        import os, signal
+        from llmtailor.search import storage
+        from llmtailor.evaluators import quality
+        storage.HEARTBEAT_INTERVAL_S = 1
+        real, calls = quality.measure, []
+        def measure(model, reference):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(model, reference)
+        quality.measure = measure
+    """
+    proc = worker_process(args, dies_on_third_measurement)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    monkeypatch.setattr(storage_mod, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(storage_mod, "STALE_AFTER_S", 2)
+    time.sleep(3)
+    study = run(args)
+    died = [t for t in study.trials if study_mod.status(t) == "died"]
+    assert len(died) == 1 and died[0].state == optuna.trial.TrialState.FAIL
+    assert died[0].user_attrs["fail_reason"].startswith("process died: no heartbeat for over 2 s")
+    assert study_mod.measured(study) == 6
+
+
+def _nan_model(apply, *args):
+    import torch
+
+    model = apply(*args)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    return model
+
+
+def _raises(apply, *args):
+    raise RuntimeError("a method broke")
+
+
+def _out_of_memory(apply, *args):
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("fault, reason", [(_nan_model, "not finite"), (_raises, "RuntimeError: a method broke"),
+                                           (_out_of_memory, "OutOfMemoryError: CUDA out of memory")],
+                         ids=["nan", "exception", "out-of-memory"])
+def test_a_fault_in_a_trial_is_recorded_and_the_sweep_goes_on(fault, reason, tiny_model_dir, tmp_path, monkeypatch):
+    from llmtailor import compression
+
+    real, calls = compression.apply, []
+
+    def once(*args):
+        calls.append(1)
+        return fault(real, *args) if len(calls) == 2 else real(*args)
+
+    monkeypatch.setattr(compression, "apply", once)
+    study = run(argv(tiny_model_dir, tmp_path, "faults", 4))
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and reason in failed[0].user_attrs["fail_reason"]
+    assert study_mod.status(failed[0]) == "failed"
+    assert study_mod.measured(study) == 4 and sum(study_mod.status(t) == "evaluated" for t in study.trials) == 3
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("finished")
+    code = cli.main(["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "4", "--study", "done",
+                     "--results", str(results), "--tasks", "none", *FAST])
+    assert code == 0
+    return results / "done"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != "study.db"}
+
+
+@pytest.mark.parametrize("breaks", ["plans", "front.csv", "report.html"])
+def test_a_crash_while_writing_results_leaves_the_previous_files_intact(breaks, finished, monkeypatch):
+    from llmtailor import files, report
+
+    before = _snapshot(finished)
+    study = optuna.load_study(study_name="done", storage=f"sqlite:///{finished / 'study.db'}")
+    real_fdopen = os.fdopen
+
+    class DiskFull:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+    def fdopen(fd, *a, **k):
+        handle = real_fdopen(fd, *a, **k)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        hit = f"/.{breaks}." in path  # the staging file (or, for plans, the staging folder) beside the target
+        return DiskFull(handle) if hit else handle
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
+    with pytest.raises(OSError, match="No space left"):
+        report.write(study, finished)
+    monkeypatch.undo()
+    after = _snapshot(finished)
+    assert {k: v for k, v in after.items() if k in before} == before, "a previous result file changed"
+    assert not [p for p in finished.rglob(".*") if p.name != "study.db"], "temporary files were left behind"
+
+
+@pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_result_files_honor_the_umask(mask, file_mode, folder_mode, finished):
+    from llmtailor import report
+
+    study = optuna.load_study(study_name="done", storage=f"sqlite:///{finished / 'study.db'}")
+    old = os.umask(mask)
+    try:
+        report.write(study, finished)
+    finally:
+        os.umask(old)
+    for name in ("front.csv", "trials.csv", "report.html"):
+        assert (finished / name).stat().st_mode & 0o777 == file_mode, name
+    assert (finished / "plans").stat().st_mode & 0o777 == folder_mode
+    for plan in (finished / "plans").iterdir():
+        assert plan.stat().st_mode & 0o777 == file_mode
