@@ -8,8 +8,10 @@ makes every later load take a fraction of a second instead of 15 s.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
 import sys
@@ -83,6 +85,32 @@ def _display_name(spec: str | None, where: str) -> str:
     return DEFAULT_MODEL_NAME if spec in (None, "default") else Path(where).name.removesuffix(".gguf")
 
 
+UNSAFE_PICKLE = "Weights only load failed"  # torch.load(weights_only=True) met a pickle that is not only tensors
+
+
+def _unsafe_weights(spec: str) -> UserError:
+    return UserError(f"could not load model {spec!r}: its weights file holds more than tensors (a pickle that "
+                     "could run code), so it was refused; convert it to safetensors from a trusted copy")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a model folder whose pickled weights hold more than tensors, before any weight is loaded.
+
+    Safetensors are preferred by the loader and cannot run code; a ``.bin`` pickle is
+    opened memory-mapped with ``weights_only=True``, which reads its structure, not its data.
+    """
+    import torch
+
+    if any(folder.glob("*.safetensors")):
+        return
+    for path in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # other failures (old pickle format, damage) are reported by the real load
+            if UNSAFE_PICKLE in str(exc):
+                raise _unsafe_weights(str(folder)) from None
+
+
 def _source(kind: str, where: str, log: Log) -> tuple[str, bool]:
     """Where transformers reads a model from, and whether it may use local files only."""
     if kind == "gguf":
@@ -95,6 +123,8 @@ def load_config(spec: str | None, *, trust_remote_code: bool = False, log: Log =
     from transformers import AutoConfig
 
     kind, where = resolve(spec)
+    if kind == "dir":
+        check_weight_files(Path(where))
     with _clear_errors(spec, kind):
         source, local = _source(kind, where, log)
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
@@ -172,7 +202,6 @@ def gguf_parameters(path: Path) -> int:
 def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     """Dequantize a GGUF file once into a plain model folder in the cache; return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     target = _converted_gguf_dir(path)
     if target.is_dir():
@@ -180,14 +209,10 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     params = gguf_parameters(path)
     log(f"converting {path.name} once into a float32 model folder (about {params * 4 / 1e6:,.0f} MB) in {target}; "
         "later loads reuse it; `llmtailor cache --clear` removes it")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' own "Converting and de-quantizing" bar: the line above says it
-    try:
+    # transformers draws its own "Converting and de-quantizing" bar with a bare tqdm on stderr: the line above says it.
+    with contextlib.redirect_stderr(io.StringIO()):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     _strip_quantization_marker(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
@@ -223,5 +248,7 @@ class _clear_errors:
         if "trust_remote_code" in str(exc):
             raise UserError(f"model {self.spec!r} ships its own code, which llmtailor runs only when asked: "
                             "review it, then pass --trust-remote-code") from None
+        if UNSAFE_PICKLE in str(exc):
+            raise _unsafe_weights(self.spec) from None
         hint = " (offline, or not in the Hugging Face cache? pass a local model folder or .gguf file)" if self.kind == "hub" else ""
         raise UserError(f"could not load model {self.spec!r}: {first_line}{hint}") from None

@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
+class PickleThatRunsCode:
+    """Unpickling this runs a shell command (it touches a marker file); a safe loader must refuse it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
 SMALL_TEXT = "\n\n".join(f"Paragraph {i} has a few words of prose in it." for i in range(8))
 
 
@@ -53,6 +66,13 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
     (remote / "config.json").write_text(config.replace('"model_type": "llama"', '"model_type": "custom-llama",\n'
                                         '  "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}'))
     (remote / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    pickled = folder / "pickled-model"
+    pickled.mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (pickled / name).write_bytes((model_dir / name).read_bytes())
+    import torch
+
+    torch.save({"model.embed_tokens.weight": PickleThatRunsCode(folder / "pwned")}, pickled / "pytorch_model.bin")
     return folder
 
 
@@ -86,6 +106,9 @@ CASES: list[tuple[str, list[str], str]] = [
      r"could not load model 'no-such-org/no-such-model': .*offline, or not in the Hugging Face cache"),
     ("model with its own code, no --trust-remote-code", ["fit", "{in}/remote-code-model", "--memory", "8GB"],
      r"ships its own code.*--trust-remote-code"),
+    ("weights pickled with code in them", ["fit", "{in}/pickled-model", "--memory", "8GB", "--tasks", "none",
+                                           "--window-tokens", "16"],
+     r"weights file holds more than tensors .* refused"),
     ("unknown device", ["fit", "{model}", "--device", "toaster"], r"unknown device 'toaster'"),
     ("device YAML missing a field", ["fit", "{model}", "--device", "{in}/missing-field.yaml"],
      r"missing field\(s\) \['power_watts'\]"),

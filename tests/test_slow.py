@@ -35,3 +35,22 @@ def test_fit_on_the_default_model(tmp_path, capsys):
     for row in rows:
         assert float(row["memory_mb"]) <= 160
         assert float(row["kl"]) > 0 and 1 < float(row["perplexity"]) < 1000 and row["accuracy"]
+
+
+def test_first_gguf_load_says_what_it_writes_once_and_the_cache_command_clears_it(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["cache"]) == 0 and "is empty" in capfd.readouterr().out
+    capfd.readouterr()
+    messages = []
+    models.load_config(None, log=messages.append)
+    assert len(messages) == 1
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf once into a float32 model folder (about 538 MB)" in messages[0]
+    assert str(tmp_path / "cache" / "gguf") in messages[0] and "llmtailor cache --clear" in messages[0]
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' own progress bar stays quiet
+    models.load_config(None, log=messages.append)
+    assert len(messages) == 1, "the conversion message repeats"
+    assert cli.main(["cache"]) == 0
+    listing = capfd.readouterr().out
+    assert "gguf" in listing and "SmolLM2-135M-Instruct.Q4_1-" in listing and "MB" in listing
+    assert cli.main(["cache", "--clear"]) == 0
+    assert "removed" in capfd.readouterr().out and not any((tmp_path / "cache" / "gguf").iterdir())
