@@ -75,5 +75,5 @@ def check_writable_folder(path: Path | str, what: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".llmtailor-write-check-"))
     except OSError as exc:
-        raise UserError(f"cannot write the {what} {target}: {exc.strerror or exc} in {existing}; "
-                        "choose a folder you can write") from None
+        raise UserError(f"cannot write the {what} {target}: creating a folder in {existing} fails "
+                        f"({exc.strerror or exc}); choose a folder you can write") from None

@@ -7,6 +7,9 @@ them in benchmarks/BENCHMARKS.md (benchmarks/bad_inputs.py). Placeholders in arg
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from pathlib import Path
 
 
@@ -80,7 +83,7 @@ FIT = ["fit", "{model}", "--memory", "8GB"]
 # (id, argv, the message the one line must match). Every case must exit 2 and write nothing.
 CASES: list[tuple[str, list[str], str]] = [
     ("results folder cannot be created (/proc)", [*FIT, "--results", "/proc/forbidden"],
-     r"cannot write the results folder /proc/forbidden"),
+     r"cannot write the results folder /proc/forbidden: creating a folder in /proc fails"),
     ("results folder under a file", [*FIT, "--results", "/etc/hostname/x"],
      r"cannot create the results folder /etc/hostname/x: /etc/hostname is a file"),
     ("text source missing", [*FIT, "--text", "/nonexistent.txt"], r"text source '/nonexistent.txt' is neither"),
@@ -134,3 +137,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("unknown option", [*FIT, "--frobnicate"], r"unrecognized arguments: --frobnicate"),
     ("report of a study that does not exist", ["report", "nothing-here"], r"no study 'nothing-here'"),
 ]
+
+
+def run_case(argv: list[str], model_dir: Path, inputs: Path, workdir: Path) -> tuple[int, str, str]:
+    """Run one command in workdir (results go to workdir/results unless the case names a folder): code, out, err."""
+    from llmtailor import cli
+
+    argv = [a.replace("{model}", str(model_dir)).replace("{in}", str(inputs)) for a in argv]
+    if "--results" not in argv:
+        argv += ["--results", str(workdir / "results")]
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        os.chdir(cwd)
+    return code, out.getvalue(), err.getvalue()
