@@ -93,7 +93,8 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
                 y_label="KL to teacher (nats/token)", title="Fidelity vs memory", x_line=budget_mb, x_line_label="budget"),
     ]
     counts = trials["state"].value_counts().to_dict()
-    over = int((trials["status"] == "over_budget").sum())
+    statuses = trials["status"].value_counts().to_dict()
+    over = statuses.get("over_budget", 0)
     best_html = "<p>No plan was evaluated yet.</p>"
     best = None
     if len(front):
@@ -111,8 +112,9 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
 context {workload["context_length"]}, batch {workload["batch_size"]}, prompt {workload["prompt_length"]};
 objectives: {escape(", ".join(info["objectives"]))}; quality measured on {info["eval_tokens"]} held-out tokens of {escape(info["text"])}
 and {tasks}.</p>
-<p>{len(trials)} trials: {counts.get("COMPLETE", 0)} complete ({over} over budget, rejected by the cost model before any
-weight was touched), {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.</p>
+<p>{len(trials)} trials: {statuses.get("evaluated", 0)} measured, {over} over budget (rejected by the cost model before
+any weight was touched), {statuses.get("duplicate", 0)} repeated plans (result copied, not measured again),
+{statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.</p>
 <div class="plots">{"".join(plots)}</div>
 <h2>Pareto front</h2>
 {_table(front, columns, best)}

@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 
 from llmtailor.search.objectives import Objective
+from llmtailor.search.study import status
 
 COLUMNS = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "bits_per_weight",
            "sparsity", "prefill_s", "decode_ms_per_token", "energy_mj_per_token", "seconds", "status"]
@@ -26,7 +27,7 @@ def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:
 def front_trials(study: optuna.Study, objectives: list[Objective]) -> list[optuna.trial.FrozenTrial]:
     """Feasible, evaluated trials not dominated by another (ties: the earliest of equals is kept)."""
     signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
-    pool = [t for t in study.get_trials(deepcopy=False) if _feasible(t) and t.user_attrs.get("status") == "evaluated"]
+    pool = [t for t in study.get_trials(deepcopy=False) if _feasible(t) and status(t) == "evaluated"]
     front = []
     for t in pool:
         if any(_dominates(o.values, t.values, signs) or (o.values == t.values and o.number < t.number) for o in pool):
@@ -53,7 +54,7 @@ def row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "decode_ms_per_token": a["decode_s_per_token"] * 1e3 if "decode_s_per_token" in a else None,
         "energy_mj_per_token": a["energy_j_per_token"] * 1e3 if "energy_j_per_token" in a else None,
         "seconds": a.get("seconds"),
-        "status": a.get("status", trial.state.name.lower()),
+        "status": status(trial),
     }
 
 
@@ -73,8 +74,11 @@ def trials(study: optuna.Study) -> pd.DataFrame:
         r = row(t)
         r["state"] = t.state.name
         r["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        r["skip_reason"] = t.user_attrs.get("skip_reason", "")
+        r["duplicate_of"] = t.user_attrs.get("duplicate_of")
+        r["worker"] = t.user_attrs.get("worker", "")
         rows.append(r)
-    return pd.DataFrame(rows, columns=[*COLUMNS, "state", "fail_reason"])
+    return pd.DataFrame(rows, columns=[*COLUMNS, "state", "fail_reason", "skip_reason", "duplicate_of", "worker"])
 
 
 def plan_json(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
