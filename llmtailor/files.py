@@ -60,6 +60,16 @@ def replace_folder(path: Path, contents: dict[str, str]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def first_missing(path: Path | None) -> Path | None:
+    """The outermost folder (or file) on the way to `path` that does not exist yet; None if `path` exists."""
+    if path is None or path.exists():
+        return None
+    path = path.absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
 def check_writable_folder(path: Path | str, what: str) -> None:
     """Raise UserError unless `path` is a folder that exists and is writable, or could be created.
 

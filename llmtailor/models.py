@@ -94,14 +94,25 @@ def _unsafe_weights(spec: str) -> UserError:
 
 
 def check_weight_files(folder: Path) -> None:
-    """Refuse a model folder whose pickled weights hold more than tensors, before any weight is loaded.
+    """Refuse a model folder whose weight files are damaged or could run code, before any weight is loaded.
 
-    Safetensors are preferred by the loader and cannot run code; a ``.bin`` pickle is
-    opened memory-mapped with ``weights_only=True``, which reads its structure, not its data.
+    A safetensors file is checked by its header (its tensors must lie within the file:
+    a truncated download fails here). A ``.bin`` pickle, used only where there is no
+    safetensors file, is opened memory-mapped with ``weights_only=True``, which reads
+    its structure, not its data, and refuses anything that is not tensors.
     """
     import torch
+    from safetensors import safe_open
 
-    if any(folder.glob("*.safetensors")):
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError
+            raise UserError(f"could not load model {str(folder)!r}: {path.name} is truncated or damaged ({exc}); "
+                            "copy or download it again") from None
+    if safetensors:
         return
     for path in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
         try:

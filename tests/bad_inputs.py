@@ -73,6 +73,12 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
     pickled.mkdir(exist_ok=True)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (pickled / name).write_bytes((model_dir / name).read_bytes())
+    truncated = folder / "truncated-weights"
+    truncated.mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (truncated / name).write_bytes((model_dir / name).read_bytes())
+    weights = (model_dir / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     import torch
 
     torch.save({"model.embed_tokens.weight": PickleThatRunsCode(folder / "pwned")}, pickled / "pytorch_model.bin")
@@ -112,6 +118,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("weights pickled with code in them", ["fit", "{in}/pickled-model", "--memory", "8GB", "--tasks", "none",
                                            "--window-tokens", "16"],
      r"weights file holds more than tensors .* refused"),
+    ("weights file truncated", ["fit", "{in}/truncated-weights", "--memory", "8GB"],
+     r"model.safetensors is truncated or damaged"),
     ("unknown device", ["fit", "{model}", "--device", "toaster"], r"unknown device 'toaster'"),
     ("device YAML missing a field", ["fit", "{model}", "--device", "{in}/missing-field.yaml"],
      r"missing field\(s\) \['power_watts'\]"),

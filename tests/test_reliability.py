@@ -231,3 +231,31 @@ def test_result_files_honor_the_umask(mask, file_mode, folder_mode, finished):
     assert (finished / "plans").stat().st_mode & 0o777 == folder_mode
     for plan in (finished / "plans").iterdir():
         assert plan.stat().st_mode & 0o777 == file_mode
+
+
+def test_a_run_that_fails_before_its_first_trial_leaves_no_study_behind(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from llmtailor.errors import UserError
+
+    args = argv(tiny_model_dir, tmp_path / "results", "first", 2)
+
+    def unloadable(*a, **k):
+        raise UserError("could not load model: simulated failure while loading the weights")
+
+    monkeypatch.setattr(study_mod.models, "load", unloadable)
+    assert cli.main(args) == 2
+    assert not (tmp_path / "results").exists()
+
+    # A failure after the study was created, before any trial ran, removes it too.
+    monkeypatch.undo()
+
+    def broken(*a, **k):
+        raise RuntimeError("the storage went away")
+
+    monkeypatch.setattr(study_mod, "_optimize", broken)
+    with pytest.raises(RuntimeError):
+        run(args)
+    assert not (tmp_path / "results").exists()
+
+    monkeypatch.undo()
+    assert cli.main(args) == 0, capsys.readouterr().err  # the corrected command is not refused
+    assert study_mod.measured(run(args)) == 2

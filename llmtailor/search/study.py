@@ -359,7 +359,9 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
             log(f"study {setup.study_name} already has {done} measured trials (asked {total})")
             return study
     evaluator = TrialEvaluator(setup, log)
-    created_folder = not setup.results_path.exists()
+    # What this run creates, so that a failure before the first trial can remove it again.
+    database = storage_mod.sqlite_path(setup.storage_url)
+    new_paths = [p for p in (files.first_missing(setup.results_path), files.first_missing(database)) if p is not None]
     created_study = False
     if study is None:
         study, created_study = _create(setup)
@@ -367,7 +369,7 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
         return _optimize(study, evaluator, setup, progress, log)
     except BaseException:
         if created_study:
-            _remove_if_untouched(study, setup, created_folder)
+            _remove_if_untouched(study, setup, new_paths)
         raise
 
 
@@ -402,10 +404,13 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
     return study
 
 
-def _remove_if_untouched(study: optuna.Study, setup: Setup, created_folder: bool) -> None:
+def _remove_if_untouched(study: optuna.Study, setup: Setup, new_paths: list[Path]) -> None:
     """Delete the study this run created if the run failed before any trial ran (so the same command can start over)."""
     if any(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False)):
         return
     optuna.delete_study(study_name=setup.study_name, storage=storage_mod.open_storage(setup.storage_url))
-    if created_folder:
-        shutil.rmtree(setup.results_path, ignore_errors=True)
+    for path in new_paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
