@@ -229,8 +229,9 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         os.chmod(staging, 0o777 & ~umask())
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with contextlib.redirect_stderr(io.StringIO()):  # and a "Writing model shards" bar
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

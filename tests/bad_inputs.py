@@ -79,8 +79,11 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
         (truncated / name).write_bytes((model_dir / name).read_bytes())
     weights = (model_dir / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    import optuna
     import torch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name="foreign", storage=f"sqlite:///{folder / 'foreign.db'}", load_if_exists=True)
     torch.save({"model.embed_tokens.weight": PickleThatRunsCode(folder / "pwned")}, pickled / "pytorch_model.bin")
     return folder
 
@@ -108,6 +111,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("storage unreachable", ["sweep", "{model}", "--memory", "8GB", "--storage",
                              "postgresql+psycopg2://alice:s3cret@127.0.0.1:1/db"],
      r"cannot open storage postgresql\+psycopg2://alice:\*\*\*@127.0.0.1:1/db"),
+    ("storage holds a study of that name not made by llmtailor",
+     [*FIT, "--study", "foreign", "--storage", "sqlite:///{in}/foreign.db"], r"study 'foreign' in sqlite:///.* was not made by llmtailor"),
     ("model path missing", ["fit", "./no/such/model", "--memory", "8GB"], r"model path ./no/such/model does not exist"),
     ("file that is not a model", ["fit", "{in}/notes.txt", "--memory", "8GB"], r"is a file but not a .gguf model"),
     ("folder that is not a model", ["fit", "{in}/empty-model", "--memory", "8GB"], r"has no config.json"),
