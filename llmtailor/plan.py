@@ -47,6 +47,8 @@ class LayerPrecision:
     symmetric: bool = False
     method: str = "rtn"
     act_bits: int | None = None
+    act_order: bool = False  # calibrated methods: quantize inputs in order of decreasing activation energy
+    damp: float = 0.01  # calibrated methods: share of mean(diag H) added to H's diagonal
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -55,6 +57,10 @@ class LayerPrecision:
             raise PlanError(f"group_size must be 0 (per row) or positive, got {self.group_size}")
         if self.act_bits is not None and self.act_bits not in ACTIVATION_BITS:
             raise PlanError(f"act_bits must be one of {ACTIVATION_BITS}, got {self.act_bits}")
+        if not 0 <= self.damp <= 1:
+            raise PlanError(f"damp must be in [0, 1], got {self.damp}")
+        if self.act_order and self.method == "rtn":
+            raise PlanError("act_order applies to calibrated methods (gptq), not to rtn")
 
     @property
     def is_identity(self) -> bool:

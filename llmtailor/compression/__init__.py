@@ -2,6 +2,8 @@
 
 ``apply`` returns a copy of the teacher whose weights are what the compressed model
 computes with (dequantized, pruned weights in float32), for measuring quality.
+Calibrated methods (GPTQ) take each layer's input statistics from a
+``CalibrationStats`` (``compression.calibration``), collected on the teacher.
 ``pack`` returns the stored form of every compressed layer (bit-packed codes, scales,
 zero points, sparse indices), whose bytes are what the cost model predicts.
 Weights of 16 bits are left as loaded; their stored form is float16.
@@ -15,16 +17,23 @@ from typing import Any
 import torch
 
 from llmtailor.arch import Architecture
+from llmtailor.compression.calibration import CalibrationStats
+from llmtailor.compression.layer_cache import LayerCache
 from llmtailor.compression.packing import PackedWeight, pack_layer
-from llmtailor.compression.quantize import QUANTIZERS, QuantizedWeight
+from llmtailor.compression.quantize import CALIBRATED, QUANTIZERS, QuantizedWeight
 from llmtailor.compression.sparsify import PRUNERS
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError
 
-__all__ = ["PackedWeight", "apply", "check_supported", "compress_layer", "pack"]
+__all__ = ["CalibrationStats", "LayerCache", "PackedWeight", "apply", "check_supported", "compress_layer", "pack"]
 
 
-def check_supported(plan: CompressionPlan) -> None:
+def needs_calibration(plan: CompressionPlan) -> bool:
+    """Whether applying the plan needs calibration statistics."""
+    return any(p.bits < 16 and p.method in CALIBRATED for p in plan.precision.values())
+
+
+def check_supported(plan: CompressionPlan, calibration: CalibrationStats | None = None) -> None:
     """Raise PlanError for what the plan asks that this version cannot apply yet, or method names it does not know."""
     if not plan.student.is_identity:
         raise PlanError("student cuts and distillation are not supported yet: use a plan without a student")
@@ -35,21 +44,48 @@ def check_supported(plan: CompressionPlan) -> None:
             raise PlanError(f"{name}: activation quantization is not supported yet")
         if precision.bits < 16 and precision.method not in QUANTIZERS:
             raise PlanError(f"{name}: unknown quantization method {precision.method!r}; known: {sorted(QUANTIZERS)}")
+    if calibration is None and needs_calibration(plan):
+        calibrated = sorted({p.method for p in plan.precision.values() if p.method in CALIBRATED})
+        raise PlanError(f"{', '.join(calibrated)} needs calibration statistics of the layer inputs, and none were given: "
+                        "collect them on calibration text (compression.calibration) or use method rtn")
     for name, sparsity in plan.sparsity.items():
         if not sparsity.is_identity and sparsity.method not in PRUNERS:
             raise PlanError(f"{name}: unknown pruning method {sparsity.method!r}; known: {sorted(PRUNERS)}")
 
 
 def compress_layer(
-    weight: torch.Tensor, precision: LayerPrecision, sparsity: LayerSparsity
+    weight: torch.Tensor, precision: LayerPrecision, sparsity: LayerSparsity, hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
-    """One layer's weights as the compressed model computes with them, its codes, and its keep-mask."""
+    """One layer's weights as the compressed model computes with them, its codes, and its keep-mask.
+
+    ``hessian`` is the layer's input statistic H = XᵀX/n, which calibrated methods need.
+    """
     mask = None if sparsity.is_identity else PRUNERS[sparsity.method](weight, sparsity)
     weight = weight if mask is None else weight * mask
     if precision.bits == 16:
         return weight, None, mask
-    quantized = QUANTIZERS[precision.method](weight, precision)
-    return quantized.dequantize(), quantized, mask
+    quantized = QUANTIZERS[precision.method](weight, precision, hessian=hessian, mask=mask)
+    return quantized.dequantize().to(weight.device), quantized, mask
+
+
+def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPrecision) -> torch.Tensor | None:
+    return calibration.hessian(name) if calibration is not None and precision.method in CALIBRATED else None
+
+
+def _compressed(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
+                calibration: CalibrationStats | None, cache: LayerCache | None
+                ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
+    """compress_layer, through the per-layer cache for calibrated methods (their solve is the dear part)."""
+    if cache is None or precision.bits == 16 or precision.method not in CALIBRATED:
+        return compress_layer(weight, precision, sparsity, _hessian(calibration, name, precision))
+    key = cache.key(name, precision, sparsity)
+    stored = cache.get(key)
+    if stored is not None:
+        quantized, mask = stored
+        return quantized.dequantize().to(weight.device), quantized, mask
+    dense, quantized, mask = compress_layer(weight, precision, sparsity, _hessian(calibration, name, precision))
+    cache.put(key, quantized, mask)
+    return dense, quantized, mask
 
 
 def _touched(plan: CompressionPlan, arch: Architecture) -> list[str]:
@@ -60,28 +96,32 @@ def _touched(plan: CompressionPlan, arch: Architecture) -> list[str]:
     ]
 
 
-def apply(plan: CompressionPlan, teacher: Any, arch: Architecture) -> Any:
-    """A compressed copy of the teacher (the teacher is left unchanged)."""
+def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
+          cache: LayerCache | None = None) -> Any:
+    """A compressed copy of the teacher (the teacher is left unchanged); calibrated layers come from the cache
+    when it holds them."""
     plan.validate(arch)
-    check_supported(plan)
+    check_supported(plan, calibration)
     model = copy.deepcopy(teacher)
     with torch.no_grad():
         for name in _touched(plan, arch):
             weight = model.get_submodule(name).weight
-            compressed, _, _ = compress_layer(weight.data, plan.precision_of(name), plan.sparsity_of(name))
+            precision = plan.precision_of(name)
+            compressed, _, _ = _compressed(weight.data, name, precision, plan.sparsity_of(name), calibration, cache)
             weight.data.copy_(compressed.to(weight.dtype))
     return model
 
 
-def pack(plan: CompressionPlan, teacher: Any, arch: Architecture) -> dict[str, PackedWeight]:
+def pack(plan: CompressionPlan, teacher: Any, arch: Architecture,
+         calibration: CalibrationStats | None = None) -> dict[str, PackedWeight]:
     """The stored form of every weight matrix of the model under the plan, by layer name."""
     plan.validate(arch)
-    check_supported(plan)
+    check_supported(plan, calibration)
     packed = {}
     with torch.no_grad():
         for lin in stored_layers(arch):
             weight = teacher.get_submodule(lin.name).weight.data
             precision, sparsity = plan.precision_of(lin.name), plan.sparsity_of(lin.name)
-            compressed, quantized, mask = compress_layer(weight, precision, sparsity)
+            compressed, quantized, mask = compress_layer(weight, precision, sparsity, _hessian(calibration, lin.name, precision))
             packed[lin.name] = pack_layer(compressed, quantized, mask, precision, sparsity)
     return packed

@@ -52,31 +52,98 @@ def _grouped(weight: torch.Tensor, size: int) -> torch.Tensor:
     return padded.reshape(out, groups, size)
 
 
-def rtn(weight: torch.Tensor, precision: LayerPrecision) -> QuantizedWeight:
-    """Round each weight to the nearest point of its group's grid."""
-    bits = precision.bits
-    width = weight.shape[1]
-    size = width if num_groups(width, precision.group_size) == 1 else precision.group_size
-    groups = _grouped(weight.float(), size)
-    if precision.symmetric:
-        levels = 2 ** (bits - 1) - 1
-        scale = groups.abs().amax(dim=2) / levels
+def grid(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-rounded, as stored) and integer zero point of each group: groups [..., size] -> [...]."""
+    if symmetric:
+        scale = groups.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        levels = 2**bits - 1
-        low = groups.amin(dim=2).clamp(max=0)
-        high = groups.amax(dim=2).clamp(min=0)
-        scale = (high - low) / levels
+        low = groups.amin(dim=-1).clamp(max=0)
+        scale = (groups.amax(dim=-1).clamp(min=0) - low) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()
-    if not precision.symmetric:
-        zero = torch.round(-low / scale).clamp(0, levels)
-    codes = torch.round(groups / scale[..., None]) + zero[..., None]
-    codes = codes.clamp(0, 2**bits - 1).reshape(weight.shape[0], -1)[:, :width]
+    if not symmetric:
+        zero = torch.round(-low / scale).clamp(0, 2**bits - 1)
+    return scale, zero
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of w on the grid (scale, zero), as floats in [0, 2^bits - 1]."""
+    return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
+
+
+def _group_width(width: int, precision: LayerPrecision) -> int:
+    return width if num_groups(width, precision.group_size) == 1 else precision.group_size
+
+
+def rtn(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round each weight to the nearest point of its group's grid (needs no calibration)."""
+    bits, (out, width) = precision.bits, weight.shape
+    size = _group_width(width, precision)
+    groups = _grouped(weight.float(), size)
+    scale, zero = grid(groups, bits, precision.symmetric)
+    codes = _round(groups, scale[..., None], zero[..., None], bits).reshape(out, -1)[:, :width]
     return QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), bits, size, precision.symmetric)
 
 
-Quantizer = Callable[[torch.Tensor, LayerPrecision], QuantizedWeight]
-QUANTIZERS: dict[str, Quantizer] = {"rtn": rtn}
+@torch.no_grad()
+def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor | None = None,
+         mask: torch.Tensor | None = None, block_size: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar et al., 2022): quantize one input column at a time and spread its error over the columns
+    not yet quantized, weighted by the inverse of H = XᵀX/n, so that ‖WX - QX‖² stays small.
+
+    Lazy batch updates (``block_size`` columns at a time), dampening (``precision.damp`` times the mean of
+    diag H added to the diagonal), and optional act-order (columns in order of decreasing diag H). Groups are
+    always consecutive inputs in the stored order, so the packed format and its byte count are the same as
+    RTN's: without act-order a group's grid is fitted when its first column is reached (to the weights as
+    updated so far); with act-order, and per channel, every grid is fitted up front to the original weights
+    ("static groups"), because columns of one group are no longer quantized together.
+    ``mask`` (pruned weights) stays exact: a pruned weight is stored as the code of 0 and its error is spread.
+    """
+    if hessian is None:
+        raise ValueError("gptq needs the layer's calibration statistics (H = XᵀX/n)")
+    bits, (out, width) = precision.bits, weight.shape
+    size = _group_width(width, precision)
+    w = weight.float().clone()
+    h = hessian.to(w.device, torch.float32).clone()
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: nothing to weigh them by
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    static = precision.act_order or size == width
+    scales, zeros = grid(_grouped(w, size), bits, precision.symmetric)  # [out, groups]; refitted below unless static
+    order = torch.argsort(torch.diagonal(h), descending=True) if precision.act_order else torch.arange(width)
+    w, h = w[:, order], h[order][:, order]
+    keep = None if mask is None else mask[:, order].to(w.device)
+    h += precision.damp * torch.diagonal(h).mean() * torch.eye(width, device=w.device)
+    # Rows of the upper Cholesky factor of H⁻¹ hold the weights that spread each column's error.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    for start in range(0, width, block_size):
+        end = min(start + block_size, width)
+        block, errors = w[:, start:end].clone(), torch.zeros(out, end - start, device=w.device)
+        for i in range(end - start):
+            column = int(order[start + i])
+            g = column // size
+            if not static and column % size == 0:
+                rest = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, : min(size, width - column)]
+                scales[:, g], zeros[:, g] = grid(rest, bits, precision.symmetric)
+            q = _round(block[:, i], scales[:, g], zeros[:, g], bits)
+            if keep is not None:
+                q = torch.where(keep[:, i], q, zeros[:, g])
+            codes[:, start + i] = q
+            error = (block[:, i] - (q - zeros[:, g]) * scales[:, g]) / u[start + i, start + i]
+            block[:, i:] -= error[:, None] * u[start + i, start + i : end][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ u[start:end, end:]
+    codes = codes[:, torch.argsort(order)]
+    return QuantizedWeight(codes.cpu().to(torch.uint8), scales.cpu().half(), zeros.cpu().to(torch.uint8), bits, size,
+                           precision.symmetric)
+
+
+Quantizer = Callable[..., QuantizedWeight]
+# By the plan's method name: (weight, precision, hessian=None, mask=None) -> QuantizedWeight.
+QUANTIZERS: dict[str, Quantizer] = {"rtn": rtn, "gptq": gptq}
+CALIBRATED = frozenset({"gptq"})  # methods that need calibration statistics
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> np.ndarray:

@@ -1,0 +1,170 @@
+"""Calibration statistics: what calibrated methods need to know about each layer's inputs.
+
+Calibrated methods (GPTQ here; Wanda and SparseGPT in the pruning issue) follow one
+shape: collect statistics of a layer's inputs X, then solve. The statistic is the
+second-moment matrix H = XᵀX / n over every calibration token, kept per *distinct*
+input: layers fed the same tensor (q/k/v after the attention norm, gate/up after the
+MLP norm) share one. Its diagonal is what Wanda needs.
+
+Teacher-input mode (``collect``): every layer sees the uncompressed teacher's
+activations, so a layer's compressed form depends on that layer and its settings
+alone, and can be cached once for every trial. The statistics are computed once per
+(model, calibration) and kept in the cache folder (``load_or_collect``), written
+atomically, reused by every later process.
+
+For a tied embedding/head, the head's input statistic is kept under the embedding's
+name: quantizing the tied matrix with it minimizes the head's output error (the
+lookup role has no inputs to weigh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtailor.arch import Architecture
+from llmtailor.errors import UserError
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which calibration text, cut into how many windows of how many tokens (a fixed, seeded draw)."""
+
+    source: str = "pydoc"
+    windows: int = 128
+    window_tokens: int = 512
+    seed: int = 0
+
+    def key(self, model_fingerprint: str) -> str:
+        """An id of these statistics for this model: the cache key."""
+        text = json.dumps({"model": model_fingerprint, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def calibration_windows(tokenizer: Any, documents: tuple[str, ...] | list[str], count: int, tokens: int,
+                        seed: int = 0) -> torch.Tensor:
+    """`count` windows of `tokens` token ids drawn at seeded random offsets of the calibration text."""
+    if not documents:
+        raise UserError("there is no calibration text: calibrated methods (GPTQ) need some; give --text with more documents")
+    ids = tokenizer("\n\n".join(documents), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < tokens:
+        raise UserError(f"the calibration text has {ids.numel()} tokens; one calibration window needs {tokens}: "
+                        "give more text, or shorter windows")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - tokens + 1, (count,), generator=generator)
+    return torch.stack([ids[s : s + tokens] for s in starts])
+
+
+class CalibrationStats:
+    """H = XᵀX / n per distinct layer input, and which layer reads which input."""
+
+    def __init__(self, hessians: dict[str, torch.Tensor], input_of: dict[str, str], tokens: int) -> None:
+        self.hessians = hessians  # input key -> [in, in] float32
+        self.input_of = input_of  # layer name -> input key
+        self.tokens = tokens
+
+    def hessian(self, layer: str) -> torch.Tensor:
+        """The second-moment matrix of the layer's inputs."""
+        if layer not in self.input_of:
+            raise KeyError(f"no calibration statistics for layer {layer!r}")
+        return self.hessians[self.input_of[layer]]
+
+    def diagonal(self, layer: str) -> torch.Tensor:
+        """Mean squared value of each input feature (the diagonal of H): what Wanda weighs by."""
+        return torch.diagonal(self.hessian(layer))
+
+    def save(self, path: Path) -> None:
+        """Write atomically as safetensors, with the layer map and token count in its metadata."""
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in self.hessians.items()}, staging,
+                      metadata={"input_of": json.dumps(self.input_of), "tokens": str(self.tokens)})
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> CalibrationStats:
+        """Read statistics written by save."""
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            hessians = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return cls(hessians, json.loads(meta["input_of"]), int(meta["tokens"]))
+
+
+def _layers(model: Any, arch: Architecture) -> dict[str, torch.nn.Module]:
+    """The modules whose inputs are collected, by the layer name a plan uses."""
+    layers = {lin.name: model.get_submodule(lin.name) for lin in arch.linears}
+    if arch.tie_embeddings:
+        layers[arch.embedding.name] = model.get_submodule(arch.lm_head_name)
+    return layers
+
+
+@torch.no_grad()
+def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str | torch.device = "cpu",
+            progress: bool = False) -> CalibrationStats:
+    """Run the teacher on the windows and accumulate H for every distinct linear-layer input (teacher-input mode)."""
+    from tqdm.auto import tqdm
+
+    layers = _layers(model, arch)
+    sums: dict[str, torch.Tensor] = {}
+    input_of: dict[str, str] = {}
+    # id of an input tensor in this forward pass -> (the first layer that read it, the tensor). The tensor is
+    # held until the pass ends, so its id cannot be reused by a later tensor of the same pass.
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            key = seen.setdefault(id(x), (name, x))[0]
+            input_of.setdefault(name, key)
+            if key != name:
+                return  # an input another layer already counted
+            x = x.reshape(-1, x.shape[-1]).float()
+            if key not in sums:
+                sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            sums[key].addmm_(x.T, x)
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
+    model_device = next(model.parameters()).device
+    model.to(device)
+    try:
+        for window in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
+            seen.clear()
+            model(input_ids=window[None].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.to(model_device)
+    tokens = windows.numel()
+    return CalibrationStats({k: (v / tokens).cpu() for k, v in sums.items()}, input_of, tokens)
+
+
+def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor, key: str, cache: Path,
+                    device: str | torch.device = "cpu", progress: bool = False) -> CalibrationStats:
+    """The statistics for this key from the cache, computed and stored there first if missing or unreadable."""
+    path = cache / "calibration" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return CalibrationStats.load(path)
+        except Exception:  # a damaged file (killed writer on a filesystem without atomic rename): rebuild it
+            path.unlink(missing_ok=True)
+    stats = collect(model, arch, windows, device, progress)
+    stats.save(path)
+    return stats

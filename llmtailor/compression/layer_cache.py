@@ -1,0 +1,124 @@
+"""The per-layer cache: a layer compressed with given settings is computed once and reused by every trial.
+
+In teacher-input mode a layer's compressed form depends only on the teacher's weights
+for that layer, its settings and the calibration statistics, so it is stored on disk
+under a key of exactly those (``layer_key``) and every later trial, in any process,
+assembles its model from the stored codes instead of re-running the solver.
+
+Each entry is one safetensors file holding the codes, scales and zero points (and the
+keep-mask of a pruned layer), with the SHA-256 of those bytes in its metadata, checked
+on every read: a damaged entry is deleted and rebuilt. Entries are written to a
+temporary file and renamed into place, so processes writing the same entry at once
+each leave a whole file (they hold the same bytes). Only calibrated methods are cached:
+round-to-nearest and magnitude masks take milliseconds to recompute, about what
+reading them back would take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from llmtailor.compression.quantize import QuantizedWeight
+from llmtailor.plan import LayerPrecision, LayerSparsity
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of every parameter's bytes: equal for the same weights, whatever path they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def layer_key(model: str, calibration: str | None, layer: str, precision: LayerPrecision, sparsity: LayerSparsity) -> str:
+    """The cache key of one compressed layer: the model, the calibration, the layer and its settings."""
+    text = json.dumps({"model": model, "calibration": calibration, "layer": layer, "precision": asdict(precision),
+                       "sparsity": asdict(sparsity)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LayerCache:
+    """Compressed layers of one model under one calibration, on disk; counts its hits and misses."""
+
+    def __init__(self, root: Path, model: str, calibration: str | None) -> None:
+        self.root = Path(root)
+        self.model, self.calibration = model, calibration
+        self.hits = self.misses = self.rebuilt = 0
+
+    def key(self, layer: str, precision: LayerPrecision, sparsity: LayerSparsity) -> str:
+        """The key of one layer compressed with these settings."""
+        return layer_key(self.model, self.calibration, layer, precision, sparsity)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[QuantizedWeight, torch.Tensor | None] | None:
+        """The stored codes (and keep-mask) of a layer, or None when absent or damaged (then it is deleted)."""
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            if _checksum(tensors) != meta["sha256"]:
+                raise ValueError("checksum mismatch")
+        except Exception:  # truncated, corrupt or tampered: recompute
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            self.rebuilt += 1
+            return None
+        self.hits += 1
+        q = QuantizedWeight(tensors["codes"], tensors["scales"], tensors["zeros"], int(meta["bits"]),
+                            int(meta["group_size"]), meta["symmetric"] == "1")
+        return q, tensors.get("mask")
+
+    def put(self, key: str, quantized: QuantizedWeight, mask: torch.Tensor | None) -> None:
+        """Store a layer's codes (and keep-mask) atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {"codes": quantized.codes, "scales": quantized.scales, "zeros": quantized.zeros}
+        if mask is not None:
+            tensors["mask"] = mask.to(torch.bool)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"sha256": _checksum(tensors), "bits": str(quantized.bits), "group_size": str(quantized.group_size),
+                "symmetric": "1" if quantized.symmetric else "0"}
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, staging, metadata=meta)
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+
+    def size_bytes(self) -> int:
+        """Bytes of every entry on disk."""
+        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors")) if self.root.is_dir() else 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of lookups served from disk."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0

@@ -1,0 +1,170 @@
+"""GPTQ and the calibration statistics it stands on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmtailor import compression, text
+from llmtailor.compression import calibration
+from llmtailor.compression.packing import pack_layer
+from llmtailor.compression.quantize import gptq, rtn
+from llmtailor.errors import UserError
+from llmtailor.evaluators.cost import stored_layers, tensor_bytes
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖WX − QX‖² / n = trace((W − Q) H (W − Q)ᵀ)."""
+    delta = (weight - approx).double()
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
+
+
+def correlated_layer(out: int = 48, width: int = 96, tokens: int = 2048, seed: int = 0):
+    """A weight matrix and the H of inputs whose features are strongly correlated and unequal in scale."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=g) * torch.linspace(0.1, 3, width)
+    x = torch.randn(tokens, width, generator=g) @ mixing
+    return torch.randn(out, width, generator=g), x.T @ x / tokens
+
+
+@pytest.mark.parametrize("precision", [
+    LayerPrecision(4, 32, method="gptq"), LayerPrecision(4, 0, method="gptq"), LayerPrecision(3, 32, method="gptq"),
+    LayerPrecision(4, 32, method="gptq", act_order=True), LayerPrecision(2, 0, method="gptq", act_order=True),
+    LayerPrecision(4, 40, symmetric=True, method="gptq"),  # a short last group: 96 = 2 x 40 + 16
+], ids=["4b-g32", "4b-channel", "3b-g32", "4b-g32-act-order", "2b-channel-act-order", "4b-g40-symmetric"])
+def test_gptq_error_is_below_rtn_on_correlated_inputs(precision):
+    weight, hessian = correlated_layer()
+    ours = gptq(weight, precision, hessian)
+    baseline = rtn(weight, LayerPrecision(precision.bits, precision.group_size, precision.symmetric))
+    assert output_error(weight, ours.dequantize(), hessian) < 0.8 * output_error(weight, baseline.dequantize(), hessian)
+    assert ours.codes.max() <= 2**precision.bits - 1
+
+
+def test_gptq_keeps_pruned_weights_at_zero_and_packs_to_the_cost_models_bytes():
+    weight, hessian = correlated_layer()
+    sparsity = LayerSparsity(0.5, "2:4")
+    for precision in (LayerPrecision(4, 32, method="gptq"), LayerPrecision(3, 0, method="gptq", act_order=True)):
+        dense, quantized, mask = compression.compress_layer(weight, precision, sparsity, hessian)
+        assert torch.equal(dense[~mask], torch.zeros_like(dense[~mask]))
+        packed = pack_layer(dense, quantized, mask, precision, sparsity)
+        assert packed.nbytes == tensor_bytes(*weight.shape, precision, sparsity).total
+        assert torch.equal(packed.unpack(), dense)
+
+
+def test_gptq_without_statistics_is_a_clear_error(tiny):
+    plan = CompressionPlan(precision={tiny.arch.linears[0].name: LayerPrecision(4, 32, method="gptq")})
+    with pytest.raises(PlanError, match="gptq needs calibration statistics"):
+        compression.apply(plan, tiny.model, tiny.arch)
+    with pytest.raises(PlanError, match="act_order applies to calibrated methods"):
+        LayerPrecision(4, 32, act_order=True)
+    with pytest.raises(UserError, match="calibration text has \\d+ tokens; one calibration window needs 512"):
+        calibration.calibration_windows(tiny.tokenizer, ["a few words"], count=4, tokens=512)
+    with pytest.raises(UserError, match="no calibration text"):
+        calibration.calibration_windows(tiny.tokenizer, [], count=4, tokens=512)
+
+
+@pytest.fixture(scope="module")
+def stats(tiny):
+    windows = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=8, tokens=64)
+    return calibration.collect(tiny.model, tiny.arch, windows), windows
+
+
+def test_statistics_are_shared_by_layers_that_read_one_input(tiny, stats):
+    stats, windows = stats
+    block = "model.layers.1"
+    q, k, v = (stats.input_of[f"{block}.self_attn.{p}_proj"] for p in "qkv")
+    gate, up = stats.input_of[f"{block}.mlp.gate_proj"], stats.input_of[f"{block}.mlp.up_proj"]
+    assert q == k == v and gate == up and q != gate
+    assert stats.input_of[f"{block}.self_attn.o_proj"] == f"{block}.self_attn.o_proj"
+    assert len(stats.hessians) == 4 * tiny.arch.num_layers + 1  # qkv, o, gate/up, down per block; the tied head
+    assert set(stats.input_of) == {lin.name for lin in stored_layers(tiny.arch)}
+    # H equals XᵀX/n of the inputs the layer really sees.
+    seen = []
+    layer = tiny.model.get_submodule(f"{block}.mlp.down_proj")
+    handle = layer.register_forward_pre_hook(lambda m, i: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for w in windows:
+            tiny.model(input_ids=w[None], use_cache=False)
+    handle.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(stats.hessian(f"{block}.mlp.down_proj"), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert (stats.diagonal(f"{block}.mlp.down_proj") >= 0).all()
+
+
+def test_gptq_beats_rtn_on_every_layer_of_the_model_under_its_statistics(tiny, stats):
+    stats, _ = stats
+    wins = 0
+    for lin in stored_layers(tiny.arch):
+        weight, hessian = tiny.model.get_submodule(lin.name).weight.data, stats.hessian(lin.name)
+        if lin.name == tiny.arch.embedding.name:
+            weight = tiny.model.get_submodule(tiny.arch.lm_head_name).weight.data
+        ours = output_error(weight, gptq(weight, LayerPrecision(3, 32, method="gptq"), hessian).dequantize(), hessian)
+        wins += ours < output_error(weight, rtn(weight, LayerPrecision(3, 32)).dequantize(), hessian)
+    assert wins == len(stored_layers(tiny.arch))
+
+
+def test_statistics_are_cached_on_disk_and_a_damaged_file_is_rebuilt(tiny, stats, tmp_path, monkeypatch):
+    stats, windows = stats
+    first = calibration.load_or_collect(tiny.model, tiny.arch, windows, "k1", tmp_path)
+    path = tmp_path / "calibration" / "k1.safetensors"
+    assert path.is_file() and not list(path.parent.glob(".*"))
+    monkeypatch.setattr(calibration, "collect", lambda *a, **k: pytest.fail("the cached statistics were recomputed"))
+    again = calibration.load_or_collect(tiny.model, tiny.arch, windows, "k1", tmp_path)
+    assert again.input_of == first.input_of and again.tokens == first.tokens
+    assert all(torch.equal(again.hessians[k], first.hessians[k]) for k in first.hessians)
+    monkeypatch.undo()
+    path.write_bytes(path.read_bytes()[:1000])
+    rebuilt = calibration.load_or_collect(tiny.model, tiny.arch, windows, "k1", tmp_path)
+    assert all(torch.allclose(rebuilt.hessians[k], first.hessians[k]) for k in first.hessians)
+
+
+def test_apply_with_gptq_uses_the_statistics(tiny, stats):
+    stats, _ = stats
+    plan = CompressionPlan(precision={x.name: LayerPrecision(3, 32, method="gptq") for x in stored_layers(tiny.arch)})
+    model = compression.apply(plan, tiny.model, tiny.arch, stats)
+    packed = compression.pack(plan, tiny.model, tiny.arch, stats)
+    for lin in stored_layers(tiny.arch):
+        assert torch.equal(packed[lin.name].unpack(), model.get_submodule(lin.name).weight.data)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_the_layer_cache_serves_later_trials_and_rebuilds_a_damaged_entry(tiny, stats, tmp_path):
+    from llmtailor.compression.layer_cache import LayerCache, model_fingerprint
+
+    stats, _ = stats
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32, method="gptq") for x in tiny.arch.linears[:6]})
+    cache = LayerCache(tmp_path, model_fingerprint(tiny.model), "calibration-1")
+    first = compression.apply(plan, tiny.model, tiny.arch, stats, cache)
+    assert (cache.hits, cache.misses) == (0, 6)
+    again = compression.apply(plan, tiny.model, tiny.arch, stats, cache)
+    assert (cache.hits, cache.misses) == (6, 6) and cache.hit_rate == 0.5
+    for lin in tiny.arch.linears[:6]:
+        assert torch.equal(first.get_submodule(lin.name).weight, again.get_submodule(lin.name).weight)
+    entries = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(entries) == 6 and cache.size_bytes() == sum(p.stat().st_size for p in entries)
+    damaged = bytearray(entries[0].read_bytes())
+    damaged[-1] ^= 0xFF  # one flipped bit in the codes: the header still parses, the checksum does not match
+    entries[0].write_bytes(bytes(damaged))
+    rebuilt = compression.apply(plan, tiny.model, tiny.arch, stats, cache)
+    assert cache.rebuilt == 1 and cache.hits == 11
+    for lin in tiny.arch.linears[:6]:
+        assert torch.equal(first.get_submodule(lin.name).weight, rebuilt.get_submodule(lin.name).weight)
+    # Another calibration or other settings are other entries.
+    other = LayerCache(tmp_path, cache.model, "calibration-2")
+    assert other.key("x", LayerPrecision(4, 32, method="gptq"), LayerSparsity()) != cache.key(
+        "x", LayerPrecision(4, 32, method="gptq"), LayerSparsity())
+    assert cache.key("x", LayerPrecision(4, 32, method="gptq"), LayerSparsity()) != cache.key(
+        "x", LayerPrecision(4, 32, method="gptq", damp=0.1), LayerSparsity())
+
+
+def test_the_model_fingerprint_follows_the_weights(tiny):
+    import copy
+
+    from llmtailor.compression.layer_cache import model_fingerprint
+
+    twin = copy.deepcopy(tiny.model)
+    assert model_fingerprint(twin) == model_fingerprint(tiny.model)
+    with torch.no_grad():
+        twin.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+    assert model_fingerprint(twin) != model_fingerprint(tiny.model)
