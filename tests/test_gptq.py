@@ -168,3 +168,26 @@ def test_the_model_fingerprint_follows_the_weights(tiny):
     with torch.no_grad():
         twin.model.layers[0].mlp.up_proj.weight[0, 0] += 1
     assert model_fingerprint(twin) != model_fingerprint(tiny.model)
+
+
+def test_sequential_mode_calibrates_each_block_on_the_compressed_blocks_before_it(tiny, stats):
+    from llmtailor.compression.sequential import compress_sequential
+
+    stats, windows = stats
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    rtn_plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in stored_layers(tiny.arch)})
+    sequential = compress_sequential(rtn_plan, tiny.model, tiny.arch, windows)
+    direct = compression.apply(rtn_plan, tiny.model, tiny.arch)
+    for lin in stored_layers(tiny.arch):  # RTN needs no calibration: both modes give the same model
+        assert torch.equal(sequential.get_submodule(lin.name).weight, direct.get_submodule(lin.name).weight)
+
+    plan = CompressionPlan(precision={x.name: LayerPrecision(3, 32, method="gptq") for x in stored_layers(tiny.arch)})
+    sequential = compress_sequential(plan, tiny.model, tiny.arch, windows)
+    teacher_inputs = compression.apply(plan, tiny.model, tiny.arch, stats)
+    for lin in tiny.arch.linears:
+        same = torch.allclose(sequential.get_submodule(lin.name).weight, teacher_inputs.get_submodule(lin.name).weight,
+                              atol=1e-5)
+        # Block 0 sees the teacher's embeddings in both modes; every later block sees compressed blocks' outputs.
+        assert same == (lin.block == 0), lin.name
+    assert sequential.lm_head.weight is sequential.model.embed_tokens.weight
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items()), "the teacher changed"

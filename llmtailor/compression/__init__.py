@@ -33,7 +33,7 @@ def needs_calibration(plan: CompressionPlan) -> bool:
     return any(p.bits < 16 and p.method in CALIBRATED for p in plan.precision.values())
 
 
-def check_supported(plan: CompressionPlan, calibration: CalibrationStats | None = None) -> None:
+def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: Architecture | None = None) -> None:
     """Raise PlanError for what the plan asks that this version cannot apply yet, or method names it does not know."""
     if not plan.student.is_identity:
         raise PlanError("student cuts and distillation are not supported yet: use a plan without a student")
@@ -44,7 +44,12 @@ def check_supported(plan: CompressionPlan, calibration: CalibrationStats | None 
             raise PlanError(f"{name}: activation quantization is not supported yet")
         if precision.bits < 16 and precision.method not in QUANTIZERS:
             raise PlanError(f"{name}: unknown quantization method {precision.method!r}; known: {sorted(QUANTIZERS)}")
-    if calibration is None and needs_calibration(plan):
+    if arch is not None and not arch.tie_embeddings:
+        embedding = plan.precision_of(arch.embedding.name)
+        if embedding.bits < 16 and embedding.method in CALIBRATED:
+            raise PlanError(f"{arch.embedding.name}: {embedding.method} weighs a layer by its inputs, and an untied "
+                            "embedding (a lookup) has none: use rtn for it")
+    if not has_calibration and needs_calibration(plan):
         calibrated = sorted({p.method for p in plan.precision.values() if p.method in CALIBRATED})
         raise PlanError(f"{', '.join(calibrated)} needs calibration statistics of the layer inputs, and none were given: "
                         "collect them on calibration text (compression.calibration) or use method rtn")
@@ -101,7 +106,7 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
     """A compressed copy of the teacher (the teacher is left unchanged); calibrated layers come from the cache
     when it holds them."""
     plan.validate(arch)
-    check_supported(plan, calibration)
+    check_supported(plan, calibration is not None, arch)
     model = copy.deepcopy(teacher)
     with torch.no_grad():
         for name in _touched(plan, arch):
@@ -116,7 +121,7 @@ def pack(plan: CompressionPlan, teacher: Any, arch: Architecture,
          calibration: CalibrationStats | None = None) -> dict[str, PackedWeight]:
     """The stored form of every weight matrix of the model under the plan, by layer name."""
     plan.validate(arch)
-    check_supported(plan, calibration)
+    check_supported(plan, calibration is not None, arch)
     packed = {}
     with torch.no_grad():
         for lin in stored_layers(arch):

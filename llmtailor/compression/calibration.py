@@ -114,46 +114,62 @@ def _layers(model: Any, arch: Architecture) -> dict[str, torch.nn.Module]:
     return layers
 
 
+class InputStatistics:
+    """Accumulates XᵀX over forward passes for a set of layers, once per distinct input tensor."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.input_of: dict[str, str] = {}
+        self.tokens = 0
+        # id of an input tensor in this forward pass -> (the first layer that read it, the tensor). The tensor is
+        # held until the pass ends, so its id cannot be reused by a later tensor of the same pass.
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
+
+    def _hook(self, name: str):
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            key = self._seen.setdefault(id(x), (name, x))[0]
+            self.input_of.setdefault(name, key)
+            if key != name:
+                return  # an input another layer already counted
+            x = x.reshape(-1, x.shape[-1]).float()
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.sums[key].addmm_(x.T, x)
+
+        return record
+
+    def new_pass(self, tokens: int) -> None:
+        """Call before each forward pass of `tokens` tokens."""
+        self._seen.clear()
+        self.tokens += tokens
+
+    def finish(self) -> CalibrationStats:
+        """Remove the hooks; H = XᵀX / n per distinct input."""
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+        return CalibrationStats({k: (v / self.tokens).cpu() for k, v in self.sums.items()}, self.input_of, self.tokens)
+
+
 @torch.no_grad()
 def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str | torch.device = "cpu",
             progress: bool = False) -> CalibrationStats:
     """Run the teacher on the windows and accumulate H for every distinct linear-layer input (teacher-input mode)."""
     from tqdm.auto import tqdm
 
-    layers = _layers(model, arch)
-    sums: dict[str, torch.Tensor] = {}
-    input_of: dict[str, str] = {}
-    # id of an input tensor in this forward pass -> (the first layer that read it, the tensor). The tensor is
-    # held until the pass ends, so its id cannot be reused by a later tensor of the same pass.
-    seen: dict[int, tuple[str, torch.Tensor]] = {}
-
-    def hook(name: str):
-        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0]
-            key = seen.setdefault(id(x), (name, x))[0]
-            input_of.setdefault(name, key)
-            if key != name:
-                return  # an input another layer already counted
-            x = x.reshape(-1, x.shape[-1]).float()
-            if key not in sums:
-                sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            sums[key].addmm_(x.T, x)
-
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
+    statistics = InputStatistics(_layers(model, arch))
     model_device = next(model.parameters()).device
     model.to(device)
     try:
         for window in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
-            seen.clear()
+            statistics.new_pass(window.numel())
             model(input_ids=window[None].to(device), use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
+        stats = statistics.finish()
         model.to(model_device)
-    tokens = windows.numel()
-    return CalibrationStats({k: (v / tokens).cpu() for k, v in sums.items()}, input_of, tokens)
+    return stats
 
 
 def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor, key: str, cache: Path,
