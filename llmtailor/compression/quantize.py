@@ -143,7 +143,7 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
 Quantizer = Callable[..., QuantizedWeight]
 # By the plan's method name: (weight, precision, hessian=None, mask=None) -> QuantizedWeight.
 QUANTIZERS: dict[str, Quantizer] = {"rtn": rtn, "gptq": gptq}
-CALIBRATED = frozenset({"gptq"})  # methods that need calibration statistics
+CALIBRATED = {"gptq"}  # methods that need calibration statistics (register a new one here too)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> np.ndarray:

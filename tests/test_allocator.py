@@ -1,0 +1,54 @@
+"""The budget allocator returns the true optimum and never exceeds the budget."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from llmtailor.errors import UserError
+from llmtailor.plan import LayerPrecision
+from llmtailor.spaces.allocator import Option, allocate
+
+
+def random_options(layers: int, seed: int) -> dict[str, list[Option]]:
+    rng = random.Random(seed)
+    options = {}
+    for i in range(layers):
+        width = rng.randint(1, 9) * 1000
+        # Fewer bits: fewer bytes, more damage (with noise, so the choice is not just "the most bits that fit").
+        options[f"layer{i}"] = [Option(LayerPrecision(bits), width * bits + rng.randint(0, 500),
+                                       rng.uniform(0.5, 1.5) * 2.0 ** -bits * width) for bits in (2, 3, 4, 8)]
+    return options
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocation_is_the_brute_force_optimum_within_the_budget(seed):
+    options = random_options(5, seed)
+    names = list(options)
+    smallest = sum(min(o.bytes for o in options[n]) for n in names)
+    largest = sum(max(o.bytes for o in options[n]) for n in names)
+    for budget in (smallest, (smallest + largest) // 2, smallest + (largest - smallest) // 5, largest):
+        chosen = allocate(options, budget)
+        assert set(chosen) == set(names)
+        assert sum(o.bytes for o in chosen.values()) <= budget
+        best = min((combo for combo in itertools.product(*options.values()) if sum(o.bytes for o in combo) <= budget),
+                   key=lambda combo: sum(o.damage for o in combo))
+        assert sum(o.damage for o in chosen.values()) == pytest.approx(sum(o.damage for o in best), rel=1e-9)
+
+
+def test_a_budget_below_every_allocation_is_a_clear_error():
+    options = random_options(3, 0)
+    smallest = sum(min(o.bytes for o in options[n]) for n in options)
+    with pytest.raises(UserError, match="no allocation fits"):
+        allocate(options, smallest - 1)
+
+
+def test_a_budget_tight_to_the_byte_is_kept():
+    options = {f"l{i}": [Option(LayerPrecision(4), 10**8 + i, 1.0), Option(LayerPrecision(8), 2 * 10**8 + i, 0.1)]
+               for i in range(20)}
+    budget = sum(o.bytes for o in (options[n][1] if i < 7 else options[n][0] for i, n in enumerate(options)))
+    chosen = allocate(options, budget)
+    assert sum(o.bytes for o in chosen.values()) <= budget
+    assert sum(o.precision.bits == 8 for o in chosen.values()) == 7
