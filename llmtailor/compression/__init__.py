@@ -25,7 +25,7 @@ from llmtailor.compression.sparsify import PRUNERS
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError
 
-__all__ = ["CalibrationStats", "LayerCache", "PackedWeight", "apply", "check_supported", "compress_layer", "pack"]
+__all__ = ["CalibrationStats", "LayerCache", "PackedWeight", "apply", "check_supported", "compress_cached", "compress_layer", "pack"]
 
 
 def needs_calibration(plan: CompressionPlan) -> bool:
@@ -77,7 +77,7 @@ def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPr
     return calibration.hessian(name) if calibration is not None and precision.method in CALIBRATED else None
 
 
-def _compressed(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
+def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
                 calibration: CalibrationStats | None, cache: LayerCache | None
                 ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
     """compress_layer, through the per-layer cache for calibrated methods (their solve is the dear part)."""
@@ -112,7 +112,7 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
         for name in _touched(plan, arch):
             weight = model.get_submodule(name).weight
             precision = plan.precision_of(name)
-            compressed, _, _ = _compressed(weight.data, name, precision, plan.sparsity_of(name), calibration, cache)
+            compressed, _, _ = compress_cached(weight.data, name, precision, plan.sparsity_of(name), calibration, cache)
             weight.data.copy_(compressed.to(weight.dtype))
     return model
 

@@ -1,0 +1,137 @@
+"""Per-layer sensitivity: the damage of compressing one layer alone, for every option the search offers.
+
+Measuring KL for every (layer, option) pair costs a forward pass each (hundreds of
+layers times several options), so the damage is measured at one *anchor* option per
+layer and carried to the others by a proxy: the layer's own output error under its
+calibration statistics, E = trace((W − Q) H (W − Q)ᵀ), which needs no forward pass:
+
+    damage(layer, option) = KL(layer at anchor) · E(layer, option) / E(layer, anchor)
+
+The measured KL carries what E cannot see (how much the rest of the network amplifies
+or absorbs this layer's error); E carries how the options of one layer compare.
+``validate`` measures KL on further pairs and reports Kendall's τ between predicted
+and measured damage. Built once per (model, calibration, options, evaluation text) and
+kept as JSON in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtailor import compression, files
+from llmtailor.arch import Architecture
+from llmtailor.compression.calibration import CalibrationStats
+from llmtailor.compression.layer_cache import LayerCache
+from llmtailor.evaluators import quality
+from llmtailor.evaluators.cost import stored_layers
+from llmtailor.plan import CompressionPlan, LayerPrecision
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖WX − QX‖² per calibration token: trace((W − Q) H (W − Q)ᵀ)."""
+    delta = (weight - approx).double()
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
+
+
+def option_name(precision: LayerPrecision) -> str:
+    """A short stable name of an option, such as 'gptq-4b-g128'."""
+    group = f"g{precision.group_size}" if precision.group_size else "channel"
+    return f"{precision.method}-{precision.bits}b-{group}" + ("-ao" if precision.act_order else "")
+
+
+@dataclass
+class Sensitivity:
+    """Measured anchor damage and proxy errors; predicted damage of every (layer, option)."""
+
+    anchor: str  # option name of the anchor
+    anchor_kl: dict[str, float]  # layer -> KL with that layer alone at the anchor option
+    errors: dict[str, dict[str, float]]  # layer -> option name -> output error E
+
+    def damage(self, layer: str, option: str) -> float:
+        """Predicted KL of compressing only this layer with this option."""
+        anchor_error = self.errors[layer][self.anchor]
+        if anchor_error <= 0:
+            return 0.0
+        return max(self.anchor_kl[layer], 0.0) * self.errors[layer][option] / anchor_error
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Sensitivity:
+        return cls(**json.loads(text))
+
+
+def _weight(model: Any, arch: Architecture, layer: str) -> torch.Tensor:
+    name = arch.lm_head_name if layer == arch.embedding.name and arch.tie_embeddings else layer
+    return model.get_submodule(name).weight.data
+
+
+def _compressed(teacher: Any, arch: Architecture, layer: str, precision: LayerPrecision, stats: CalibrationStats,
+                cache: LayerCache | None) -> torch.Tensor:
+    plan = CompressionPlan(precision={layer: precision})
+    plan.validate(arch)
+    compression.check_supported(plan, True, arch)
+    dense, _, _ = compression.compress_cached(_weight(teacher, arch, layer), layer, precision, plan.sparsity_of(layer),
+                                              stats, cache)
+    return dense
+
+
+@torch.no_grad()
+def single_layer_kl(teacher: Any, arch: Architecture, layer: str, precision: LayerPrecision, stats: CalibrationStats,
+                    reference: quality.Reference, cache: LayerCache | None = None) -> float:
+    """KL to the teacher with only this layer compressed (swapped into the teacher in place, then restored)."""
+    weight = _weight(teacher, arch, layer)
+    original = weight.clone()
+    try:
+        weight.copy_(_compressed(teacher, arch, layer, precision, stats, cache))
+        return quality.measure(teacher, reference).kl
+    finally:
+        weight.copy_(original)
+
+
+def build(teacher: Any, arch: Architecture, options: list[LayerPrecision], anchor: LayerPrecision,
+          stats: CalibrationStats, reference: quality.Reference, cache: LayerCache | None = None,
+          layers: list[str] | None = None, progress: bool = False) -> Sensitivity:
+    """Measure the anchor KL and the proxy error of every option, for every layer (or the given ones)."""
+    from tqdm.auto import tqdm
+
+    if anchor not in options:
+        options = [anchor, *options]
+    names = layers or [lin.name for lin in stored_layers(arch)]
+    anchor_kl, errors = {}, {}
+    for layer in tqdm(names, desc="layer sensitivity", unit="layer", disable=not progress):
+        weight, hessian = _weight(teacher, arch, layer), stats.hessian(layer)
+        errors[layer] = {}
+        for precision in options:
+            approx = _compressed(teacher, arch, layer, precision, stats, cache)
+            errors[layer][option_name(precision)] = output_error(weight, approx, hessian)
+        anchor_kl[layer] = single_layer_kl(teacher, arch, layer, anchor, stats, reference, cache)
+    return Sensitivity(option_name(anchor), anchor_kl, errors)
+
+
+def load_or_build(path: Path, make: Callable[[], Sensitivity]) -> Sensitivity:
+    """The sensitivities stored at path, or made and stored there (atomically) when missing or unreadable."""
+    if path.is_file():
+        try:
+            return Sensitivity.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError):
+            path.unlink(missing_ok=True)
+    made = make()
+    files.write_text(path, made.to_json())
+    return made
+
+
+def kendall_tau(xs: list[float], ys: list[float]) -> float:
+    """Kendall's τ-b between two paired lists."""
+    from scipy.stats import kendalltau
+
+    tau = kendalltau(xs, ys).statistic
+    return float(tau) if not math.isnan(tau) else 0.0
