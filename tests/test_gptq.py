@@ -191,3 +191,12 @@ def test_sequential_mode_calibrates_each_block_on_the_compressed_blocks_before_i
         assert same == (lin.block == 0), lin.name
     assert sequential.lm_head.weight is sequential.model.embed_tokens.weight
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items()), "the teacher changed"
+
+
+def test_windows_sampled_from_the_model_are_seeded_and_shaped(tiny):
+    first = calibration.generated_windows(tiny.model, tiny.tokenizer, count=5, tokens=12, seed=3, batch=2)
+    again = calibration.generated_windows(tiny.model, tiny.tokenizer, count=5, tokens=12, seed=3, batch=2)
+    other = calibration.generated_windows(tiny.model, tiny.tokenizer, count=5, tokens=12, seed=4, batch=2)
+    assert first.shape == (5, 12) and torch.equal(first, again) and not torch.equal(first, other)
+    assert int(first.max()) < len(tiny.tokenizer)
+    assert not set(first[:, 0].tolist()) & set(tiny.tokenizer.all_special_ids)

@@ -60,7 +60,27 @@ def test_workers_share_a_study_without_repeating_plans_or_overshooting(backend, 
     else:
         extra = ["--storage", f"sqlite:///{tmp_path / 'shared.db'}"]
     name = f"shared-{backend}-{time.time_ns()}"
-    procs = [worker_process(argv(tiny_model_dir, tmp_path / "results", name, total, *extra)) for _ in range(workers)]
+    # Each worker imports everything, then waits for the others, and each measurement takes at least 0.2 s: so the
+    # workers really overlap, instead of the quickest to start measuring the whole study alone.
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    together = f"""
+        import os, pathlib, time
+        import torch, transformers, optuna, lm_eval
+        from llmtailor.search import study
+        from llmtailor.evaluators import quality
+        barrier = pathlib.Path({str(barrier)!r})
+        (barrier / str(os.getpid())).touch()
+        while len(list(barrier.iterdir())) < {workers}:
+            time.sleep(0.05)
+        real = quality.measure
+        def measure(model, reference):
+            time.sleep(0.2)
+            return real(model, reference)
+        quality.measure = measure
+    """
+    procs = [worker_process(argv(tiny_model_dir, tmp_path / "results", name, total, *extra), together)
+             for _ in range(workers)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err

@@ -184,3 +184,46 @@ def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor, key: 
     stats = collect(model, arch, windows, device, progress)
     stats.save(path)
     return stats
+
+
+@torch.no_grad()
+def generated_windows(model: Any, tokenizer: Any, count: int, tokens: int, seed: int = 0, batch: int = 16,
+                      device: str | torch.device = "cpu", greedy_tokens: int = 4, progress: bool = False) -> torch.Tensor:
+    """Calibration windows sampled from the model itself (data-free calibration, as in LLM-QAT).
+
+    Each window starts from one token drawn uniformly from the vocabulary; its first
+    ``greedy_tokens`` continuations are the most likely ones (so a window leaves the
+    random start for text the model finds plausible), the rest are sampled at
+    temperature 1. Generation is batched with the KV cache, so it takes minutes, not
+    hours, on two cores. The windows hold no text of any corpus, so they calibrate
+    no domain in particular.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    model_device = next(model.parameters()).device
+    model.to(device)
+    out = []
+    try:
+        for start in tqdm(range(0, count, batch), desc="sampling calibration text", unit="batch", disable=not progress):
+            size = min(batch, count - start)
+            ids = allowed[torch.randint(len(allowed), (size, 1), generator=generator)].to(device)
+            cache = None
+            step_input = ids
+            for position in range(tokens - 1):
+                result = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+                cache = result.past_key_values
+                logits = result.logits[:, -1].float()
+                if position < greedy_tokens:
+                    following = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    probabilities = torch.softmax(logits, dim=-1).cpu()
+                    following = torch.multinomial(probabilities, 1, generator=generator).to(device)
+                ids = torch.cat([ids, following], dim=1)
+                step_input = following
+            out.append(ids.cpu())
+    finally:
+        model.to(model_device)
+    return torch.cat(out)
