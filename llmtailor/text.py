@@ -4,7 +4,9 @@ Methods that fit weights to calibration text overfit it (DESIGN.md), so quality 
 always measured on documents held out from calibration. Sources:
 - ``pydoc``: the Python documentation topics that ship with every CPython;
 - a path to a ``.txt``/``.md`` file (split into paragraphs) or a ``.jsonl`` file with a
-  ``text`` field per line;
+  ``text`` field per line, or a folder of text files (each split into paragraphs; a
+  file reached by two names is read once), such as Debian's licence texts in
+  ``/usr/share/common-licenses``;
 - ``hf:NAME[:CONFIG]:SPLIT[:COLUMN]``: a dataset from the hub or its local cache.
 """
 
@@ -39,9 +41,13 @@ def load_documents(source: str = DEFAULT_SOURCE) -> list[str]:
     if source.startswith("hf:"):
         return _hub_documents(source)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"text source {source!r} is neither 'pydoc', 'hf:NAME:SPLIT', nor an existing file")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.is_dir():
+        files = sorted({p.resolve() for p in path.iterdir() if p.is_file()})
+        raw = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    elif not path.is_file():
+        raise UserError(f"text source {source!r} is neither 'pydoc', 'hf:NAME:SPLIT', nor an existing file or folder")
+    else:
+        raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         try:
             docs = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]

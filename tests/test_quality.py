@@ -69,6 +69,14 @@ def test_text_splits_are_disjoint_and_deterministic(tmp_path):
     assert sum(map(len, (text.split(str(own)).calibration, text.split(str(own)).evaluation))) > 0
 
 
+def test_a_folder_of_text_files_is_a_source_and_links_are_read_once(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph of a\n\nsecond paragraph of a")
+    (tmp_path / "b").write_text("only paragraph of b\n\nand another\n\nand a third")
+    (tmp_path / "a-again").symlink_to(tmp_path / "a.txt")
+    docs = text.load_documents(str(tmp_path))
+    assert docs == ["first paragraph of a", "second paragraph of a", "only paragraph of b", "and another", "and a third"]
+
+
 @pytest.mark.parametrize("source, message", [
     ("no/such/file.txt", "neither"),
     ("hf:onlyname", "hf:NAME"),
