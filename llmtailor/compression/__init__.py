@@ -78,8 +78,8 @@ def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPr
 
 
 def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
-                calibration: CalibrationStats | None, cache: LayerCache | None
-                ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
+                    calibration: CalibrationStats | None, cache: LayerCache | None
+                    ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
     """compress_layer, through the per-layer cache for calibrated methods (their solve is the dear part)."""
     if cache is None or precision.bits == 16 or precision.method not in CALIBRATED:
         return compress_layer(weight, precision, sparsity, _hessian(calibration, name, precision))
