@@ -100,12 +100,6 @@ class _redirect:
         sys.stdout = self.saved
 
 
-def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, tokens: int) -> float:
-    """sum over calibration tokens of ‖Wx − Qx‖² = n · trace((W − Q) H (W − Q)ᵀ)."""
-    delta = (weight - approx).double()
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta)) * tokens
-
-
 def plan_for(arch, method: str, bits: int, group: int, act_order: bool) -> CompressionPlan:
     return CompressionPlan(precision={x.name: LayerPrecision(bits, group, method=method, act_order=act_order)
                                       for x in arch.linears})
@@ -215,7 +209,8 @@ def main() -> None:
             for solver in ["rtn", *solvers]:
                 precision = LayerPrecision(bits, group, method=solver, act_order=act_order and solver != "rtn")
                 approx = quantize.QUANTIZERS[solver](weight, precision, hessian=hessian).dequantize()
-                row[f"error_{solver}"] = layer_error(weight, approx, hessian, stats.tokens)
+                # summed over the calibration tokens: n · trace((W − Q) H (W − Q)ᵀ)
+                row[f"error_{solver}"] = calibration.output_error(weight, approx, hessian) * stats.tokens
             results["layers"].append(row)
             print(json.dumps(row), flush=True)
 

@@ -7,17 +7,12 @@ import torch
 
 from llmtailor import compression, text
 from llmtailor.compression import calibration
+from llmtailor.compression.calibration import output_error
 from llmtailor.compression.packing import pack_layer
 from llmtailor.compression.quantize import gptq, rtn
 from llmtailor.errors import UserError
 from llmtailor.evaluators.cost import stored_layers, tensor_bytes
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖WX − QX‖² / n = trace((W − Q) H (W − Q)ᵀ)."""
-    delta = (weight - approx).double()
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
 
 
 def correlated_layer(out: int = 48, width: int = 96, tokens: int = 2048, seed: int = 0):

@@ -62,6 +62,12 @@ def calibration_windows(tokenizer: Any, documents: tuple[str, ...] | list[str], 
     return torch.stack([ids[s : s + tokens] for s in starts])
 
 
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖WX − QX‖² per calibration token, from the statistics alone: trace((W − Q) H (W − Q)ᵀ)."""
+    delta = (weight - approx).double()
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
+
+
 class CalibrationStats:
     """H = XᵀX / n per distinct layer input, and which layer reads which input."""
 

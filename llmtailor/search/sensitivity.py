@@ -27,17 +27,11 @@ import torch
 
 from llmtailor import compression, files
 from llmtailor.arch import Architecture
-from llmtailor.compression.calibration import CalibrationStats
+from llmtailor.compression.calibration import CalibrationStats, output_error
 from llmtailor.compression.layer_cache import LayerCache
 from llmtailor.evaluators import quality
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan, LayerPrecision
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖WX − QX‖² per calibration token: trace((W − Q) H (W − Q)ᵀ)."""
-    delta = (weight - approx).double()
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
 
 
 def option_name(precision: LayerPrecision) -> str:
