@@ -395,7 +395,19 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
             study_.stop()
 
     try:
-        study.optimize(evaluator, catch=(Exception,), callbacks=[stop_when_done], gc_after_trial=True)
+        while True:
+            try:
+                study.optimize(evaluator, catch=(Exception,), callbacks=[stop_when_done], gc_after_trial=True)
+                break
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                # SQLite has no row locks, so two processes can claim the same enqueued trial; the one that
+                # finishes second cannot record it ("Cannot tell a COMPLETE trial"). Its result is already in
+                # the study: go on with the next trial.
+                if "Cannot tell a" not in str(exc) and not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                    raise
+                done = measured(study)
+                if done >= total or evaluator.stop:
+                    break
     finally:
         bar.close()
     if done < total:
