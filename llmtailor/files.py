@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmtailor.errors import UserError
@@ -17,22 +19,33 @@ def umask() -> int:
     return mask
 
 
-def write_text(path: Path, content: str) -> None:
-    """Write a text file atomically: to a temporary file beside it, then rename over it.
-
-    The file gets the mode an ordinary ``open`` would give (0666 less the umask), not
-    the 0600 of a temporary file: results are files the user shares.
-    """
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[tuple[int, Path]]:
+    """A temporary file beside `path` (open descriptor and path), renamed over `path` when the block succeeds
+    and deleted when it fails. It gets the mode an ordinary ``open`` would give (0666 less the umask), not the
+    0600 of a temporary file: results are files the user shares."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
+        yield fd, Path(staging)
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, content: str) -> None:
+    """Write a text file atomically: to a temporary file beside it, then rename over it."""
+    with _staged(path) as (fd, _), os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(content)
+
+
+def write_with(path: Path, save: Callable[[Path], None]) -> None:
+    """Write a file atomically with a function that saves to a given path (such as safetensors' save_file)."""
+    with _staged(path) as (fd, staging):
+        os.close(fd)
+        save(staging)
 
 
 def replace_folder(path: Path, contents: dict[str, str]) -> None:

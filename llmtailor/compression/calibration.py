@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmtailor import files
 from llmtailor.arch import Architecture
 from llmtailor.errors import UserError
 
@@ -90,16 +89,9 @@ class CalibrationStats:
         """Write atomically as safetensors, with the layer map and token count in its metadata."""
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.hessians.items()}, staging,
-                      metadata={"input_of": json.dumps(self.input_of), "tokens": str(self.tokens)})
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        tensors = {k: v.contiguous() for k, v in self.hessians.items()}
+        metadata = {"input_of": json.dumps(self.input_of), "tokens": str(self.tokens)}
+        files.write_with(path, lambda staging: save_file(tensors, staging, metadata=metadata))
 
     @classmethod
     def load(cls, path: Path) -> CalibrationStats:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from llmtailor import files
 from llmtailor.compression.quantize import QuantizedWeight
 from llmtailor.plan import LayerPrecision, LayerSparsity
 
@@ -102,16 +101,7 @@ class LayerCache:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"sha256": _checksum(tensors), "bits": str(quantized.bits), "group_size": str(quantized.group_size),
                 "symmetric": "1" if quantized.symmetric else "0"}
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, staging, metadata=meta)
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        files.write_with(self._path(key), lambda staging: save_file(tensors, staging, metadata=meta))
 
     def size_bytes(self) -> int:
         """Bytes of every entry on disk."""
