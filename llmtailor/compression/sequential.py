@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from llmtailor.arch import Architecture
-from llmtailor.compression import check_supported, compress_layer
-from llmtailor.compression.calibration import InputStatistics
-from llmtailor.compression.quantize import CALIBRATED
+from llmtailor.compression import check_supported, compress_cached
+from llmtailor.compression.calibration import CalibrationStats, InputStatistics
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan
 
@@ -75,14 +74,13 @@ def _block_inputs(model: Any, block: torch.nn.Module, windows: torch.Tensor, dev
     return captured
 
 
-def _compress(model: Any, names: list[str], plan: CompressionPlan, statistics: Any) -> None:
+def _compress(model: Any, names: list[str], plan: CompressionPlan, statistics: CalibrationStats) -> None:
     for name in names:
         precision, sparsity = plan.precision_of(name), plan.sparsity_of(name)
         if precision.is_identity and sparsity.is_identity:
             continue
         weight = model.get_submodule(name).weight
-        hessian = statistics.hessian(name) if precision.method in CALIBRATED and precision.bits < 16 else None
-        compressed, _, _ = compress_layer(weight.data, precision, sparsity, hessian)
+        compressed, _, _ = compress_cached(weight.data, name, precision, sparsity, statistics, cache=None)
         weight.data.copy_(compressed.to(weight.dtype))
 
 
