@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -32,7 +33,9 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
                         "milliseconds and not counted")
     parser.add_argument("--study", help="study name (default: model and device); results go to RESULTS/STUDY/")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
-    parser.add_argument("--space", default="coarse", help="search space: coarse (default) or per-layer")
+    parser.add_argument("--space", default="coarse", help="search space: coarse (default), per-layer (RTN), direct "
+                        "(coarse groups, GPTQ) or guided (a sampled weight budget spent per layer by measured "
+                        "sensitivity, GPTQ)")
     parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
                         help="comma-separated: kl, perplexity, accuracy, memory, latency, energy")
@@ -42,6 +45,11 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--eval-windows", type=int, default=4, help="held-out windows for KL and perplexity")
     parser.add_argument("--window-tokens", type=int, default=256, help="tokens per evaluation window")
     parser.add_argument("--text", default="pydoc", help="text source: pydoc, a .txt/.jsonl file, or hf:NAME:SPLIT")
+    parser.add_argument("--calibration", help="text source whose calibration split calibrates GPTQ (default: the "
+                        "--text source; its evaluation split is never calibrated on)")
+    parser.add_argument("--calibration-windows", type=int, default=128, help="512-token calibration windows")
+    parser.add_argument("--torch-device", default="cpu", help="where calibration, GPTQ and evaluation run: cpu "
+                        "(default), cuda, cuda:N or mps")
     parser.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
     parser.add_argument("--batch", type=int, default=1, help="batch size on the device")
     parser.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
@@ -104,7 +112,8 @@ def _config(args: argparse.Namespace):
         objectives=split(args.objectives), tasks=tasks, task_items=args.task_items,
         eval_windows=args.eval_windows, window_tokens=args.window_tokens, text=args.text,
         workload=Workload(args.context, args.batch, args.prompt), seed=args.seed,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, torch_device=args.torch_device, calibration=args.calibration,
+        calibration_windows=args.calibration_windows,
     )
 
 
@@ -112,13 +121,15 @@ def _quiet_libraries() -> None:
     """Keep library chatter (download bars, deprecation notes) out of the tool's output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    with contextlib.suppress(ImportError):  # only hub text sources need datasets
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -183,6 +183,27 @@ def load(spec: str | None = None, *, trust_remote_code: bool = False, log: Log =
     return LoadedModel(model, tokenizer, arch_mod.from_model(model), _display_name(spec, where))
 
 
+def torch_device(name: str) -> Any:
+    """The torch device named by --torch-device (cpu, cuda, cuda:N, mps); UserError if this machine has none."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--torch-device {name!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--torch-device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                            "use --torch-device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--torch-device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--torch-device {name}: MPS is not available on this machine; use --torch-device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--torch-device {name!r}: only cpu, cuda and mps are supported")
+    return device
+
+
 def _strip_quantization_marker(model: Any) -> None:
     """Make a model loaded from GGUF an ordinary float model (it is dequantized already)."""
     quantizer = getattr(model, "hf_quantizer", None)

@@ -49,6 +49,7 @@ class LayerPrecision:
     act_bits: int | None = None
     act_order: bool = False  # calibrated methods: quantize inputs in order of decreasing activation energy
     damp: float = 0.01  # calibrated methods: share of mean(diag H) added to H's diagonal
+    shrink: float = 0.0  # calibrated methods: H <- (1 - shrink) H + shrink diag(H), shrinkage toward the diagonal
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -59,6 +60,8 @@ class LayerPrecision:
             raise PlanError(f"act_bits must be one of {ACTIVATION_BITS}, got {self.act_bits}")
         if not 0 <= self.damp <= 1:
             raise PlanError(f"damp must be in [0, 1], got {self.damp}")
+        if not 0 <= self.shrink <= 1:
+            raise PlanError(f"shrink must be in [0, 1], got {self.shrink}")
         if self.act_order and self.method == "rtn":
             raise PlanError("act_order applies to calibrated methods (gptq), not to rtn")
 

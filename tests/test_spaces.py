@@ -36,3 +36,56 @@ def test_coarse_space_groups_bits_by_depth_and_sparsity_by_part(tiny):
 def test_unknown_space():
     with pytest.raises(UserError, match="unknown search space"):
         spaces.get("everything")
+
+
+def _fake_sensitivity(arch):
+    """Damage that grows as bits fall and differs by layer, in the shape search.sensitivity gives."""
+    from llmtailor.search.sensitivity import Sensitivity, option_name
+    from llmtailor.spaces.guided import GuidedSpace
+
+    errors, anchor_kl = {}, {}
+    for i, lin in enumerate(GuidedSpace.layers(arch)):
+        anchor_kl[lin.name] = 0.01 * (1 + i % 5)
+        errors[lin.name] = {option_name(p): 4.0 ** (8 - p.bits) * (1.3 if p.group_size == 0 else 1.0)
+                            for p in GuidedSpace.options(lin, arch)}
+    return Sensitivity(option_name(GuidedSpace.anchor(arch.linears[0], arch)), anchor_kl, errors)
+
+
+def test_guided_space_spends_a_sampled_budget_on_the_least_damage(tiny):
+    from llmtailor.evaluators.cost import stored_layers
+    from llmtailor.search.sensitivity import option_name
+
+    unbound = spaces.get("guided")
+    with pytest.raises(RuntimeError, match="with_sensitivity"):
+        unbound.plan({"weight_budget": 0.5}, tiny.arch)
+    space = unbound.with_sensitivity(_fake_sensitivity(tiny.arch))
+    smallest = weight_bytes(space.smallest(tiny.arch), tiny.arch)
+    low, high = space._range(tiny.arch)
+    damages = []
+    for share in (0.0, 0.1, 0.3, 0.6, 1.0):
+        plan = space.plan({"weight_budget": share}, tiny.arch)
+        plan.validate(tiny.arch)
+        assert weight_bytes(plan, tiny.arch) <= low + round(share * (high - low))  # never over the budget
+        assert weight_bytes(plan, tiny.arch) >= smallest
+        assert all(p.method == "gptq" for p in plan.precision.values())
+        damages.append(sum(space.sensitivity.damage(name, option_name(p)) for name, p in plan.precision.items()))
+    assert damages == sorted(damages, reverse=True) and damages[-1] == 0  # more bytes, less damage; all of it: dense
+    assert space.plan({"weight_budget": 1.0}, tiny.arch).precision == {}
+    # The tied embedding is one of the allocator's layers.
+    assert tiny.arch.embedding.name in space.plan({"weight_budget": 0.0}, tiny.arch).precision
+    assert len(stored_layers(tiny.arch)) == len(space.layers(tiny.arch))
+    for params in space.baselines(tiny.arch):
+        assert 0.0 <= params["weight_budget"] <= 1.0
+    trial = optuna.create_study().ask()
+    assert space.sample(trial, tiny.arch) == space.plan(trial.params, tiny.arch)
+
+
+def test_direct_space_quantizes_with_gptq_and_rtn_spaces_do_not(tiny):
+    from llmtailor.compression.calibration import GPTQ_ACT_ORDER, GPTQ_DAMP
+
+    params = {"group_size": 128, "embed_bits": 8, "sparsity_attn": 0.0, "sparsity_mlp": 0.0,
+              **{f"bits_{k}": 4 for k in spaces.get("direct").keys(spaces.get("direct").bits_grouping, tiny.arch)}}
+    direct = spaces.get("direct").plan(params, tiny.arch)
+    assert {(p.method, p.act_order, p.damp) for p in direct.precision.values()} == {("gptq", GPTQ_ACT_ORDER, GPTQ_DAMP)}
+    assert spaces.get("direct").calibrated and not spaces.get("coarse").calibrated
+    assert {p.method for p in spaces.get("coarse").plan(params, tiny.arch).precision.values()} == {"rtn"}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,50 @@ from llmtailor import files
 from llmtailor.arch import Architecture
 from llmtailor.errors import UserError
 
+# The GPTQ settings the search spaces use (benchmarks/bench_calibration.py chose them, measured on a domain no
+# calibration text came from).
+GPTQ_ACT_ORDER = True
+GPTQ_DAMP = 0.1
+
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Which calibration text, cut into how many windows of how many tokens (a fixed, seeded draw)."""
+    """Which calibration text: windows cut from a text source's calibration split at seeded offsets, a share of
+    them sampled from the teacher itself instead."""
 
     source: str = "pydoc"
     windows: int = 128
     window_tokens: int = 512
     seed: int = 0
+    generated: float = 0.0  # share of the windows sampled from the teacher (generated_windows)
 
     def key(self, model_fingerprint: str) -> str:
         """An id of these statistics for this model: the cache key."""
         text = json.dumps({"model": model_fingerprint, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def describe(self) -> str:
+        """How reports name this calibration."""
+        sampled = round(self.windows * self.generated)
+        what = f"{self.source} calibration split" if sampled < self.windows else "text sampled from the teacher"
+        if 0 < sampled < self.windows:
+            what += f" ({sampled} of the windows sampled from the teacher)"
+        return f"{what}, {self.windows} x {self.window_tokens} tokens"
+
+    def make_windows(self, model: Any, tokenizer: Any, device: str | torch.device = "cpu",
+                     progress: bool = False) -> torch.Tensor:
+        """The calibration windows, [windows, window_tokens] token ids."""
+        from llmtailor import text
+
+        sampled = round(self.windows * self.generated)
+        parts = []
+        if sampled < self.windows:
+            documents = text.split(self.source).calibration
+            parts.append(calibration_windows(tokenizer, documents, self.windows - sampled, self.window_tokens, self.seed))
+        if sampled:
+            parts.append(generated_windows(model, tokenizer, sampled, self.window_tokens, self.seed, device=device,
+                                           progress=progress))
+        return torch.cat(parts)
 
 
 def calibration_windows(tokenizer: Any, documents: tuple[str, ...] | list[str], count: int, tokens: int,
@@ -63,8 +94,8 @@ def calibration_windows(tokenizer: Any, documents: tuple[str, ...] | list[str], 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """‖WX − QX‖² per calibration token, from the statistics alone: trace((W − Q) H (W − Q)ᵀ)."""
-    delta = (weight - approx).double()
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
+    delta = (weight - approx.to(weight.device)).double()
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.to(weight.device).double(), delta))
 
 
 class CalibrationStats:
@@ -170,29 +201,34 @@ def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str |
     return stats
 
 
-def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor, key: str, cache: Path,
-                    device: str | torch.device = "cpu", progress: bool = False) -> CalibrationStats:
-    """The statistics for this key from the cache, computed and stored there first if missing or unreadable."""
+def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor | Callable[[], torch.Tensor], key: str,
+                    cache: Path, device: str | torch.device = "cpu", progress: bool = False) -> CalibrationStats:
+    """The statistics for this key from the cache, computed and stored there first if missing or unreadable.
+
+    ``windows`` may be a function making them, called only when the statistics must be computed.
+    """
     path = cache / "calibration" / f"{key}.safetensors"
     if path.is_file():
         try:
             return CalibrationStats.load(path)
         except Exception:  # a damaged file (killed writer on a filesystem without atomic rename): rebuild it
             path.unlink(missing_ok=True)
-    stats = collect(model, arch, windows, device, progress)
+    stats = collect(model, arch, windows() if callable(windows) else windows, device, progress)
     stats.save(path)
     return stats
 
 
 @torch.no_grad()
 def generated_windows(model: Any, tokenizer: Any, count: int, tokens: int, seed: int = 0, batch: int = 16,
-                      device: str | torch.device = "cpu", greedy_tokens: int = 4, progress: bool = False) -> torch.Tensor:
+                      device: str | torch.device = "cpu", greedy_tokens: int = 4, temperature: float = 1.0,
+                      top_p: float = 1.0, progress: bool = False) -> torch.Tensor:
     """Calibration windows sampled from the model itself (data-free calibration, as in LLM-QAT).
 
     Each window starts from one token drawn uniformly from the vocabulary; its first
     ``greedy_tokens`` continuations are the most likely ones (so a window leaves the
     random start for text the model finds plausible), the rest are sampled at
-    temperature 1. Generation is batched with the KV cache, so it takes minutes, not
+    ``temperature`` from the smallest set of tokens holding ``top_p`` of the
+    probability (nucleus sampling; 1.0 keeps every token). Generation is batched with the KV cache, so it takes minutes, not
     hours, on two cores. The windows hold no text of any corpus, so they calibrate
     no domain in particular.
     """
@@ -217,7 +253,7 @@ def generated_windows(model: Any, tokenizer: Any, count: int, tokens: int, seed:
                 if position < greedy_tokens:
                     following = logits.argmax(dim=-1, keepdim=True)
                 else:
-                    probabilities = torch.softmax(logits, dim=-1).cpu()
+                    probabilities = _nucleus(torch.softmax(logits / temperature, dim=-1), top_p).cpu()
                     following = torch.multinomial(probabilities, 1, generator=generator).to(device)
                 ids = torch.cat([ids, following], dim=1)
                 step_input = following
@@ -225,3 +261,12 @@ def generated_windows(model: Any, tokenizer: Any, count: int, tokens: int, seed:
     finally:
         model.to(model_device)
     return torch.cat(out)
+
+
+def _nucleus(probabilities: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The probabilities with every token outside the top-p nucleus of each row set to zero."""
+    if top_p >= 1.0:
+        return probabilities
+    ordered, order = probabilities.sort(dim=-1, descending=True)
+    outside = ordered.cumsum(dim=-1) - ordered > top_p  # the mass before a token already reaches top_p
+    return probabilities.scatter(-1, order, ordered.masked_fill(outside, 0.0))

@@ -92,7 +92,8 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
     """GPTQ (Frantar et al., 2022): quantize one input column at a time and spread its error over the columns
     not yet quantized, weighted by the inverse of H = XᵀX/n, so that ‖WX - QX‖² stays small.
 
-    Lazy batch updates (``block_size`` columns at a time), dampening (``precision.damp`` times the mean of
+    Lazy batch updates (``block_size`` columns at a time), shrinkage of H toward its diagonal
+    (``precision.shrink``; 0 is the paper's method), dampening (``precision.damp`` times the mean of
     diag H added to the diagonal), and optional act-order (columns in order of decreasing diag H). Groups are
     always consecutive inputs in the stored order, so the packed format and its byte count are the same as
     RTN's: without act-order a group's grid is fitted when its first column is reached (to the weights as
@@ -109,11 +110,14 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
     dead = torch.diagonal(h) == 0  # inputs that were always zero: nothing to weigh them by
     h[dead, dead] = 1
     w[:, dead] = 0
+    if precision.shrink:  # trust the calibration's cross-correlations less (see LayerPrecision.shrink)
+        h = (1 - precision.shrink) * h + precision.shrink * torch.diag(torch.diagonal(h))
     static = precision.act_order or size == width
     scales, zeros = grid(_grouped(w, size), bits, precision.symmetric)  # [out, groups]; refitted below unless static
-    order = torch.argsort(torch.diagonal(h), descending=True) if precision.act_order else torch.arange(width)
+    order = torch.argsort(torch.diagonal(h), descending=True) if precision.act_order else torch.arange(width, device=w.device)
+    columns = order.tolist()  # read per column below; one transfer instead of one GPU sync per column
     w, h = w[:, order], h[order][:, order]
-    keep = None if mask is None else mask[:, order].to(w.device)
+    keep = None if mask is None else mask.to(w.device)[:, order]
     h += precision.damp * torch.diagonal(h).mean() * torch.eye(width, device=w.device)
     # Rows of the upper Cholesky factor of H⁻¹ hold the weights that spread each column's error.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -122,7 +126,7 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
         end = min(start + block_size, width)
         block, errors = w[:, start:end].clone(), torch.zeros(out, end - start, device=w.device)
         for i in range(end - start):
-            column = int(order[start + i])
+            column = columns[start + i]
             g = column // size
             if not static and column % size == 0:
                 rest = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, : min(size, width - column)]

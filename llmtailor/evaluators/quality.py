@@ -3,7 +3,8 @@
 Fidelity is the mean over tokens of KL(teacher || compressed) between next-token
 distributions: 0 for a perfect copy, and far more sensitive than accuracy, so it is
 the search's quality objective. The teacher's log-probabilities are computed once per
-process and kept in float32 (8 windows of 256 tokens of a 49k vocabulary is 400 MB).
+process and kept in float32 (8 windows of 256 tokens of a 49k vocabulary is 400 MB) on
+the device the teacher runs on; a compressed model is measured on the device it is on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Quality:
     kl: float  # mean KL(teacher || model) per token, in nats
     perplexity: float
     tokens: int
+    entropy: float = 0.0  # mean entropy of the model's next-token distribution, in nats (how spread its guesses are)
+    window_nll: tuple[float, ...] = ()  # mean negative log-likelihood of each window, for paired comparisons
 
 
 def evaluation_ids(tokenizer: Any, documents: tuple[str, ...] | list[str], window_tokens: int) -> torch.Tensor:
@@ -45,31 +48,48 @@ class Reference:
         count = min(windows, available)
         # Windows spread over the whole text, not just its start.
         starts = torch.linspace(0, (available - 1) * window_tokens, count).long()
-        self.input_ids = torch.stack([ids[s : s + window_tokens] for s in starts])
-        self.teacher_logprobs = [log_probs(teacher, window[None])[0] for window in self.input_ids]
+        self._measure_teacher(teacher, torch.stack([ids[s : s + window_tokens] for s in starts]))
+
+    @classmethod
+    def of_windows(cls, teacher: Any, input_ids: torch.Tensor) -> Reference:
+        """A reference on given token windows, [windows, tokens]."""
+        reference = cls.__new__(cls)
+        reference._measure_teacher(teacher, input_ids)
+        return reference
+
+    def _measure_teacher(self, teacher: Any, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.teacher_logprobs = [log_probs(teacher, window[None])[0] for window in input_ids]
 
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
 
 
+def model_device(model: Any) -> torch.device:
+    """The device a model's weights are on."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def log_probs(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities in float32, [batch, tokens, vocab]."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
+    """Next-token log-probabilities in float32, [batch, tokens, vocab], on the model's device."""
+    logits = model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 @torch.no_grad()
 def measure(model: Any, reference: Reference) -> Quality:
     """KL to the teacher and perplexity of the model on the reference windows."""
-    kl_total, nll_total, predicted = 0.0, 0.0, 0
+    kl_total, entropy_total, window_nll = 0.0, 0.0, []
     for window, teacher in zip(reference.input_ids, reference.teacher_logprobs, strict=True):
         student = log_probs(model, window[None])[0]
-        kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
-        kl_total += kl.sum().item()
-        nll_total -= student[:-1].gather(1, window[1:, None]).sum().item()
-        predicted += window.numel() - 1
-    if not math.isfinite(kl_total) or not math.isfinite(nll_total):
+        teacher = teacher.to(student.device)
+        kl_total += (teacher.exp() * (teacher - student)).sum().item()
+        entropy_total -= (student.exp() * student).sum().item()
+        window_nll.append(-student[:-1].gather(1, window[1:, None].to(student.device)).mean().item())
+    nll = sum(window_nll) / len(window_nll)  # every window predicts the same number of tokens
+    if not math.isfinite(kl_total) or not math.isfinite(nll):
         raise FloatingPointError("the compressed model's outputs are not finite (NaN or inf)")
-    return Quality(kl=kl_total / reference.tokens, perplexity=math.exp(nll_total / predicted), tokens=reference.tokens)
+    return Quality(kl=kl_total / reference.tokens, perplexity=math.exp(nll), tokens=reference.tokens,
+                   entropy=entropy_total / reference.tokens, window_nll=tuple(window_nll))

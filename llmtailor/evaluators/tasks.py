@@ -130,12 +130,13 @@ def resolve_tasks(names: list[str], documents: tuple[str, ...] | list[str], limi
 
 
 def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
-    """Accuracy of an in-memory model on lm-eval tasks: {task: acc}."""
+    """Accuracy of an in-memory model on lm-eval tasks, run on the model's device: {task: acc}."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+    device = str(next(model.parameters()).device)  # the device the model is on
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own progress bars, one per task and phase
         results = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=task_manager(), limit=limit, verbosity="ERROR",

@@ -103,6 +103,8 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
         best_html = f"<h2>Best plan (trial {best})</h2><pre>{escape(plan)}</pre>"
     columns = [c for c in pareto.COLUMNS if c not in ("status", "budget_mb", "fits")]
     workload = info["workload"]
+    calibrated = (f"; GPTQ calibrated on {escape(info['calibration_text'])} (held apart from the evaluation text)"
+                  if info.get("calibration_text") else "")
     tasks = f'lm-eval tasks {escape(", ".join(info["tasks"]))} ({info["task_items"]} items)' if info["tasks"] else "no lm-eval tasks"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmtailor: {escape(name)}</title><style>{STYLE}</style></head>
@@ -111,7 +113,7 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
 <p class="sub">{escape(info["model_name"])} on {escape(device["description"])} — budget {escape(format_size(device["usable_memory_bytes"]))},
 context {workload["context_length"]}, batch {workload["batch_size"]}, prompt {workload["prompt_length"]};
 objectives: {escape(", ".join(info["objectives"]))}; quality measured on {info["eval_tokens"]} held-out tokens of {escape(info["text"])}
-and {tasks}.</p>
+and {tasks}{calibrated}.</p>
 <p>{len(trials)} trials: {statuses.get("evaluated", 0)} measured, {over} over budget (rejected by the cost model before
 any weight was touched), {statuses.get("duplicate", 0)} repeated plans (result copied, not measured again),
 {statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.</p>

@@ -16,6 +16,7 @@ kept as JSON in the cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -25,14 +26,15 @@ from typing import Any
 
 import torch
 
-from llmtailor import compression, files
+from llmtailor import compression, files, text
 from llmtailor.arch import Architecture
-from llmtailor.compression.calibration import CalibrationStats, output_error
+from llmtailor.compression.calibration import CalibrationSpec, CalibrationStats, calibration_windows, output_error
 from llmtailor.compression.layer_cache import LayerCache
 from llmtailor.evaluators import quality
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan, LayerPrecision
 
+SENSITIVITY_WINDOWS = (4, 256)  # (windows, tokens) of calibration-split text the single-layer KL is measured on
 
 def option_name(precision: LayerPrecision) -> str:
     """A short stable name of an option, such as 'gptq-4b-g128'."""
@@ -121,6 +123,36 @@ def load_or_build(path: Path, make: Callable[[], Sensitivity]) -> Sensitivity:
     made = make()
     files.write_text(path, made.to_json())
     return made
+
+
+def for_space(space: Any, teacher: Any, tokenizer: Any, arch: Architecture, stats: CalibrationStats,
+              spec: CalibrationSpec, calibration_key: str, cache: LayerCache | None, folder: Path,
+              progress: bool = False) -> Sensitivity:
+    """The sensitivities a guided space allocates by, built once per (model, calibration, options) and cached.
+
+    The single-layer KL is measured on windows of the calibration split that the
+    statistics did not use (another seed), never on the evaluation text: choosing
+    layers by the text a search then scores on would flatter its plans.
+    """
+    layers = space.layers(arch)
+    options = {lin.name: space.options(lin, arch) for lin in layers}
+    anchors = {space.anchor(lin, arch) for lin in layers}
+    if len(anchors) != 1:
+        raise ValueError("a guided space must measure every layer at one anchor option")
+    anchor = anchors.pop()
+    described = json.dumps({"calibration": calibration_key, "anchor": asdict(anchor), "windows": SENSITIVITY_WINDOWS,
+                            "options": {k: [asdict(p) for p in v] for k, v in options.items()}}, sort_keys=True)
+    path = folder / f"{hashlib.sha256(described.encode()).hexdigest()[:20]}.json"
+
+    def make() -> Sensitivity:
+        windows, tokens = SENSITIVITY_WINDOWS
+        documents = text.split(spec.source).calibration
+        ids = calibration_windows(tokenizer, documents, windows, tokens, seed=spec.seed + 1)
+        reference = quality.Reference.of_windows(teacher, ids)
+        every = list({option_name(p): p for v in options.values() for p in v}.values())
+        return build(teacher, arch, every, anchor, stats, reference, cache, [lin.name for lin in layers], progress)
+
+    return load_or_build(path, make)
 
 
 def kendall_tau(xs: list[float], ys: list[float]) -> float:

@@ -41,6 +41,7 @@ import optuna
 
 from llmtailor import files, hw_profiles, models, spaces, text
 from llmtailor.arch import Architecture
+from llmtailor.compression import calibration as calibration_mod
 from llmtailor.errors import UserError
 from llmtailor.evaluators import cost, quality
 from llmtailor.evaluators import tasks as lm_tasks
@@ -84,6 +85,13 @@ class SearchConfig:
     workload: cost.Workload = field(default_factory=cost.Workload)
     seed: int = 0
     trust_remote_code: bool = False
+    torch_device: str = "cpu"  # where the teacher runs: calibration, GPTQ and evaluation
+    calibration: str | None = None  # text source whose calibration split calibrates GPTQ (None: the --text source)
+    calibration_windows: int = calibration_mod.CalibrationSpec.windows
+
+    def calibration_spec(self) -> calibration_mod.CalibrationSpec:
+        """The calibration of calibrated spaces (GPTQ): the default recipe on the chosen text."""
+        return calibration_mod.CalibrationSpec(source=self.calibration or self.text, windows=self.calibration_windows)
 
 
 @dataclass
@@ -104,10 +112,14 @@ class Setup:
     def fingerprint(self) -> dict[str, Any]:
         """What a study was made for; a resumed study must match it."""
         c = self.config
-        return {"model": c.model or "default", "model_name": self.model_name, "device": self.profile.to_dict(),
-                "workload": asdict(c.workload), "space": c.space, "objectives": list(c.objectives),
-                "tasks": list(c.tasks), "task_items": c.task_items, "text": c.text,
-                "eval_tokens": c.eval_windows * c.window_tokens, "arch": self.arch.to_dict()}
+        made_for = {"model": c.model or "default", "model_name": self.model_name, "device": self.profile.to_dict(),
+                    "workload": asdict(c.workload), "space": c.space, "objectives": list(c.objectives),
+                    "tasks": list(c.tasks), "task_items": c.task_items, "text": c.text,
+                    "eval_tokens": c.eval_windows * c.window_tokens, "arch": self.arch.to_dict()}
+        if self.space.calibrated:
+            made_for["calibration"] = asdict(c.calibration_spec())
+            made_for["calibration_text"] = c.calibration_spec().describe()
+        return made_for
 
 
 def slug(text_: str) -> str:
@@ -131,6 +143,9 @@ def prepare(config: SearchConfig) -> Setup:
         raise UserError(f"unknown sampler {config.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if config.task_items < 4 or config.eval_windows < 1 or config.window_tokens < 16:
         raise UserError("need at least 4 task items, 1 evaluation window and 16 tokens per window")
+    if config.calibration_windows < 1:
+        raise UserError(f"--calibration-windows must be at least 1, got {config.calibration_windows}")
+    models.torch_device(config.torch_device)
     profile = device_profile(config.device, config.memory)
     space = spaces.get(config.space)
     objectives = objectives_mod.get(config.objectives)
@@ -147,6 +162,9 @@ def prepare(config: SearchConfig) -> Setup:
     arch, model_name = models.load_architecture(config.model, trust_remote_code=config.trust_remote_code)
     tokenizer = models.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     quality.evaluation_ids(tokenizer, splits.evaluation, config.window_tokens)
+    if space.calibrated:  # the calibration text exists and fills a window (the evaluation text never calibrates)
+        spec = config.calibration_spec()
+        calibration_mod.calibration_windows(tokenizer, text.split(spec.source).calibration, 1, spec.window_tokens)
     smallest = cost.estimate(space.smallest(arch), arch, profile, config.workload)
     if not smallest.fits:
         m = smallest.memory
@@ -181,7 +199,8 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
         raise UserError(f"study {setup.study_name!r} in {storage_mod.redact(setup.storage_url)} was not made by "
                         "llmtailor: choose another --study name")
     wanted = setup.fingerprint()
-    differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text") if made_for.get(k) != wanted[k]]
+    differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text", "calibration")
+               if made_for.get(k) != wanted.get(k)]
     if differs:
         raise UserError(f"study {setup.study_name!r} was made with another {', '.join(differs)}: "
                         "use the same options to resume it, or --study NEW_NAME for a new one")
@@ -241,11 +260,15 @@ class RepeatedFailure(Exception):
 class TrialEvaluator:
     """The objective function: the teacher, its reference outputs and the tasks, loaded once."""
 
-    def __init__(self, setup: Setup, log: Any = print) -> None:
+    def __init__(self, setup: Setup, log: Any = print, progress: bool = False) -> None:
         c = setup.config
         self.setup = setup
         log(f"loading {setup.model_name} ...")
         self.teacher = models.load(c.model, trust_remote_code=c.trust_remote_code, log=log)
+        self.teacher.model.to(models.torch_device(c.torch_device))
+        self.space, self.calibration, self.layer_cache = setup.space, None, None
+        if setup.space.calibrated:
+            self._prepare_calibration(log, progress)
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of {c.text} ...")
         self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, setup.splits.evaluation,
                                            c.eval_windows, c.window_tokens)
@@ -254,6 +277,27 @@ class TrialEvaluator:
             lm_tasks.task_manager()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = False  # set when the asked total is reached while this process was sampling
+
+    def _prepare_calibration(self, log: Any, progress: bool) -> None:
+        """Calibration statistics, the per-layer cache and (guided space) the sensitivities: from the cache, or
+        computed once and stored there for every later process."""
+        from llmtailor.compression import layer_cache
+        from llmtailor.search import sensitivity
+
+        c, model, tokenizer, arch = self.setup.config, self.teacher.model, self.teacher.tokenizer, self.setup.arch
+        spec = c.calibration_spec()
+        fingerprint = layer_cache.model_fingerprint(model)
+        key = spec.key(fingerprint)
+        log(f"calibration: {spec.describe()}")
+        device = models.torch_device(c.torch_device)
+        self.calibration = calibration_mod.load_or_collect(
+            model, arch, lambda: spec.make_windows(model, tokenizer, device, progress), key, models.cache_dir(), device,
+            progress)
+        self.layer_cache = layer_cache.LayerCache(models.cache_dir() / "layers", fingerprint, key)
+        if self.space.needs_sensitivity:
+            found = sensitivity.for_space(self.space, model, tokenizer, arch, self.calibration, spec, key,
+                                          self.layer_cache, models.cache_dir() / "sensitivity", progress)
+            self.space = self.space.with_sensitivity(found)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         started = time.perf_counter()
@@ -274,7 +318,7 @@ class TrialEvaluator:
         from llmtailor import compression
 
         s = self.setup
-        plan = s.space.sample(trial, s.arch)
+        plan = self.space.sample(trial, s.arch)
         estimate = cost.estimate(plan, s.arch, s.profile, s.config.workload)
         m, lat = estimate.memory, estimate.latency
         plan_json = plan.to_json()
@@ -293,7 +337,7 @@ class TrialEvaluator:
             trial.set_user_attr("plan_key", attrs["plan_key"])
             self._reuse_or_skip(trial, attrs)
             if attrs.get("status") != "duplicate":
-                model = compression.apply(plan, self.teacher.model, s.arch)
+                model = compression.apply(plan, self.teacher.model, s.arch, self.calibration, self.layer_cache)
                 q = quality.measure(model, self.reference)
                 accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks) if self.tasks else {}
                 del model
@@ -358,7 +402,7 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
         if done >= total:
             log(f"study {setup.study_name} already has {done} measured trials (asked {total})")
             return study
-    evaluator = TrialEvaluator(setup, log)
+    evaluator = TrialEvaluator(setup, log, progress)
     # What this run creates, so that a failure before the first trial can remove it again.
     database = storage_mod.sqlite_path(setup.storage_url)
     new_paths = [p for p in (files.first_missing(setup.results_path), files.first_missing(database)) if p is not None]

@@ -2,7 +2,11 @@
 
 A space samples a plan from a trial, names the smallest plan it can reach (so an
 impossible budget is refused before any work), and gives the uniform baselines that
-every study tries first. ``SPACES`` finds a space by name.
+every study tries first. ``SPACES`` finds a space by name:
+- ``coarse`` and ``per-layer``: bits and sparsity per group of layers, RTN;
+- ``direct``: the coarse groups, quantized with GPTQ (calibrated);
+- ``guided``: one sampled weight budget, spent per layer by the allocator on the
+  measured layer sensitivities (GPTQ, calibrated).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 from llmtailor.errors import UserError
 from llmtailor.spaces.base import SearchSpace
 from llmtailor.spaces.grouped import GroupedSpace, by_depth_segment, by_layer, by_part
+from llmtailor.spaces.guided import GuidedSpace
 
 SPACES: dict[str, SearchSpace] = {
     "coarse": GroupedSpace("coarse", by_depth_segment(3), by_part),
     "per-layer": GroupedSpace("per-layer", by_layer, by_layer),
+    "direct": GroupedSpace("direct", by_depth_segment(3), by_part, method="gptq"),
+    "guided": GuidedSpace(),
 }
 
 

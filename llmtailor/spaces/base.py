@@ -1,18 +1,21 @@
-"""The one small base class every search space implements."""
+"""The one small base class every search space implements, and the precision a space asks of a layer."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Any
 
-from llmtailor.arch import Architecture
-from llmtailor.plan import CompressionPlan
+from llmtailor.arch import Architecture, Linear
+from llmtailor.compression.calibration import GPTQ_ACT_ORDER, GPTQ_DAMP
+from llmtailor.plan import CompressionPlan, LayerPrecision
 
 
 class SearchSpace(ABC):
     """How an Optuna trial becomes a plan."""
 
     name: str = ""
+    calibrated: bool = False  # its plans use GPTQ: the search collects calibration statistics first
+    needs_sensitivity: bool = False  # it allocates bits by measured layer sensitivity (see with_sensitivity)
 
     @abstractmethod
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
@@ -29,3 +32,20 @@ class SearchSpace(ABC):
     @abstractmethod
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
         """Trial parameters of the uniform baselines, enqueued first in a new study."""
+
+    def with_sensitivity(self, sensitivity: Any) -> SearchSpace:
+        """This space with the layer sensitivities it allocates by; spaces that need none return themselves."""
+        return self
+
+
+def layer_precision(bits: int, group_size: int, method: str, lin: Linear, arch: Architecture) -> LayerPrecision:
+    """The precision a space gives one layer: GPTQ with the project's settings, or RTN.
+
+    An untied embedding is a lookup with no inputs to weigh its error by, so it is
+    quantized with RTN even in a GPTQ space (a tied one uses its head's inputs).
+    """
+    if bits == 16:
+        return LayerPrecision()
+    if method == "gptq" and not (lin.name == arch.embedding.name and not arch.tie_embeddings):
+        return LayerPrecision(bits, group_size, method="gptq", act_order=GPTQ_ACT_ORDER, damp=GPTQ_DAMP)
+    return LayerPrecision(bits, group_size)

@@ -6,7 +6,8 @@ head) has bits of its own. With one group per layer this is the full per-layer s
 (hundreds of parameters). The coarse space groups bits by part (attention or MLP) and
 third of the depth, and sparsity by part alone: with sparsity per segment too, a
 uniform draw would prune some group in 99.9% of trials, and magnitude pruning is
-costly enough on small models that nearly every such plan is dominated.
+costly enough on small models that nearly every such plan is dominated. A space's
+``method`` quantizes every layer with RTN or with GPTQ (``base.layer_precision``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from llmtailor.arch import Architecture, Linear
 from llmtailor.evaluators.cost import weight_bytes
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity
-from llmtailor.spaces.base import SearchSpace
+from llmtailor.spaces.base import SearchSpace, layer_precision
 
 BITS = (16, 8, 4)
 SPARSITY = (0.0, 0.25, 0.5)
@@ -51,10 +52,12 @@ Grouping = Callable[[Linear, Architecture], str]
 class GroupedSpace(SearchSpace):
     """Bits and sparsity per group of layers, one group size, and the embedding's bits."""
 
-    def __init__(self, name: str, bits_grouping: Grouping, sparsity_grouping: Grouping) -> None:
+    def __init__(self, name: str, bits_grouping: Grouping, sparsity_grouping: Grouping, method: str = "rtn") -> None:
         self.name = name
         self.bits_grouping = bits_grouping
         self.sparsity_grouping = sparsity_grouping
+        self.method = method
+        self.calibrated = method == "gptq"
 
     @staticmethod
     def keys(grouping: Grouping, arch: Architecture) -> list[str]:
@@ -72,9 +75,10 @@ class GroupedSpace(SearchSpace):
 
     def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
         group_size = params["group_size"]
-        precision = {arch.embedding.name: LayerPrecision(params["embed_bits"], group_size)}
+        precision = {arch.embedding.name: layer_precision(params["embed_bits"], group_size, self.method, arch.embedding, arch)}
         for lin in arch.linears:
-            precision[lin.name] = LayerPrecision(params[f"bits_{self.bits_grouping(lin, arch)}"], group_size)
+            bits = params[f"bits_{self.bits_grouping(lin, arch)}"]
+            precision[lin.name] = layer_precision(bits, group_size, self.method, lin, arch)
         sparsity = {lin.name: LayerSparsity(params[f"sparsity_{self.sparsity_grouping(lin, arch)}"])
                     for lin in arch.linears}
         return _without_identities(precision, sparsity)
