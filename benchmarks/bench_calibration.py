@@ -1,9 +1,10 @@
 """Which calibration generalizes: GPTQ calibrated on pydoc, on text sampled from the teacher, or a mix, and the damping.
 
-    python benchmarks/bench_calibration.py [--sources pydoc,mix] [--damps 0.01,0.1,0.3,1] [--torch-device cuda]
+    python benchmarks/bench_calibration.py [--sources pydoc,mix] [--recipes 0.01:0,0.1:0,0.01:0.2] [--torch-device cuda]
     python benchmarks/bench_calibration.py --tables [--out FILE]
 
-For each calibration source and dampening, GPTQ (teacher-input mode, every block
+For each calibration source and GPTQ recipe (dampening ``damp`` and shrinkage of H
+toward its diagonal ``shrink``, written damp:shrink), GPTQ (teacher-input mode, every block
 linear, embedding/head at 16 bits) at 4-bit g128 with act-order and at 3-bit g128 is
 measured on the pydoc evaluation split (held out from calibration) and on Debian's
 licence texts (a domain no calibration source uses), next to RTN at the same settings
@@ -42,12 +43,13 @@ SETTINGS = {"4-bit g128 act-order": (4, 128, True), "3-bit g128": (3, 128, False
 def tables(results: dict) -> str:
     """Markdown: KL and perplexity per calibration and dampening on both domains, RTN and the teacher beside."""
     lines = [f"Machine: {results['machine']}. Date: {results['date']}.", "",
-             "| setting | calibration | damp | KL pydoc | ppl pydoc | KL licences | ppl licences | entropy licences "
-             "| licence windows better than RTN |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setting | calibration | damp | shrink | KL pydoc | ppl pydoc | KL licences | ppl licences "
+             "| entropy licences | licence windows better than RTN |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         damp = "–" if r["damp"] is None else f"{r['damp']:g}"
+        shrink = "–" if r.get("shrink") is None else f"{r['shrink']:g}"
         better = r.get("windows_better_than_rtn_licences")
-        lines.append(f"| {r['setting']} | {r['calibration']} | {damp} | {r['kl_pydoc']:.4f} | {r['perplexity_pydoc']:.3f} | "
+        lines.append(f"| {r['setting']} | {r['calibration']} | {damp} | {shrink} | {r['kl_pydoc']:.4f} | {r['perplexity_pydoc']:.3f} | "
                      f"{r['kl_licences']:.4f} | {r['perplexity_licences']:.3f} | {r['entropy_licences']:.3f} | "
                      f"{'–' if better is None else f'{better:.0%}'} |")
     return "\n".join(lines)
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--tables", action="store_true", help="print the Markdown table of the last run and stop")
     parser.add_argument("--out", default=str(RESULTS / "bench_calibration.json"))
     parser.add_argument("--sources", default="pydoc,generated,nucleus,mix")
-    parser.add_argument("--damps", default="0.01,0.1,0.3,1")
+    parser.add_argument("--recipes", default="0.01:0,0.1:0,0.01:0.2,0.01:0.5", help="damp:shrink pairs")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     parser.add_argument("--windows", type=int, default=128, help="512-token calibration windows per source")
     parser.add_argument("--eval-windows", type=int, default=64, help="256-token evaluation windows per domain")
@@ -115,8 +117,9 @@ def main() -> None:
 
     rtn_nll: dict[tuple[str, str], tuple[float, ...]] = {}
 
-    def measure(setting: str, source: str, damp: float | None, model) -> None:
-        row = {"setting": setting, "calibration": source, "damp": damp}
+    def measure(setting: str, source: str, recipe: tuple[float, float] | None, model) -> None:
+        damp, shrink = recipe or (None, None)
+        row = {"setting": setting, "calibration": source, "damp": damp, "shrink": shrink}
         for name, ref in domains.items():
             q = quality.measure(model, ref)
             row[f"kl_{name}"], row[f"perplexity_{name}"], row[f"entropy_{name}"] = q.kl, q.perplexity, q.entropy
@@ -142,10 +145,11 @@ def main() -> None:
         stats = calibration.collect(teacher.model, arch, ids, device)
         results["seconds"][f"statistics_{source}"] = time.perf_counter() - started
         for setting, (bits, group, act_order) in settings.items():
-            for damp in (float(d) for d in args.damps.split(",")):
+            for recipe in args.recipes.split(","):
+                damp, shrink = (float(x) for x in recipe.split(":"))
                 plan = CompressionPlan(precision={x.name: LayerPrecision(bits, group, method="gptq", act_order=act_order,
-                                                                         damp=damp) for x in arch.linears})
-                measure(setting, source, damp, compression.apply(plan, teacher.model, arch, stats))
+                                                                         damp=damp, shrink=shrink) for x in arch.linears})
+                measure(setting, source, (damp, shrink), compression.apply(plan, teacher.model, arch, stats))
     print(tables(results))
 
 

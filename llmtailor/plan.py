@@ -62,8 +62,8 @@ class LayerPrecision:
             raise PlanError(f"damp must be in [0, 1], got {self.damp}")
         if not 0 <= self.shrink <= 1:
             raise PlanError(f"shrink must be in [0, 1], got {self.shrink}")
-        if self.act_order and self.method == "rtn":
-            raise PlanError("act_order applies to calibrated methods (gptq), not to rtn")
+        if (self.act_order or self.shrink) and self.method == "rtn":
+            raise PlanError("act_order and shrink apply to calibrated methods (gptq), not to rtn")
 
     @property
     def is_identity(self) -> bool:

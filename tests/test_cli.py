@@ -108,3 +108,26 @@ def test_an_interrupted_trial_is_not_counted_and_is_redone(tiny_model_dir, tmp_p
     assert len(interrupted) == 1 and interrupted[0].user_attrs["status"] == "interrupted"
     assert "Ctrl-C" in interrupted[0].user_attrs["fail_reason"]
     assert study_mod.measured(study) == 3
+
+
+def test_a_guided_search_calibrates_once_and_names_its_calibration(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 3, "--results", tmp_path, "--space", "guided",
+            "--calibration-windows", 4, "--tasks", "none", *FAST]
+    code, _, err = run([*argv, "--study", "first"], capsys)
+    assert code == 0, err
+    made = {p: p.stat().st_mtime_ns for folder in ("calibration", "sensitivity") for p in (cache / folder).iterdir()}
+    assert len(made) == 2
+    layers = sorted((cache / "layers").rglob("*.safetensors"))
+    assert layers, "the sensitivities' GPTQ layers are in the per-layer cache"
+    code, _, err = run([*argv, "--study", "second"], capsys)
+    assert code == 0, err
+    # The second study reuses the statistics and sensitivities and adds no layer: every plan is assembled from them.
+    assert {p: p.stat().st_mtime_ns for p in made} == made
+    assert sorted((cache / "layers").rglob("*.safetensors")) == layers
+    html = (tmp_path / "second" / "report.html").read_text()
+    assert "GPTQ calibrated on pydoc calibration split, 4 x 512 tokens" in html
+    study = optuna.load_study(study_name="second", storage=f"sqlite:///{tmp_path / 'second' / 'study.db'}")
+    plans = [json.loads(t.user_attrs["plan"]) for t in study.trials if t.user_attrs.get("status") == "evaluated"]
+    assert plans and all(p["method"] == "gptq" for plan in plans for p in plan["precision"].values())

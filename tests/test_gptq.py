@@ -36,6 +36,19 @@ def test_gptq_error_is_below_rtn_on_correlated_inputs(precision):
     assert ours.codes.max() <= 2**precision.bits - 1
 
 
+@pytest.mark.parametrize("group_size", [32, 0])
+def test_shrinking_h_moves_gptq_from_the_papers_solution_to_rtn(group_size):
+    """shrink 0 is the paper's GPTQ; shrink 1 keeps only diag H, so no error is spread and the codes are RTN's."""
+    weight, hessian = correlated_layer()
+    errors = []
+    for shrink in (0.0, 0.5, 1.0):
+        q = gptq(weight, LayerPrecision(4, group_size, method="gptq", shrink=shrink), hessian)
+        errors.append(output_error(weight, q.dequantize(), hessian))
+    baseline = rtn(weight, LayerPrecision(4, group_size))
+    assert torch.equal(q.codes, baseline.codes) and torch.equal(q.scales, baseline.scales)
+    assert errors[0] < errors[1] < errors[2]  # on the calibration statistics themselves, the paper's is best
+
+
 def test_gptq_keeps_pruned_weights_at_zero_and_packs_to_the_cost_models_bytes():
     weight, hessian = correlated_layer()
     sparsity = LayerSparsity(0.5, "2:4")
@@ -51,8 +64,12 @@ def test_gptq_without_statistics_is_a_clear_error(tiny):
     plan = CompressionPlan(precision={tiny.arch.linears[0].name: LayerPrecision(4, 32, method="gptq")})
     with pytest.raises(PlanError, match="gptq needs calibration statistics"):
         compression.apply(plan, tiny.model, tiny.arch)
-    with pytest.raises(PlanError, match="act_order applies to calibrated methods"):
+    with pytest.raises(PlanError, match="act_order and shrink apply to calibrated methods"):
         LayerPrecision(4, 32, act_order=True)
+    with pytest.raises(PlanError, match="act_order and shrink apply to calibrated methods"):
+        LayerPrecision(4, 32, shrink=0.5)
+    with pytest.raises(PlanError, match="shrink must be in"):
+        LayerPrecision(4, 32, method="gptq", shrink=1.5)
     with pytest.raises(UserError, match="calibration text has \\d+ tokens; one calibration window needs 512"):
         calibration.calibration_windows(tiny.tokenizer, ["a few words"], count=4, tokens=512)
     with pytest.raises(UserError, match="no calibration text"):

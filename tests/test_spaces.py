@@ -81,11 +81,12 @@ def test_guided_space_spends_a_sampled_budget_on_the_least_damage(tiny):
 
 
 def test_direct_space_quantizes_with_gptq_and_rtn_spaces_do_not(tiny):
-    from llmtailor.compression.calibration import GPTQ_ACT_ORDER, GPTQ_DAMP
+    from llmtailor.compression.calibration import GPTQ_ACT_ORDER, GPTQ_DAMP, GPTQ_SHRINK
 
     params = {"group_size": 128, "embed_bits": 8, "sparsity_attn": 0.0, "sparsity_mlp": 0.0,
               **{f"bits_{k}": 4 for k in spaces.get("direct").keys(spaces.get("direct").bits_grouping, tiny.arch)}}
     direct = spaces.get("direct").plan(params, tiny.arch)
-    assert {(p.method, p.act_order, p.damp) for p in direct.precision.values()} == {("gptq", GPTQ_ACT_ORDER, GPTQ_DAMP)}
+    assert {(p.method, p.act_order, p.damp, p.shrink) for p in direct.precision.values()} == {
+        ("gptq", GPTQ_ACT_ORDER, GPTQ_DAMP, GPTQ_SHRINK)}
     assert spaces.get("direct").calibrated and not spaces.get("coarse").calibrated
     assert {p.method for p in spaces.get("coarse").plan(params, tiny.arch).precision.values()} == {"rtn"}

@@ -268,7 +268,11 @@ class TrialEvaluator:
         self.teacher.model.to(models.torch_device(c.torch_device))
         self.space, self.calibration, self.layer_cache = setup.space, None, None
         if setup.space.calibrated:
-            self._prepare_calibration(log, progress)
+            from llmtailor.search import calibrated
+
+            made = calibrated.prepare(setup.space, self.teacher.model, self.teacher.tokenizer, setup.arch,
+                                      c.calibration_spec(), models.torch_device(c.torch_device), progress, log)
+            self.space, self.calibration, self.layer_cache = made.space, made.stats, made.cache
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of {c.text} ...")
         self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, setup.splits.evaluation,
                                            c.eval_windows, c.window_tokens)
@@ -277,27 +281,6 @@ class TrialEvaluator:
             lm_tasks.task_manager()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = False  # set when the asked total is reached while this process was sampling
-
-    def _prepare_calibration(self, log: Any, progress: bool) -> None:
-        """Calibration statistics, the per-layer cache and (guided space) the sensitivities: from the cache, or
-        computed once and stored there for every later process."""
-        from llmtailor.compression import layer_cache
-        from llmtailor.search import sensitivity
-
-        c, model, tokenizer, arch = self.setup.config, self.teacher.model, self.teacher.tokenizer, self.setup.arch
-        spec = c.calibration_spec()
-        fingerprint = layer_cache.model_fingerprint(model)
-        key = spec.key(fingerprint)
-        log(f"calibration: {spec.describe()}")
-        device = models.torch_device(c.torch_device)
-        self.calibration = calibration_mod.load_or_collect(
-            model, arch, lambda: spec.make_windows(model, tokenizer, device, progress), key, models.cache_dir(), device,
-            progress)
-        self.layer_cache = layer_cache.LayerCache(models.cache_dir() / "layers", fingerprint, key)
-        if self.space.needs_sensitivity:
-            found = sensitivity.for_space(self.space, model, tokenizer, arch, self.calibration, spec, key,
-                                          self.layer_cache, models.cache_dir() / "sensitivity", progress)
-            self.space = self.space.with_sensitivity(found)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         started = time.perf_counter()

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from llmtailor.arch import Architecture, Linear
-from llmtailor.compression.calibration import GPTQ_ACT_ORDER, GPTQ_DAMP
+from llmtailor.compression.calibration import GPTQ_ACT_ORDER, GPTQ_DAMP, GPTQ_SHRINK
 from llmtailor.plan import CompressionPlan, LayerPrecision
 
 
@@ -39,7 +39,7 @@ class SearchSpace(ABC):
 
 
 def layer_precision(bits: int, group_size: int, method: str, lin: Linear, arch: Architecture) -> LayerPrecision:
-    """The precision a space gives one layer: GPTQ with the project's settings, or RTN.
+    """The precision a space gives one layer: GPTQ with the project's recipe (``calibration.GPTQ_*``), or RTN.
 
     An untied embedding is a lookup with no inputs to weigh its error by, so it is
     quantized with RTN even in a GPTQ space (a tied one uses its head's inputs).
@@ -47,5 +47,6 @@ def layer_precision(bits: int, group_size: int, method: str, lin: Linear, arch: 
     if bits == 16:
         return LayerPrecision()
     if method == "gptq" and not (lin.name == arch.embedding.name and not arch.tie_embeddings):
-        return LayerPrecision(bits, group_size, method="gptq", act_order=GPTQ_ACT_ORDER, damp=GPTQ_DAMP)
+        return LayerPrecision(bits, group_size, method="gptq", act_order=GPTQ_ACT_ORDER, damp=GPTQ_DAMP,
+                              shrink=GPTQ_SHRINK)
     return LayerPrecision(bits, group_size)

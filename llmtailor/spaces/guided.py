@@ -92,10 +92,19 @@ class GuidedSpace(SearchSpace):
             shares.append({"weight_budget": min(max((total - low) / (high - low), 0.0), 1.0)})
         return shares
 
+    def uniform(self, arch: Architecture, bits: int, group: int, embed_bits: int) -> CompressionPlan:
+        """A uniform GPTQ plan over the allocator's layers (8 bits are per row, as among the options)."""
+        precision = {}
+        for lin in self.layers(arch):
+            layer_bits = embed_bits if lin.name == arch.embedding.name else bits
+            if layer_bits < 16:
+                precision[lin.name] = layer_precision(layer_bits, 0 if layer_bits == 8 else group, "gptq", lin, arch)
+        return CompressionPlan(precision=precision)
+
     def uniform_bytes(self, arch: Architecture, bits: int, group: int, embed_bits: int) -> int:
         """Weight bytes of the allocator's layers in one uniform plan (for comparing at equal bytes)."""
-        return sum(_bytes(lin, layer_precision(embed_bits if lin.name == arch.embedding.name else bits, group, "gptq",
-                                               lin, arch)) for lin in self.layers(arch))
+        plan = self.uniform(arch, bits, group, embed_bits)
+        return sum(_bytes(lin, plan.precision_of(lin.name)) for lin in self.layers(arch))
 
 
 def _bytes(lin: Linear, precision: LayerPrecision) -> int:

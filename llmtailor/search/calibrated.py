@@ -1,0 +1,51 @@
+"""What a calibrated search space needs before its first trial, made once per (model, calibration) and cached.
+
+Calibration statistics (``compression.calibration``), the per-layer cache of
+compressed layers (``compression.layer_cache``) and, for a space that allocates by
+sensitivity, the layer sensitivities (``search.sensitivity``). Each comes from the
+cache folder when an earlier process made it; otherwise it is computed here, timed,
+and stored for every later process and worker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmtailor import models
+from llmtailor.compression import calibration, layer_cache
+from llmtailor.search import sensitivity
+from llmtailor.spaces import SearchSpace
+
+
+@dataclass
+class Calibrated:
+    """The statistics, their cache key, the layer cache, and the space bound to its sensitivities."""
+
+    stats: calibration.CalibrationStats
+    key: str
+    cache: layer_cache.LayerCache
+    space: SearchSpace
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent making each part here (cached parts: fast)
+
+
+def prepare(space: SearchSpace, teacher: Any, tokenizer: Any, arch: Any, spec: calibration.CalibrationSpec,
+            device: Any = "cpu", progress: bool = False, log: Any = print) -> Calibrated:
+    """Load or make the calibration statistics, the layer cache and (guided spaces) the sensitivities."""
+    seconds = {}
+    fingerprint = layer_cache.model_fingerprint(teacher)
+    key = spec.key(fingerprint)
+    log(f"calibration: {spec.describe()}")
+    started = time.perf_counter()
+    stats = calibration.load_or_collect(teacher, arch, lambda: spec.make_windows(teacher, tokenizer, device, progress),
+                                        key, models.cache_dir(), device, progress)
+    seconds["statistics"] = time.perf_counter() - started
+    cache = layer_cache.LayerCache(models.cache_dir() / "layers", fingerprint, key)
+    if space.needs_sensitivity:
+        started = time.perf_counter()
+        found = sensitivity.for_space(space, teacher, tokenizer, arch, stats, spec, key, cache,
+                                      models.cache_dir() / "sensitivity", progress)
+        seconds["sensitivity"] = time.perf_counter() - started
+        space = space.with_sensitivity(found)
+    return Calibrated(stats, key, cache, space, seconds)
