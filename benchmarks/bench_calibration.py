@@ -59,11 +59,11 @@ def sources(names: list[str], teacher, tok, splits, count: int, device, seconds:
     """The calibration windows of each named source."""
     made: dict[str, torch.Tensor] = {}
 
-    def sampled(temperature: float, top_p: float) -> torch.Tensor:
+    def sampled(temperature: float, top_p: float, windows: int = count) -> torch.Tensor:
         started = time.perf_counter()
-        windows = calibration.generated_windows(teacher, tok, count, 512, seed=0, batch=64 if device.type == "cuda" else 16,
+        windows = calibration.generated_windows(teacher, tok, windows, 512, seed=0, batch=64 if device.type == "cuda" else 16,
                                                 device=device, temperature=temperature, top_p=top_p, progress=True)
-        seconds[f"generate_{temperature:g}_{top_p:g}"] = time.perf_counter() - started
+        seconds[f"generate_{len(windows)}_windows_{temperature:g}_{top_p:g}"] = time.perf_counter() - started
         return windows
 
     for name in names:
@@ -76,7 +76,7 @@ def sources(names: list[str], teacher, tok, splits, count: int, device, seconds:
         elif name == "mix":
             half = count // 2
             pydoc = calibration.calibration_windows(tok, splits.calibration, count - half, 512, seed=0)
-            nucleus = made["nucleus"] if "nucleus" in made else sampled(0.8, 0.95)
+            nucleus = made["nucleus"] if "nucleus" in made else sampled(0.8, 0.95, half)
             made[name] = torch.cat([pydoc, nucleus[:half]])
         else:
             raise SystemExit(f"unknown source {name!r}")

@@ -152,7 +152,10 @@ def _search(args: argparse.Namespace) -> int:
     print(f"  memory {best['memory_mb']:.1f} MB of {budget}; {best['bits_per_weight']:.2f} bits/weight, "
           f"{best['sparsity']:.0%} sparse; decode {best['decode_ms_per_token']:.2f} ms/token (predicted)")
     accuracy = "not measured (--tasks none)" if best["accuracy"] is None else f"{best['accuracy']:.3f}"
-    print(f"  KL to teacher {best['kl']:.4f}, perplexity {best['perplexity']:.2f}, accuracy {accuracy}")
+    c = setup.config
+    print(f"  KL to teacher {best['kl']:.4f}, perplexity {best['perplexity']:.2f}, accuracy {accuracy} (on "
+          f"{c.eval_windows * c.window_tokens} held-out tokens of {c.text}"
+          + (f"; GPTQ calibrated on {c.calibration_spec().describe()})" if setup.space.calibrated else ")"))
     print(f"  why: the lowest KL among the {len(front)} Pareto-optimal plans that fit; the others trade quality "
           f"for less memory or latency:\n")
     shown = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "bits_per_weight", "sparsity", "decode_ms_per_token"]

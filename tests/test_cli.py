@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import optuna
 import pytest
@@ -123,6 +124,7 @@ def test_a_guided_search_calibrates_once_and_names_its_calibration(tiny_model_di
     assert layers, "the sensitivities' GPTQ layers are in the per-layer cache"
     code, _, err = run([*argv, "--study", "second"], capsys)
     assert code == 0, err
+    assert re.search(r"per-layer cache: (\d+) of \1 layers read from it \(100%\)", err), err
     # The second study reuses the statistics and sensitivities and adds no layer: every plan is assembled from them.
     assert {p: p.stat().st_mtime_ns for p in made} == made
     assert sorted((cache / "layers").rglob("*.safetensors")) == layers

@@ -32,12 +32,12 @@ from llmtailor import files
 from llmtailor.arch import Architecture
 from llmtailor.errors import UserError
 
-# The GPTQ recipe the search spaces use, chosen by benchmarks/bench_calibration.py on the pydoc evaluation split and
-# on a domain no calibration text came from (Debian's licence texts). Shrinking H halfway toward its diagonal is
-# what makes GPTQ generalize here: the inputs of this model's layers have a few channels with up to 1000x the
-# median energy, so the paper's damping (a share of mean(diag H), which those channels set) swamps every ordinary
-# channel while the cross-correlations GPTQ fits stay those of one corpus; shrinking weighs each channel by its own
-# energy and trusts the correlations half as much.
+# The GPTQ recipe the search spaces use, chosen by benchmarks/bench_calibration.py on the pydoc evaluation split
+# and on a domain no calibration text came from (Debian's licence texts). Shrinking H halfway toward its diagonal
+# is what makes GPTQ generalize here: a few input channels of this model's layers carry far more energy than the
+# rest (massive activations), so the paper's damping (a share of mean(diag H), which those channels set) swamps
+# every ordinary channel while the cross-correlations GPTQ fits stay those of one corpus; shrinking weighs each
+# channel by its own energy and trusts the correlations half as much.
 GPTQ_ACT_ORDER = True
 GPTQ_DAMP = 0.01
 GPTQ_SHRINK = 0.5

@@ -393,7 +393,12 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
     if study is None:
         study, created_study = _create(setup)
     try:
-        return _optimize(study, evaluator, setup, progress, log)
+        study = _optimize(study, evaluator, setup, progress, log)
+        cache = evaluator.layer_cache
+        if cache is not None and cache.hits + cache.misses:
+            log(f"per-layer cache: {cache.hits} of {cache.hits + cache.misses} layers read from it "
+                f"({cache.hit_rate:.0%}), {format_size(cache.size_bytes())} on disk in {cache.root}")
+        return study
     except BaseException:
         if created_study:
             _remove_if_untouched(study, setup, new_paths)
