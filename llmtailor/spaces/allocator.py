@@ -10,6 +10,10 @@ layer, one budget row. A tied embedding/head is one layer like any other.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +53,9 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int) -> dict[str, O
     limit = 1.0
     for _ in range(5):
         constraints = [LinearConstraint(choose_one, 1, 1), LinearConstraint(sizes[None, :] / budget_bytes, -np.inf, limit)]
-        result = milp(cost, constraints=constraints, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
-                      options={"mip_rel_gap": 0.0})  # proven optimal, not within a gap
+        with _solver_output_silenced():
+            result = milp(cost, constraints=constraints, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+                          options={"mip_rel_gap": 0.0})  # proven optimal, not within a gap
         if not result.success:
             raise RuntimeError(f"the allocator's integer program failed: {result.message}")
         chosen = {names[row]: option for (row, option), x in zip(flat, result.x, strict=True) if x > 0.5}
@@ -59,3 +64,21 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int) -> dict[str, O
             return chosen
         limit -= excess / budget_bytes + 1e-12
     raise RuntimeError("the allocator could not bring its solution within the budget")
+
+
+@contextlib.contextmanager
+def _solver_output_silenced() -> Iterator[None]:
+    """HiGHS writes debugging lines straight to file descriptor 2 on some problems; keep them out of the tool's output."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding application): nothing to silence
+        yield
+        return
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
