@@ -1,6 +1,7 @@
 """GPTQ on the default model: llmtailor's against the reference code and round-to-nearest, in both calibration modes.
 
     python benchmarks/bench_gptq.py [--reference DIR] [--windows 64] [--eval-windows 16] [--items 70]
+        [--settings "3-bit g128,..."] [--seeds 0,1,2] [--recipe paper|default] [--torch-device cuda] [--out FILE]
     python benchmarks/bench_gptq.py --tables     # the Markdown tables of the last run's JSON
 
 DIR is a checkout of the reference GPTQ code (IST-DASLab/gptq; its gptq.py and
@@ -14,7 +15,15 @@ in the GPTQ paper. Calibration: windows of the pydoc calibration split. Evaluati
 the pydoc evaluation split (held out from calibration) and, as another domain no
 calibration set uses, the licence texts Debian installs in /usr/share/common-licenses.
 
-Writes benchmarks/results/bench_gptq.json and prints Markdown tables.
+Solver-against-solver differences of a few tenths of a percent per layer compound
+through 30 blocks into whole-model differences of a few percent either way, so
+``--seeds 0,1,2`` repeats the comparison on calibration windows drawn with other
+seeds and ``--tables`` then adds the perplexity ratio of ours to the reference per
+seed. ``--recipe default`` runs GPTQ with the default recipe of the search spaces
+(act-order, damp 0.01, H shrunk halfway to its diagonal; ``calibration.GPTQ_*``)
+instead of the paper's. ``--items 0`` skips accuracy (lm-eval).
+
+Writes benchmarks/results/bench_gptq.json (or --out) after every row, and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -64,21 +73,31 @@ class _Dequantized:
         return self.weight
 
 
-def reference_solver(reference_dir: Path):
-    """A quantizer with our signature that runs the reference GPTQ on the given H."""
+def reference_solver(reference_dir: Path, float16_scales: bool = False):
+    """A quantizer with our signature that runs the reference GPTQ on the given H.
+
+    ``float16_scales`` rounds the reference's grid scales to float16, as ours are stored: then the two solvers
+    should give the same codes, which the per-layer table checks (the difference left is the storage, not the
+    algorithm)."""
     sys.path.insert(0, str(reference_dir))
     import gptq as reference_gptq  # noqa: PLC0415
     import quant as reference_quant  # noqa: PLC0415
 
-    torch.cuda.synchronize = lambda *a, **k: None  # the reference times itself with CUDA; this is a CPU run
+    class Float16ScaleQuantizer(reference_quant.Quantizer):
+        def find_params(self, x, weight=False):
+            super().find_params(x, weight)
+            self.scale = self.scale.half().float()
+
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda *a, **k: None  # the reference times itself with CUDA; this is a CPU run
 
     def solve(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor | None = None, mask=None):
         layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         layer.weight.data = weight.clone().float()
         solver = reference_gptq.GPTQ(layer)
-        solver.H = 2 * hessian.clone().float()  # the reference keeps 2·XᵀX/n; the scale does not change the solve
+        solver.H = 2 * hessian.to(weight.device, torch.float32)  # the reference keeps 2·XᵀX/n; the scale does not change the solve
         solver.nsamples = 1
-        solver.quantizer = reference_quant.Quantizer()
+        solver.quantizer = (Float16ScaleQuantizer if float16_scales else reference_quant.Quantizer)()
         solver.quantizer.configure(precision.bits, perchannel=True, sym=precision.symmetric, mse=False)
         group = precision.group_size if 0 < precision.group_size < weight.shape[1] else -1
         with open(os.devnull, "w") as quiet, _redirect(quiet):
@@ -100,14 +119,14 @@ class _redirect:
         sys.stdout = self.saved
 
 
-def plan_for(arch, method: str, bits: int, group: int, act_order: bool) -> CompressionPlan:
-    return CompressionPlan(precision={x.name: LayerPrecision(bits, group, method=method, act_order=act_order)
-                                      for x in arch.linears})
+def plan_for(arch, method: str, bits: int, group: int, act_order: bool, shrink: float = 0.0) -> CompressionPlan:
+    return CompressionPlan(precision={x.name: LayerPrecision(bits, group, method=method, act_order=act_order,
+                                                             shrink=shrink) for x in arch.linears})
 
 
-def licence_documents() -> list[str]:
+def licence_documents(folder: Path = LICENCES) -> list[str]:
     seen, docs = set(), []
-    for path in sorted(LICENCES.iterdir()):
+    for path in sorted(folder.iterdir()):
         real = path.resolve()
         if real in seen or not real.is_file():
             continue
@@ -117,19 +136,51 @@ def licence_documents() -> list[str]:
 
 
 def tables(results: dict) -> str:
-    """Markdown tables of a run: whole-model quality per plan and mode, then per-layer errors."""
-    lines = ["| plan | calibration mode | KL pydoc | perplexity pydoc | KL licences | perplexity licences | "
-             "accuracy pydoc_cloze | seconds to compress |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown tables of a run: whole-model quality per plan and mode, the ratio to the reference per seed where
+    there are several seeds, then per-layer errors."""
+    seeded = len({r.get("seed", 0) for r in results["rows"]}) > 1
+    lines = ["| plan | calibration mode |" + (" seed |" if seeded else "") + " KL pydoc | perplexity pydoc | KL licences"
+             " | perplexity licences | accuracy pydoc_cloze | seconds to compress |",
+             "|---|---|" + ("---:|" if seeded else "") + "---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         accuracy = f"{r['accuracy_pydoc_cloze']:.3f}" if "accuracy_pydoc_cloze" in r else "–"
-        lines.append(f"| {r['plan']} | {r['mode']} | {r['kl_pydoc']:.4f} | {r['perplexity_pydoc']:.3f} | "
+        seed = f" {r.get('seed', 0)} |" if seeded else ""
+        lines.append(f"| {r['plan']} | {r['mode']} |{seed} {r['kl_pydoc']:.4f} | {r['perplexity_pydoc']:.3f} | "
                      f"{r['kl_licences']:.4f} | {r['perplexity_licences']:.3f} | {accuracy} | {r['compress_s']:.1f} |")
-    solvers = [k.removeprefix("error_") for k in results["layers"][0] if k.startswith("error_")]
-    lines += ["", "| layer | setting | " + " | ".join(f"‖WX − QX‖² {s}" for s in solvers) + " |",
-              "|---|---|" + "---:|" * len(solvers)]
-    for r in results["layers"]:
-        lines.append(f"| {r['layer']} | {r['setting']} | " + " | ".join(f"{r['error_' + s]:.4g}" for s in solvers) + " |")
+    if seeded:
+        lines += ["", *ratio_table(results["rows"])]
+    if results.get("layers"):
+        solvers = [k.removeprefix("error_") for k in results["layers"][0] if k.startswith("error_")]
+        same = "weights_differing_from_reference_fp16_scales" in results["layers"][0]
+        lines += ["", "| layer | setting | " + " | ".join(f"‖WX − QX‖² {s}" for s in solvers) + " |"
+                  + (" weights ours ≠ reference with float16 scales |" if same else ""),
+                  "|---|---|" + "---:|" * (len(solvers) + same)]
+        for r in results["layers"]:
+            differing = f" {r['weights_differing_from_reference_fp16_scales']:.3%} |" if same else ""
+            lines.append(f"| {r['layer']} | {r['setting']} | " + " | ".join(f"{r['error_' + s]:.4g}" for s in solvers)
+                         + " |" + differing)
     return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    """Perplexity of ours over the reference's, per setting, mode and seed, and the geometric mean over seeds."""
+    by_key = {(r["plan"], r["mode"], r.get("seed", 0)): r for r in rows}
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    lines = ["| setting | calibration mode | domain | " + " | ".join(f"seed {s}" for s in seeds) + " | geometric mean |",
+             "|---|---|---|" + "---:|" * (len(seeds) + 1)]
+    for plan, mode, seed in by_key:
+        if not plan.startswith("gptq ") or seed != seeds[0]:
+            continue
+        setting = plan.removeprefix("gptq ")
+        for domain in ("pydoc", "licences"):
+            ratios = [by_key[plan, mode, s][f"perplexity_{domain}"] / by_key[f"gptq-reference {setting}", mode, s][
+                f"perplexity_{domain}"] for s in seeds if (f"gptq-reference {setting}", mode, s) in by_key
+                and (plan, mode, s) in by_key]
+            if len(ratios) == len(seeds):
+                mean = statistics.geometric_mean(ratios)
+                lines.append(f"| {setting} | {mode} | {domain} | " + " | ".join(f"{x - 1:+.1%}" for x in ratios)
+                             + f" | {mean - 1:+.1%} |")
+    return lines
 
 
 def main() -> None:
@@ -139,78 +190,124 @@ def main() -> None:
     parser.add_argument("--reference-commit", help="its commit, where DIR is an export without .git")
     parser.add_argument("--windows", type=int, default=64, help="512-token calibration windows")
     parser.add_argument("--eval-windows", type=int, default=16, help="256-token evaluation windows per domain")
-    parser.add_argument("--items", type=int, default=70, help="pydoc_cloze items for accuracy")
+    parser.add_argument("--items", type=int, default=70, help="pydoc_cloze items for accuracy (0: no accuracy)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of the calibration windows")
+    parser.add_argument("--recipe", choices=["paper", "default"], default="paper",
+                        help="paper: GPTQ as published; default: the search spaces' recipe (calibration.GPTQ_*)")
+    parser.add_argument("--modes", default="teacher,sequential", help="calibration modes of the GPTQ rows")
+    parser.add_argument("--whole-model-only", action="store_true", help="skip the per-layer errors and cache timing")
+    parser.add_argument("--torch-device", default="cpu")
+    parser.add_argument("--model", default=None, help="model (default: the default model)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--licences", type=Path, default=LICENCES, help="the other-domain text (a copy, on another machine)")
     args = parser.parse_args()
     if args.tables:
-        print(tables(json.loads(OUT.read_text())))
+        print(tables(json.loads(args.out.read_text())))
         return
+    device = models.torch_device(args.torch_device)
     torch.set_num_threads(os.cpu_count() or 1)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", no GPU"
     results: dict = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                     f"torch {torch.__version__}, {torch.get_num_threads()} threads", "rows": []}
+                     f"torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}, ran on {device}",
+                     "recipe": args.recipe, "rows": []}
 
-    teacher = models.load(None)
+    teacher = models.load(args.model)
     arch, tok = teacher.arch, teacher.tokenizer
+    teacher.model.to(device)
     splits = text.split("pydoc")
-    windows = calibration.calibration_windows(tok, splits.calibration, args.windows, 512, seed=0)
-    started = time.perf_counter()
-    stats = calibration.collect(teacher.model, arch, windows, progress=True)
-    results["calibration"] = {"text": "pydoc calibration split", "windows": args.windows, "window_tokens": 512,
-                              "tokens": stats.tokens, "statistics_s": time.perf_counter() - started}
     domains = {"pydoc": quality.Reference(teacher.model, tok, splits.evaluation, args.eval_windows, 256),
-               "licences": quality.Reference(teacher.model, tok, licence_documents(), args.eval_windows, 256)}
+               "licences": quality.Reference(teacher.model, tok, licence_documents(args.licences), args.eval_windows, 256)}
     results["evaluation"] = {"pydoc": "pydoc evaluation split (held out from calibration)",
                              "licences": f"{LICENCES} (Debian's licence texts; no calibration set uses them)",
                              "tokens_per_domain": domains["pydoc"].tokens}
-    task = tasks.resolve_tasks(["pydoc_cloze"], splits.task, args.items, models.cache_dir())
+    task = tasks.resolve_tasks(["pydoc_cloze"], splits.task, args.items, models.cache_dir()) if args.items else None
 
     solvers = ["gptq"]
     if args.reference:
         quantize.QUANTIZERS["gptq-reference"] = reference_solver(args.reference)
         quantize.CALIBRATED.add("gptq-reference")
         solvers.append("gptq-reference")
+        quantize.QUANTIZERS["gptq-reference-fp16-scales"] = reference_solver(args.reference, float16_scales=True)
         commit = subprocess.run(["git", "-C", str(args.reference), "rev-parse", "HEAD"], capture_output=True, text=True)
         results["reference"] = {"repository": "IST-DASLab/gptq",
                                 "commit": commit.stdout.strip() or args.reference_commit or "unknown (not a git checkout)"}
 
-    def measure(label: str, mode: str, model, seconds: float, accuracy: bool) -> dict:
-        row = {"plan": label, "mode": mode, "compress_s": seconds}
+    def measure(label: str, mode: str, model, seconds: float, accuracy: bool, seed: int) -> dict:
+        row = {"plan": label, "mode": mode, "seed": seed, "compress_s": seconds}
         for name, ref in domains.items():
             q = quality.measure(model, ref)
             row[f"kl_{name}"], row[f"perplexity_{name}"] = q.kl, q.perplexity
-        if accuracy:
+        if accuracy and task:
             row["accuracy_pydoc_cloze"] = tasks.accuracy(model, tok, task)["pydoc_cloze"]
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
+        args.out.parent.mkdir(exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))  # after each row, so a cut-off run keeps what it measured
         return row
 
-    measure("dense", "-", teacher.model, 0.0, True)
-    for setting, (bits, group, act_order) in SETTINGS.items():
+    default = args.recipe == "default"
+    shrink = calibration.GPTQ_SHRINK if default else 0.0
+    settings = {k: SETTINGS[k] for k in args.settings.split(",")}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    modes = set(args.modes.split(","))
+    if not modes <= {"teacher", "sequential"}:
+        parser.error(f"--modes: teacher and/or sequential, not {args.modes!r}")
+    measure("dense", "-", teacher.model, 0.0, True, seeds[0])
+    for setting, (bits, group, act_order) in settings.items():
         if not act_order:
             started = time.perf_counter()
             model = compression.apply(plan_for(arch, "rtn", bits, group, False), teacher.model, arch)
-            measure(f"RTN {setting}", "-", model, time.perf_counter() - started, True)
-        for solver in solvers:
-            plan = plan_for(arch, solver, bits, group, act_order)
-            started = time.perf_counter()
-            model = compression.apply(plan, teacher.model, arch, stats)
-            measure(f"{solver} {setting}", "teacher inputs", model, time.perf_counter() - started, solver == "gptq")
-            started = time.perf_counter()
-            model = compress_sequential(plan, teacher.model, arch, windows)
-            measure(f"{solver} {setting}", "sequential", model, time.perf_counter() - started, False)
-            del model
+            measure(f"RTN {setting}", "-", model, time.perf_counter() - started, True, seeds[0])
+    for seed in seeds:
+        windows = calibration.calibration_windows(tok, splits.calibration, args.windows, 512, seed=seed)
+        started = time.perf_counter()
+        stats = calibration.collect(teacher.model, arch, windows, device, progress=True)
+        results.setdefault("calibration", {"text": "pydoc calibration split", "windows": args.windows,
+                                           "window_tokens": 512, "tokens": stats.tokens, "statistics_s": {}})
+        results["calibration"]["statistics_s"][str(seed)] = time.perf_counter() - started
+        for setting, (bits, group, act_order) in settings.items():
+            if default and not act_order and f"{setting} act-order" in settings:
+                continue  # the default recipe always orders by activation: the same plan as the act-order setting
+            label = setting + (" act-order" if default and not act_order else "")
+            for solver in solvers:
+                plan = plan_for(arch, solver, bits, group, act_order or default, shrink if solver == "gptq" else 0.0)
+                name = f"{solver}{' (default recipe)' if default and solver == 'gptq' else ''} {label}"
+                if "teacher" in modes:
+                    started = time.perf_counter()
+                    model = compression.apply(plan, teacher.model, arch, stats)
+                    measure(name, "teacher inputs", model, time.perf_counter() - started, solver == "gptq", seed)
+                    del model
+                if "sequential" in modes:
+                    started = time.perf_counter()
+                    model = compress_sequential(plan, teacher.model, arch, windows, device)
+                    measure(name, "sequential", model, time.perf_counter() - started, False, seed)
+                    del model
+    if not args.whole_model_only:
+        per_layer_and_cache(results, teacher, arch, stats, settings,
+                            solvers + (["gptq-reference-fp16-scales"] if args.reference else []))
+    args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "layers")}, indent=1))
+    print(tables(results))
 
-    # One layer at a time, on the same H: the reconstruction error of each solver.
+
+def per_layer_and_cache(results: dict, teacher, arch, stats, settings: dict, solvers: list[str]) -> None:
+    """Each solver's reconstruction error on three layers with the same H, and trial time from a warm cache."""
     layers = ["model.layers.0.self_attn.q_proj", "model.layers.14.mlp.down_proj", "model.layers.29.self_attn.o_proj"]
     results["layers"] = []
     for name in layers:
         weight, hessian = teacher.model.get_submodule(name).weight.data, stats.hessian(name)
-        for setting, (bits, group, act_order) in SETTINGS.items():
+        for setting, (bits, group, act_order) in settings.items():
             row = {"layer": name, "setting": setting}
+            approx = {}
             for solver in ["rtn", *solvers]:
                 precision = LayerPrecision(bits, group, method=solver, act_order=act_order and solver != "rtn")
-                approx = quantize.QUANTIZERS[solver](weight, precision, hessian=hessian).dequantize()
+                approx[solver] = quantize.QUANTIZERS[solver](weight, precision, hessian=hessian).dequantize().to(weight.device)
                 # summed over the calibration tokens: n · trace((W − Q) H (W − Q)ᵀ)
-                row[f"error_{solver}"] = calibration.output_error(weight, approx, hessian) * stats.tokens
+                row[f"error_{solver}"] = calibration.output_error(weight, approx[solver], hessian) * stats.tokens
+            if "gptq-reference-fp16-scales" in approx:  # same grid storage: do the solvers give the same weights?
+                row["weights_differing_from_reference_fp16_scales"] = float(
+                    ((approx["gptq"] - approx["gptq-reference-fp16-scales"]).abs() > 1e-6).float().mean())
             results["layers"].append(row)
             print(json.dumps(row), flush=True)
 
@@ -225,10 +322,6 @@ def main() -> None:
             timings["cold" if attempt == 0 else "warm"].append(time.perf_counter() - started)
         results["cache"] = {"solve_and_store_s": timings["cold"][0], "warm_assembly_s": statistics.median(timings["warm"]),
                             "size_on_disk_bytes": cache.size_bytes(), "hit_rate_after_3_assemblies": cache.hit_rate}
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "layers")}, indent=1))
-    print(tables(results))
 
 
 if __name__ == "__main__":

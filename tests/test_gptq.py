@@ -50,7 +50,7 @@ def test_shrinking_h_moves_gptq_from_the_papers_solution_to_rtn(group_size):
 
 
 def test_gptq_keeps_pruned_weights_at_zero_and_packs_to_the_cost_models_bytes():
-    weight, hessian = correlated_layer()
+    weight, hessian = correlated_layer(width=320)  # wider than one block of 128 columns, and not a multiple of it
     sparsity = LayerSparsity(0.5, "2:4")
     for precision in (LayerPrecision(4, 32, method="gptq"), LayerPrecision(3, 0, method="gptq", act_order=True)):
         dense, quantized, mask = compression.compress_layer(weight, precision, sparsity, hessian)

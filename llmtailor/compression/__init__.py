@@ -21,16 +21,22 @@ from llmtailor.compression.calibration import CalibrationStats
 from llmtailor.compression.layer_cache import LayerCache
 from llmtailor.compression.packing import PackedWeight, pack_layer
 from llmtailor.compression.quantize import CALIBRATED, QUANTIZERS, QuantizedWeight
-from llmtailor.compression.sparsify import PRUNERS
+from llmtailor.compression.sparsify import CALIBRATED_PRUNERS, PRUNERS, joint, sparsegpt_quantized
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError
 
 __all__ = ["CalibrationStats", "LayerCache", "PackedWeight", "apply", "check_supported", "compress_cached", "compress_layer", "pack"]
 
 
+def calibrated(precision: LayerPrecision, sparsity: LayerSparsity) -> bool:
+    """Whether compressing a layer with these settings needs its calibration statistics."""
+    return (precision.bits < 16 and precision.method in CALIBRATED) or (
+        not sparsity.is_identity and sparsity.method in CALIBRATED_PRUNERS)
+
+
 def needs_calibration(plan: CompressionPlan) -> bool:
     """Whether applying the plan needs calibration statistics."""
-    return any(p.bits < 16 and p.method in CALIBRATED for p in plan.precision.values())
+    return any(calibrated(plan.precision_of(name), plan.sparsity_of(name)) for name in {*plan.precision, *plan.sparsity})
 
 
 def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: Architecture | None = None) -> None:
@@ -49,13 +55,17 @@ def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: 
         if embedding.bits < 16 and embedding.method in CALIBRATED:
             raise PlanError(f"{arch.embedding.name}: {embedding.method} weighs a layer by its inputs, and an untied "
                             "embedding (a lookup) has none: use rtn for it")
-    if not has_calibration and needs_calibration(plan):
-        calibrated = sorted({p.method for p in plan.precision.values() if p.method in CALIBRATED})
-        raise PlanError(f"{', '.join(calibrated)} needs calibration statistics of the layer inputs, and none were given: "
-                        "collect them on calibration text (compression.calibration) or use method rtn")
     for name, sparsity in plan.sparsity.items():
         if not sparsity.is_identity and sparsity.method not in PRUNERS:
             raise PlanError(f"{name}: unknown pruning method {sparsity.method!r}; known: {sorted(PRUNERS)}")
+        if joint(plan.precision_of(name), sparsity) and plan.precision_of(name).act_order:
+            raise PlanError(f"{name}: sparsegpt with gptq prunes and quantizes in one sweep in input order; "
+                            "set act_order=False for it")
+    if not has_calibration and needs_calibration(plan):
+        methods = sorted({p.method for p in plan.precision.values() if p.bits < 16 and p.method in CALIBRATED}
+                         | {s.method for s in plan.sparsity.values() if not s.is_identity and s.method in CALIBRATED_PRUNERS})
+        raise PlanError(f"{', '.join(methods)} needs calibration statistics of the layer inputs, and none were given: "
+                        "collect them on calibration text (compression.calibration), or use rtn and magnitude")
 
 
 def compress_layer(
@@ -63,33 +73,43 @@ def compress_layer(
 ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
     """One layer's weights as the compressed model computes with them, its codes, and its keep-mask.
 
-    ``hessian`` is the layer's input statistic H = XᵀX/n, which calibrated methods need.
+    ``hessian`` is the layer's input statistic H = XᵀX/n, which calibrated methods need. Pruning comes
+    first, then quantization of what is kept; SparseGPT with GPTQ does both in one solve.
     """
-    mask = None if sparsity.is_identity else PRUNERS[sparsity.method](weight, sparsity)
-    weight = weight if mask is None else weight * mask
+    if joint(precision, sparsity):
+        quantized, mask = sparsegpt_quantized(weight, sparsity, precision, hessian)
+        return quantized.dequantize().to(weight.device), quantized, mask
+    mask = None
+    if not sparsity.is_identity:
+        weight, mask = PRUNERS[sparsity.method](weight, sparsity, hessian)
     if precision.bits == 16:
         return weight, None, mask
     quantized = QUANTIZERS[precision.method](weight, precision, hessian=hessian, mask=mask)
     return quantized.dequantize().to(weight.device), quantized, mask
 
 
-def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPrecision) -> torch.Tensor | None:
-    return calibration.hessian(name) if calibration is not None and precision.method in CALIBRATED else None
+def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPrecision,
+             sparsity: LayerSparsity) -> torch.Tensor | None:
+    return calibration.hessian(name) if calibration is not None and calibrated(precision, sparsity) else None
 
 
 def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
                     calibration: CalibrationStats | None, cache: LayerCache | None
                     ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
-    """compress_layer, through the per-layer cache for calibrated methods (their solve is the dear part)."""
-    if cache is None or precision.bits == 16 or precision.method not in CALIBRATED:
-        return compress_layer(weight, precision, sparsity, _hessian(calibration, name, precision))
+    """compress_layer, through the per-layer cache for the solves (GPTQ, SparseGPT), which are the dear part."""
+    hessian = _hessian(calibration, name, precision, sparsity)
+    solved = (precision.bits < 16 and precision.method in CALIBRATED) or (
+        not sparsity.is_identity and sparsity.method == "sparsegpt")
+    if cache is None or not solved:
+        return compress_layer(weight, precision, sparsity, hessian)
     key = cache.key(name, precision, sparsity)
     stored = cache.get(key)
     if stored is not None:
-        quantized, mask = stored
-        return quantized.dequantize().to(weight.device), quantized, mask
-    dense, quantized, mask = compress_layer(weight, precision, sparsity, _hessian(calibration, name, precision))
-    cache.put(key, quantized, mask)
+        dense, quantized, mask = stored
+        dense = quantized.dequantize() if quantized is not None else dense
+        return dense.to(weight.device, weight.dtype), quantized, None if mask is None else mask.to(weight.device)
+    dense, quantized, mask = compress_layer(weight, precision, sparsity, hessian)
+    cache.put(key, quantized if quantized is not None else dense, mask)
     return dense, quantized, mask
 
 
@@ -127,6 +147,7 @@ def pack(plan: CompressionPlan, teacher: Any, arch: Architecture,
         for lin in stored_layers(arch):
             weight = teacher.get_submodule(lin.name).weight.data
             precision, sparsity = plan.precision_of(lin.name), plan.sparsity_of(lin.name)
-            compressed, quantized, mask = compress_layer(weight, precision, sparsity, _hessian(calibration, lin.name, precision))
+            hessian = _hessian(calibration, lin.name, precision, sparsity)
+            compressed, quantized, mask = compress_layer(weight, precision, sparsity, hessian)
             packed[lin.name] = pack_layer(compressed, quantized, mask, precision, sparsity)
     return packed

@@ -5,13 +5,14 @@ for that layer, its settings and the calibration statistics, so it is stored on 
 under a key of exactly those (``layer_key``) and every later trial, in any process,
 assembles its model from the stored codes instead of re-running the solver.
 
-Each entry is one safetensors file holding the codes, scales and zero points (and the
-keep-mask of a pruned layer), with the SHA-256 of those bytes in its metadata, checked
+Each entry is one safetensors file holding the codes, scales and zero points of a
+quantized layer, or the float16 weights of a 16-bit one that a solver changed
+(SparseGPT), and the keep-mask of a pruned layer, with the SHA-256 of those bytes in its metadata, checked
 on every read: a damaged entry is deleted and rebuilt. Entries are written to a
 temporary file and renamed into place, so processes writing the same entry at once
-each leave a whole file (they hold the same bytes). Only calibrated methods are cached:
-round-to-nearest and magnitude masks take milliseconds to recompute, about what
-reading them back would take.
+each leave a whole file (they hold the same bytes). Only the solvers (GPTQ, SparseGPT)
+are cached: round-to-nearest, magnitude and Wanda masks take milliseconds to
+recompute, about what reading them back would take.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class LayerCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str) -> tuple[QuantizedWeight, torch.Tensor | None] | None:
-        """The stored codes (and keep-mask) of a layer, or None when absent or damaged (then it is deleted)."""
+    def get(self, key: str) -> tuple[torch.Tensor | None, QuantizedWeight | None, torch.Tensor | None] | None:
+        """(float16 weights or None, codes or None, keep-mask or None) of a stored layer; None when absent or
+        damaged (then it is deleted)."""
         from safetensors import safe_open
 
         path = self._path(key)
@@ -87,20 +89,27 @@ class LayerCache:
             self.rebuilt += 1
             return None
         self.hits += 1
-        q = QuantizedWeight(tensors["codes"], tensors["scales"], tensors["zeros"], int(meta["bits"]),
-                            int(meta["group_size"]), meta["symmetric"] == "1")
-        return q, tensors.get("mask")
+        quantized = None
+        if "codes" in tensors:
+            quantized = QuantizedWeight(tensors["codes"], tensors["scales"], tensors["zeros"], int(meta["bits"]),
+                                        int(meta["group_size"]), meta["symmetric"] == "1")
+        return tensors.get("weight"), quantized, tensors.get("mask")
 
-    def put(self, key: str, quantized: QuantizedWeight, mask: torch.Tensor | None) -> None:
-        """Store a layer's codes (and keep-mask) atomically."""
+    def put(self, key: str, stored: QuantizedWeight | torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Store a layer's codes, or its 16-bit weights (kept as float16), and its keep-mask, atomically."""
         from safetensors.torch import save_file
 
-        tensors = {"codes": quantized.codes, "scales": quantized.scales, "zeros": quantized.zeros}
+        meta = {}
+        if isinstance(stored, QuantizedWeight):
+            tensors = {"codes": stored.codes, "scales": stored.scales, "zeros": stored.zeros}
+            meta = {"bits": str(stored.bits), "group_size": str(stored.group_size),
+                    "symmetric": "1" if stored.symmetric else "0"}
+        else:
+            tensors = {"weight": stored.half()}
         if mask is not None:
             tensors["mask"] = mask.to(torch.bool)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {"sha256": _checksum(tensors), "bits": str(quantized.bits), "group_size": str(quantized.group_size),
-                "symmetric": "1" if quantized.symmetric else "0"}
+        meta["sha256"] = _checksum(tensors)
         files.write_with(self._path(key), lambda staging: save_file(tensors, staging, metadata=meta))
 
     def size_bytes(self) -> int:

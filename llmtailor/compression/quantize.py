@@ -86,11 +86,10 @@ def rtn(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor |
     return QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), bits, size, precision.symmetric)
 
 
-@torch.no_grad()
 def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor | None = None,
          mask: torch.Tensor | None = None, block_size: int = 128) -> QuantizedWeight:
     """GPTQ (Frantar et al., 2022): quantize one input column at a time and spread its error over the columns
-    not yet quantized, weighted by the inverse of H = XᵀX/n, so that ‖WX - QX‖² stays small.
+    not yet quantized, weighted by the inverse of H = XᵀX/n, so that ‖WX - QX‖² stays small (``obs.sweep``).
 
     Lazy batch updates (``block_size`` columns at a time), shrinkage of H toward its diagonal
     (``precision.shrink``; 0 is the paper's method), dampening (``precision.damp`` times the mean of
@@ -101,47 +100,16 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
     ("static groups"), because columns of one group are no longer quantized together.
     ``mask`` (pruned weights) stays exact: a pruned weight is stored as the code of 0 and its error is spread.
     """
+    from llmtailor.compression.obs import Grid, sweep
+
     if hessian is None:
         raise ValueError("gptq needs the layer's calibration statistics (H = XᵀX/n)")
-    bits, (out, width) = precision.bits, weight.shape
-    size = _group_width(width, precision)
-    w = weight.float().clone()
-    h = hessian.to(w.device, torch.float32).clone()
-    dead = torch.diagonal(h) == 0  # inputs that were always zero: nothing to weigh them by
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    if precision.shrink:  # trust the calibration's cross-correlations less (see LayerPrecision.shrink)
-        h = (1 - precision.shrink) * h + precision.shrink * torch.diag(torch.diagonal(h))
-    static = precision.act_order or size == width
-    scales, zeros = grid(_grouped(w, size), bits, precision.symmetric)  # [out, groups]; refitted below unless static
-    order = torch.argsort(torch.diagonal(h), descending=True) if precision.act_order else torch.arange(width, device=w.device)
-    columns = order.tolist()  # read per column below; one transfer instead of one GPU sync per column
-    w, h = w[:, order], h[order][:, order]
-    keep = None if mask is None else mask.to(w.device)[:, order]
-    h += precision.damp * torch.diagonal(h).mean() * torch.eye(width, device=w.device)
-    # Rows of the upper Cholesky factor of H⁻¹ hold the weights that spread each column's error.
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros_like(w)
-    for start in range(0, width, block_size):
-        end = min(start + block_size, width)
-        block, errors = w[:, start:end].clone(), torch.zeros(out, end - start, device=w.device)
-        for i in range(end - start):
-            column = columns[start + i]
-            g = column // size
-            if not static and column % size == 0:
-                rest = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, : min(size, width - column)]
-                scales[:, g], zeros[:, g] = grid(rest, bits, precision.symmetric)
-            q = _round(block[:, i], scales[:, g], zeros[:, g], bits)
-            if keep is not None:
-                q = torch.where(keep[:, i], q, zeros[:, g])
-            codes[:, start + i] = q
-            error = (block[:, i] - (q - zeros[:, g]) * scales[:, g]) / u[start + i, start + i]
-            block[:, i:] -= error[:, None] * u[start + i, start + i : end][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ u[start:end, end:]
-    codes = codes[:, torch.argsort(order)]
-    return QuantizedWeight(codes.cpu().to(torch.uint8), scales.cpu().half(), zeros.cpu().to(torch.uint8), bits, size,
-                           precision.symmetric)
+    size = _group_width(weight.shape[1], precision)
+    layout = Grid(precision.bits, size, precision.symmetric, static=precision.act_order or size == weight.shape[1])
+    swept = sweep(weight, hessian, damp=precision.damp, shrink=precision.shrink, act_order=precision.act_order,
+                  grid=layout, keep=mask, block_size=block_size)
+    return QuantizedWeight(swept.values.cpu().to(torch.uint8), swept.scales.cpu().half(),
+                           swept.zeros.cpu().to(torch.uint8), precision.bits, size, precision.symmetric)
 
 
 Quantizer = Callable[..., QuantizedWeight]

@@ -14,8 +14,10 @@ Storage rules (one layer, weight matrix of ``out`` rows by ``in`` inputs):
   included), a bitmask of kept positions plus the kept codes, or CSR (kept codes, a
   column index each, int16 when ``in`` <= 65536, and an int32 row pointer per row + 1).
   N:M layers store the kept codes plus a ceil(log2 M)-bit position per kept value.
-- Pruning keeps the same number of weights in every row: ``in - floor(ratio * in)``
-  for unstructured sparsity, ``in / M * N`` for N:M. The pruners follow this rule.
+- Pruning keeps ``in - floor(ratio * in)`` weights per row for unstructured sparsity,
+  ``in / M * N`` for N:M: magnitude and Wanda keep exactly that many in every row;
+  unstructured SparseGPT keeps that many per row on average (out times it in all),
+  and every sparse form above depends on the total alone, so its bytes are exact too.
 """
 
 from __future__ import annotations
