@@ -9,7 +9,7 @@ the cost model and the report can use it without importing torch or transformers
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -69,6 +69,29 @@ class Architecture:
         data["linears"] = tuple(Linear(**lin) for lin in data["linears"])
         data["embedding"] = Linear(**data["embedding"])
         return cls(**data)
+
+
+def cut(arch: Architecture, layers: tuple[int, ...] | None, heads: int | None, mlp_width: int | None) -> Architecture:
+    """The architecture of a structured cut of `arch`: the blocks `layers` kept (None: all), `heads` query heads
+    per block (whole KV groups), `mlp_width` MLP channels per block. Layers keep the teacher's names, so a plan's
+    per-layer settings still find them. Per-block parameters other than linears (the two norms of a LLaMA block)
+    go with their block; the rest of ``other_params`` (the final norm) stays."""
+    kept = tuple(range(arch.num_layers)) if layers is None else tuple(layers)
+    heads = arch.num_heads if heads is None else heads
+    kv_heads = heads * arch.num_kv_heads // arch.num_heads
+    width = arch.intermediate_size if mlp_width is None else mlp_width
+    attention, kv = heads * arch.head_dim, kv_heads * arch.head_dim
+    shapes = {"q_proj": (None, attention), "k_proj": (None, kv), "v_proj": (None, kv), "o_proj": (attention, None),
+              "gate_proj": (None, width), "up_proj": (None, width), "down_proj": (width, None)}
+    linears = []
+    for lin in arch.linears:
+        if lin.block is not None and lin.block not in kept:
+            continue
+        new_in, new_out = shapes.get(lin.kind, (None, None)) if lin.block is not None else (None, None)
+        linears.append(Linear(lin.name, new_in or lin.in_features, new_out or lin.out_features, lin.block, lin.kind))
+    per_block_other = (arch.other_params - arch.hidden_size) // arch.num_layers
+    return replace(arch, num_layers=len(kept), num_heads=heads, num_kv_heads=kv_heads, intermediate_size=width,
+                   linears=tuple(linears), other_params=arch.other_params - per_block_other * (arch.num_layers - len(kept)))
 
 
 def from_config(config: Any) -> Architecture:

@@ -126,6 +126,21 @@ class Student:
         if isinstance(self.distillation, dict):
             object.__setattr__(self, "distillation", Distillation(**self.distillation))
 
+    def uniform_cut(self, num_layers: int) -> tuple[tuple[int, ...] | None, int | None, int | None]:
+        """(blocks kept, query heads per block, MLP width per block) of a cut that is the same in every kept block.
+
+        A transformers config holds one head count and one MLP width for all blocks, so a cut saved as a
+        standard model must be uniform; which heads and channels go may still differ per block."""
+        kept = tuple(range(num_layers)) if self.layers is None else self.layers
+        sizes = {}
+        for label, per_block in (("heads", self.heads), ("MLP width", self.mlp_width)):
+            values = {per_block[b] for b in kept if b in per_block}
+            if len(values) > 1 or (values and set(kept) - set(per_block)):
+                raise PlanError(f"student {label} must be the same in every kept block (a standard config holds one "
+                                f"value for all blocks), got {dict(per_block)}")
+            sizes[label] = values.pop() if values else None
+        return self.layers, sizes["heads"], sizes["MLP width"]
+
     @property
     def is_identity(self) -> bool:
         return (

@@ -23,12 +23,12 @@ Storage rules (one layer, weight matrix of ``out`` rows by ``in`` inputs):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from llmtailor.arch import Architecture, Linear
+from llmtailor.arch import Architecture, Linear, cut
 from llmtailor.hw_profiles import DeviceProfile, roofline
 from llmtailor.hw_profiles.roofline import Operation
-from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, Student
 
 FLOAT16_BYTES = 2
 INT32_BYTES = 4
@@ -100,6 +100,15 @@ def tensor_bytes(out_features: int, in_features: int, precision: LayerPrecision,
     return min(options, key=lambda t: t.total)
 
 
+def structured(plan: CompressionPlan, arch: Architecture) -> tuple[CompressionPlan, Architecture]:
+    """The plan's structured cut applied to the architecture: (the plan without its cut, the smaller architecture).
+    Every public function here prices the cut this way, so bytes, FLOPs and the KV cache all shrink with it."""
+    layers, heads, width = plan.student.uniform_cut(arch.num_layers)
+    if layers is None and heads is None and width is None:
+        return plan, arch
+    return replace(plan, student=Student(distillation=plan.student.distillation)), cut(arch, layers, heads, width)
+
+
 def stored_layers(arch: Architecture) -> list[Linear]:
     """Every weight matrix a plan can set the precision of: the linears and the embedding."""
     return [*arch.linears, arch.embedding]
@@ -112,11 +121,13 @@ def layer_bytes(plan: CompressionPlan, lin: Linear) -> TensorBytes:
 
 def weight_bytes(plan: CompressionPlan, arch: Architecture) -> int:
     """Bytes of every stored weight matrix under the plan."""
+    plan, arch = structured(plan, arch)
     return sum(layer_bytes(plan, lin).total for lin in stored_layers(arch))
 
 
 def bits_per_weight(plan: CompressionPlan, arch: Architecture) -> float:
     """Average stored bits per weight, scales, zero points and sparse indices included."""
+    plan, arch = structured(plan, arch)
     return 8 * weight_bytes(plan, arch) / sum(lin.params for lin in stored_layers(arch))
 
 
@@ -138,6 +149,7 @@ class MemoryEstimate:
 
 def kv_cache_bytes(plan: CompressionPlan, arch: Architecture, workload: Workload) -> int:
     """KV cache at the workload's context length and batch (quantized caches add a scale per head and token)."""
+    plan, arch = structured(plan, arch)
     vectors = 2 * arch.num_layers * arch.num_kv_heads * workload.context_length * workload.batch_size
     scales = vectors * FLOAT16_BYTES if plan.kv_cache_bits < 16 else 0
     return _packed(vectors * arch.head_dim, plan.kv_cache_bits) + scales
@@ -154,6 +166,7 @@ def activation_bytes(arch: Architecture, workload: Workload) -> int:
 
 def memory(plan: CompressionPlan, arch: Architecture, workload: Workload, runtime_overhead: int = 0) -> MemoryEstimate:
     """Memory the plan needs: weights, embedding, other parameters, KV cache, activations, runtime."""
+    plan, arch = structured(plan, arch)
     return MemoryEstimate(
         weights=sum(layer_bytes(plan, lin).total for lin in arch.linears),
         embedding=layer_bytes(plan, arch.embedding).total,
@@ -200,6 +213,7 @@ def _linear_operation(plan: CompressionPlan, lin: Linear, profile: DeviceProfile
 
 def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, workload: Workload) -> LatencyEstimate:
     """Roofline prediction of prefill and per-token decode time, and decode energy per token."""
+    plan, arch = structured(plan, arch)
     batch, prompt, context = workload.batch_size, workload.prompt_length, workload.context_length
     linears = list(arch.linears)
     if arch.tie_embeddings:  # the head reads the embedding matrix, at the embedding's precision
