@@ -20,6 +20,12 @@ Parts (each writes its rows to benchmarks/results/bench_pruning.json as it goes)
   an argument). Per layer, how many keep-mask entries differ from ours.
 - ``owl``: Wanda and SparseGPT at 50% and 60%, uniform against OWL ratios
   (``compression.outliers``).
+- ``structure``: structured cuts (``compression.structure``; 25% of the MLP width, a
+  third of the heads, 6 of 30 blocks, and all three), each a real smaller model: its
+  parameter count, its folder's size on disk once saved (float32, as loaded), and its
+  CPU prefill (256-token prompt) and greedy decode (64 tokens) speed against the
+  original's, the median of repeats in this process (2 threads); and its quality with no
+  recovery (distillation is a later step).
 
 Evaluation: the pydoc evaluation split (held out from calibration) and Debian's licence
 texts (a domain no calibration uses): KL to the dense teacher, perplexity, and
@@ -32,7 +38,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
 import types
 from datetime import date
@@ -44,12 +52,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from llmtailor import compression, models, text  # noqa: E402
-from llmtailor.compression import calibration, outliers  # noqa: E402
+from llmtailor.compression import calibration, outliers, structure  # noqa: E402
 from llmtailor.compression.calibration import CalibrationSpec  # noqa: E402
 from llmtailor.compression.layer_cache import model_fingerprint  # noqa: E402
 from llmtailor.compression.sequential import compress_sequential, decoder_blocks  # noqa: E402
 from llmtailor.evaluators import quality, tasks  # noqa: E402
-from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity  # noqa: E402
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, Student  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "bench_pruning.json"
 LICENCES = "/usr/share/common-licenses"
@@ -141,6 +149,15 @@ def tables(results: dict) -> str:
         lines.append(f"| {r['part']} | {r['plan']} | {r['mode']} | {r['kl_pydoc']:.4f} | {r['perplexity_pydoc']:.2f} | "
                      f"{r['kl_licences']:.4f} | {r['perplexity_licences']:.2f} | {accuracy} | {r['kept_share']:.3f} | "
                      f"{r['compress_s']:.0f} |")
+    if results.get("structure"):
+        base = results["structure"][0]
+        lines += ["", "| cut | parameters | saved folder (MB) | prefill tokens/s | decode tokens/s | prefill speed-up "
+                  "| decode speed-up |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in results["structure"]:
+            lines.append(f"| {r['cut']} | {r['parameters'] / 1e6:.1f} M | {r['folder_bytes'] / 1e6:.0f} | "
+                         f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+                         f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}× | "
+                         f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}× |")
     if results.get("masks"):
         lines += ["", "| method | pattern | layers | layers with equal masks | blocks with equal masks "
                   "| keep-mask entries that differ |", "|---|---|---:|---:|---|---:|"]
@@ -164,7 +181,7 @@ def _ranges(numbers: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", action="store_true", help="print the Markdown tables of the last run and stop")
-    parser.add_argument("--parts", default="methods,reference,owl")
+    parser.add_argument("--parts", default="methods,reference,owl,structure")
     parser.add_argument("--wanda-reference", type=Path, help="git archive of locuslab/wanda")
     parser.add_argument("--wanda-commit", default="unknown")
     parser.add_argument("--sparsegpt-reference", type=Path, help="git archive of IST-DASLab/sparsegpt")
@@ -197,7 +214,8 @@ def main() -> None:
     total = sum(lin.params for lin in arch.linears)
 
     def measure(part: str, label: str, mode: str, model, seconds: float) -> None:
-        kept = sum(int((model.get_submodule(lin.name).weight != 0).sum()) for lin in arch.linears)
+        kept = sum(int((m.weight != 0).sum()) for n, m in model.named_modules()  # of a cut model too
+                   if isinstance(m, torch.nn.Linear) and not (arch.tie_embeddings and n == arch.lm_head_name))
         row = {"part": part, "plan": label, "mode": mode, "compress_s": seconds, "kept_share": kept / total}
         for name, ref in domains.items():
             q = quality.measure(model, ref)
@@ -215,7 +233,7 @@ def main() -> None:
         return model, time.perf_counter() - started
 
     measure("methods", "dense", "-", teacher.model, 0.0)
-    if parts & {"methods", "owl"}:  # the default calibration's statistics (from the cache when a run made them)
+    if parts & {"methods", "owl", "structure"}:  # the default calibration's statistics (from the cache when a run made them)
         started = time.perf_counter()
         stats = calibration.load_or_collect(teacher.model, arch, lambda: spec.make_windows(teacher.model, tok, progress=True),
                                             spec.key(model_fingerprint(teacher.model)), models.cache_dir(), progress=True)
@@ -269,7 +287,48 @@ def main() -> None:
                 for label, ratios in (("uniform", ratio), ("OWL", outliers.layer_ratios(shares, ratio))):
                     model, seconds = timed(compression.apply, plan_for(arch, method, ratios), teacher.model, arch, stats)
                     measure("owl", f"{method} {ratio:.0%} {label}", "teacher inputs", model, seconds)
+    if "structure" in parts:
+        started = time.perf_counter()
+        windows = spec.make_windows(teacher.model, tok)[:32]
+        scores = structure.importance(teacher.model, arch, stats, windows)
+        results["importance_s"], results["block_influence"] = time.perf_counter() - started, scores.blocks
+        prompt = calibration.calibration_windows(tok, splits.evaluation, 1, 256, seed=1)
+        all_blocks = range(arch.num_layers)
+        kept = structure.blocks_to_keep(scores.blocks, arch.num_layers - 6)
+        heads, width = arch.num_heads * 2 // 3, arch.intermediate_size * 3 // 4
+        cuts = {"original": Student(),
+                "MLP width -25%": Student(mlp_width={b: width for b in all_blocks}),
+                "heads -1/3 (one KV group of three)": Student(heads={b: heads for b in all_blocks}),
+                "6 of 30 blocks removed": Student(layers=kept),
+                "all three": Student(layers=kept, heads={b: heads for b in kept}, mlp_width={b: width for b in kept})}
+        results["structure"] = []
+        for label, student in cuts.items():
+            plan = CompressionPlan(student=student)
+            model, seconds = timed(compression.apply, plan, teacher.model, arch, None, None, scores)
+            row = {"cut": label, "parameters": sum(p.numel() for p in model.parameters()), **speed(model, prompt)}
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                row["folder_bytes"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+            results["structure"].append(row)
+            print(json.dumps(row), flush=True)
+            measure("structure", label, "-", model, seconds)
     print(tables(results))
+
+
+def speed(model, prompt: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """Median prefill tokens/s over a 256-token prompt and greedy decode tokens/s for 64 new tokens."""
+    prefill, decode = [], []
+    with torch.no_grad():
+        model(input_ids=prompt[:, :16])  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(input_ids=prompt, use_cache=False)
+            prefill.append(prompt.shape[1] / (time.perf_counter() - started))
+        for _ in range(3):
+            started = time.perf_counter()
+            out = model.generate(prompt[:, :32], max_new_tokens=64, min_new_tokens=64, do_sample=False)
+            decode.append((out.shape[1] - 32) / (time.perf_counter() - started))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
 
 
 if __name__ == "__main__":

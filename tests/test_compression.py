@@ -8,7 +8,7 @@ from llmtailor.compression import compress_layer
 from llmtailor.compression.packing import pack_layer
 from llmtailor.compression.quantize import pack_bits, rtn, unpack_bits
 from llmtailor.evaluators.cost import stored_layers, tensor_bytes
-from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError, Student
+from llmtailor.plan import CompressionPlan, Distillation, LayerPrecision, LayerSparsity, PlanError, Student
 
 SPARSITIES = [LayerSparsity(), LayerSparsity(0.5), LayerSparsity(0.9), LayerSparsity(0.5, "2:4"),
               LayerSparsity(0.75, "1:4")]
@@ -90,7 +90,9 @@ def test_pack_of_a_model_matches_apply(tiny):
 
 
 @pytest.mark.parametrize("plan, message", [
-    (CompressionPlan(student=Student(layers=(0, 1))), "student"),
+    (CompressionPlan(student=Student(layers=(0, 1))), "structured cuts choose what goes by importance"),
+    (CompressionPlan(student=Student(distillation=Distillation(steps=10))), "distillation is not supported yet"),
+    (CompressionPlan(student=Student(hidden_size=32)), "cutting the hidden size is not supported"),
     (CompressionPlan(kv_cache_bits=8), "KV-cache"),
     (CompressionPlan(precision={"model.layers.0.mlp.up_proj": LayerPrecision(4, method="magic")}), "unknown quant"),
     (CompressionPlan(sparsity={"model.layers.0.mlp.up_proj": LayerSparsity(0.5, method="magic")}), "unknown prun"),

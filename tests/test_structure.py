@@ -30,8 +30,9 @@ def test_a_cut_model_is_smaller_reloads_and_matches_the_masked_teacher(tiny, sco
     from transformers import AutoModelForCausalLM
 
     scores, windows = scores
-    small = structure.cut(tiny.model, tiny.arch, student, scores)
-    reference = structure.masked(tiny.model, tiny.arch, student, scores)
+    chosen = structure.choose(tiny.arch, student, scores)
+    small = structure.cut(tiny.model, tiny.arch, chosen)
+    reference = structure.masked(tiny.model, tiny.arch, chosen)
     small.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     predicted = arch_module.cut(tiny.arch, *student.uniform_cut(tiny.arch.num_layers))
@@ -79,6 +80,29 @@ def test_cuts_that_cannot_be_made_are_one_line_errors(tiny, scores):
 def test_block_influence_ranks_a_block_that_does_nothing_last(tiny, scores):
     scores, windows = scores
     assert len(scores.blocks) == 4 and all(0 <= b <= 2 for b in scores.blocks)
-    idle = structure.masked(tiny.model, tiny.arch, Student(layers=(0, 2, 3)), scores)  # block 1 made the identity
+    idle = structure.masked(tiny.model, tiny.arch, structure.choose(tiny.arch, Student(layers=(0, 2, 3)), scores))
     influence = structure.block_influence(idle, tiny.arch, windows)
     assert influence[1] == pytest.approx(0, abs=1e-6) and structure.blocks_to_keep(influence, 3) == (0, 2, 3)
+
+
+def test_a_plan_cuts_then_prunes_and_quantizes_and_packs_to_the_cost_models_bytes(tiny, scores):
+    from llmtailor import compression
+    from llmtailor.compression import calibration as calibration_module
+
+    scores, windows = scores
+    stats = calibration_module.collect(tiny.model, tiny.arch, windows)
+    student = Student(layers=(0, 2, 3), heads={b: 2 for b in (0, 2, 3)}, mlp_width={b: 96 for b in (0, 2, 3)})
+    names = [lin.name for lin in tiny.arch.linears]
+    plan = CompressionPlan(student=student, precision={n: LayerPrecision(4, 32, method="gptq") for n in names[::2]},
+                           sparsity={n: LayerSparsity(0.5, "2:4", "sparsegpt") for n in names[1::3]})
+    with pytest.raises(PlanError, match="structured cuts choose what goes by importance"):
+        compression.apply(plan, tiny.model, tiny.arch, stats)
+    model = compression.apply(plan, tiny.model, tiny.arch, stats, importance=scores)
+    packed = compression.pack(plan, tiny.model, tiny.arch, stats, importance=scores)
+    assert sum(p.nbytes for p in packed.values()) == cost.weight_bytes(plan, tiny.arch)
+    chosen = structure.choose(tiny.arch, student, scores)
+    for name, stored in packed.items():
+        weight = model.get_submodule(chosen.module_name(name, tiny.arch)).weight.data
+        quantized = plan.precision_of(name).bits < 16
+        assert torch.equal(stored.unpack(), weight if quantized else weight.half().float()), name
+    assert sum(p.numel() for p in model.parameters()) == arch_module.cut(tiny.arch, *student.uniform_cut(4)).total_params

@@ -22,7 +22,7 @@ from llmtailor.compression.layer_cache import LayerCache
 from llmtailor.compression.packing import PackedWeight, pack_layer
 from llmtailor.compression.quantize import CALIBRATED, QUANTIZERS, QuantizedWeight
 from llmtailor.compression.sparsify import CALIBRATED_PRUNERS, PRUNERS, joint, sparsegpt_quantized
-from llmtailor.evaluators.cost import stored_layers
+from llmtailor.evaluators.cost import stored_layers, structured
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError
 
 __all__ = ["CalibrationStats", "LayerCache", "PackedWeight", "apply", "check_supported", "compress_cached", "compress_layer", "pack"]
@@ -39,10 +39,23 @@ def needs_calibration(plan: CompressionPlan) -> bool:
     return any(calibrated(plan.precision_of(name), plan.sparsity_of(name)) for name in {*plan.precision, *plan.sparsity})
 
 
-def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: Architecture | None = None) -> None:
+def cuts(plan: CompressionPlan) -> bool:
+    """Whether the plan's student removes blocks, heads or MLP channels."""
+    student = plan.student
+    return student.layers is not None or bool(student.heads) or bool(student.mlp_width)
+
+
+def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: Architecture | None = None,
+                    has_importance: bool = False) -> None:
     """Raise PlanError for what the plan asks that this version cannot apply yet, or method names it does not know."""
-    if not plan.student.is_identity:
-        raise PlanError("student cuts and distillation are not supported yet: use a plan without a student")
+    student = plan.student
+    if student.distillation.steps:
+        raise PlanError("distillation is not supported yet: use a student with distillation steps 0")
+    if student.hidden_size is not None:
+        raise PlanError("cutting the hidden size is not supported: cut blocks, heads or MLP width instead")
+    if cuts(plan) and not has_importance:
+        raise PlanError("structured cuts choose what goes by importance measured on calibration data, and none was "
+                        "given: compute it with compression.structure.importance")
     if plan.kv_cache_bits != 16:
         raise PlanError("KV-cache quantization is priced by the cost model but not applied yet: use kv_cache_bits=16")
     for name, precision in plan.precision.items():
@@ -94,10 +107,15 @@ def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPr
 
 
 def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
-                    calibration: CalibrationStats | None, cache: LayerCache | None
+                    calibration: CalibrationStats | None, cache: LayerCache | None, inputs: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
-    """compress_layer, through the per-layer cache for the solves (GPTQ, SparseGPT), which are the dear part."""
+    """compress_layer, through the per-layer cache for the solves (GPTQ, SparseGPT), which are the dear part.
+
+    ``inputs``: the input columns of the teacher's layer that a structured cut kept (H is cut to them)."""
     hessian = _hessian(calibration, name, precision, sparsity)
+    if hessian is not None and inputs is not None:
+        index = inputs.to(hessian.device)
+        hessian = hessian.index_select(0, index).index_select(1, index)
     solved = (precision.bits < 16 and precision.method in CALIBRATED) or (
         not sparsity.is_identity and sparsity.method == "sparsegpt")
     if cache is None or not solved:
@@ -121,33 +139,64 @@ def _touched(plan: CompressionPlan, arch: Architecture) -> list[str]:
     ]
 
 
-def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
-          cache: LayerCache | None = None) -> Any:
-    """A compressed copy of the teacher (the teacher is left unchanged); calibrated layers come from the cache
-    when it holds them."""
+def _structured(plan: CompressionPlan, teacher: Any, arch: Architecture, importance: Any):
+    """A copy of the teacher with the plan's structured cut made, and the cut (None when the plan makes none)."""
+    if not cuts(plan):
+        return copy.deepcopy(teacher), None
+    from llmtailor.compression import structure  # structure imports sequential, which imports this module
+
+    chosen = structure.choose(arch, plan.student, importance)
+    return structure.cut(teacher, arch, chosen), chosen
+
+
+def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None,
+                cache: LayerCache | None, importance: Any):
+    """The cut model, the cut (or None), and for each layer the plan compresses: (teacher name, module, result)."""
     plan.validate(arch)
-    check_supported(plan, calibration is not None, arch)
-    model = copy.deepcopy(teacher)
-    with torch.no_grad():
+    check_supported(plan, calibration is not None, arch, importance is not None)
+    model, chosen = _structured(plan, teacher, arch, importance)
+    per_group = arch.num_heads // arch.num_kv_heads
+
+    def layers():
         for name in _touched(plan, arch):
-            weight = model.get_submodule(name).weight
-            precision = plan.precision_of(name)
-            compressed, _, _ = compress_cached(weight.data, name, precision, plan.sparsity_of(name), calibration, cache)
-            weight.data.copy_(compressed.to(weight.dtype))
+            target = name if chosen is None else chosen.module_name(name, arch)
+            if target is None:  # its block was cut
+                continue
+            module = model.get_submodule(target)
+            reshaped = chosen is not None and chosen.reshaped(name, arch)
+            inputs = None if chosen is None else chosen.inputs(name, arch, arch.head_dim, per_group)
+            result = compress_cached(module.weight.data, name, plan.precision_of(name), plan.sparsity_of(name),
+                                     calibration, None if reshaped else cache, inputs)
+            yield name, module, result
+
+    return model, chosen, layers()
+
+
+def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
+          cache: LayerCache | None = None, importance: Any = None) -> Any:
+    """A compressed copy of the teacher (the teacher is left unchanged): structured cut (by ``importance``,
+    from ``structure.importance``), then sparsity and precision; solved layers come from the cache when it holds
+    them (layers whose shape a cut changed are solved afresh)."""
+    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance)
+    with torch.no_grad():
+        for _, module, (compressed, _, _) in layers:
+            module.weight.data.copy_(compressed.to(module.weight.dtype))
     return model
 
 
-def pack(plan: CompressionPlan, teacher: Any, arch: Architecture,
-         calibration: CalibrationStats | None = None) -> dict[str, PackedWeight]:
-    """The stored form of every weight matrix of the model under the plan, by layer name."""
-    plan.validate(arch)
-    check_supported(plan, calibration is not None, arch)
+def pack(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
+         importance: Any = None) -> dict[str, PackedWeight]:
+    """The stored form of every weight matrix of the (cut) model under the plan, by the teacher's layer name."""
+    model, chosen, layers = _compressed(plan, teacher, arch, calibration, None, importance)
+    _, small = structured(plan, arch)
     packed = {}
     with torch.no_grad():
-        for lin in stored_layers(arch):
-            weight = teacher.get_submodule(lin.name).weight.data
-            precision, sparsity = plan.precision_of(lin.name), plan.sparsity_of(lin.name)
-            hessian = _hessian(calibration, lin.name, precision, sparsity)
-            compressed, quantized, mask = compress_layer(weight, precision, sparsity, hessian)
-            packed[lin.name] = pack_layer(compressed, quantized, mask, precision, sparsity)
+        done = {name: (module, result) for name, module, result in layers}
+        for lin in stored_layers(small):
+            module, (compressed, quantized, mask) = done.get(lin.name, (None, (None, None, None)))
+            if module is None:
+                module = model.get_submodule(lin.name if chosen is None else chosen.module_name(lin.name, arch))
+                compressed = module.weight.data
+            packed[lin.name] = pack_layer(compressed, quantized, mask, plan.precision_of(lin.name), plan.sparsity_of(lin.name))
     return packed
+

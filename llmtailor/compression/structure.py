@@ -94,6 +94,66 @@ def blocks_to_keep(influence: list[float], count: int) -> tuple[int, ...]:
     return tuple(sorted(ranked[:count]))
 
 
+@dataclass(frozen=True)
+class Cut:
+    """What a structured cut keeps: the blocks, and per kept block the KV groups and MLP channels (sorted)."""
+
+    blocks: tuple[int, ...]
+    groups: dict[int, torch.Tensor]  # KV groups kept, per block; absent: all
+    channels: dict[int, torch.Tensor]  # MLP channels kept, per block; absent: all
+    heads: int  # query heads per kept block
+    width: int  # MLP channels per kept block
+
+    def module_name(self, teacher_name: str, arch: Architecture) -> str | None:
+        """The name a teacher layer has in the cut model (its block renumbered), or None when its block is gone."""
+        block = arch.linear(teacher_name).block if teacher_name != arch.embedding.name else None
+        if block is None:
+            return teacher_name
+        if block not in self.blocks:
+            return None
+        prefix = _prefix(arch, block)
+        return f"{prefix.rsplit('.', 1)[0]}.{self.blocks.index(block)}{teacher_name[len(prefix):]}"
+
+    def reshaped(self, teacher_name: str, arch: Architecture) -> bool:
+        """Whether the cut changed this layer's shape (its cached compressed forms do not apply)."""
+        lin = arch.linear(teacher_name) if teacher_name != arch.embedding.name else None
+        if lin is None or lin.block is None:
+            return False
+        attention = lin.kind in ("q_proj", "k_proj", "v_proj", "o_proj") and lin.block in self.groups
+        return attention or (lin.kind in ("gate_proj", "up_proj", "down_proj") and lin.block in self.channels)
+
+    def inputs(self, teacher_name: str, arch: Architecture, head_dim: int, per_group: int) -> torch.Tensor | None:
+        """The teacher's input columns a cut layer still reads (o_proj and down_proj), or None when all."""
+        lin = arch.linear(teacher_name) if teacher_name != arch.embedding.name else None
+        if lin is None or lin.block is None:
+            return None
+        if lin.kind == "o_proj" and lin.block in self.groups:
+            return _query_channels(self.groups[lin.block], head_dim, per_group)
+        if lin.kind == "down_proj" and lin.block in self.channels:
+            return self.channels[lin.block]
+        return None
+
+
+def _query_channels(groups: torch.Tensor, head_dim: int, per_group: int) -> torch.Tensor:
+    query_heads = (groups[:, None] * per_group + torch.arange(per_group)).reshape(-1)
+    return (query_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def choose(arch: Architecture, student: Student, scores: Importance) -> Cut:
+    """The parts a student keeps: its blocks, and in each the most important KV groups and MLP channels."""
+    layers, heads, width = student.uniform_cut(arch.num_layers)
+    kept = tuple(range(arch.num_layers)) if layers is None else tuple(layers)
+    heads, width = heads or arch.num_heads, width or arch.intermediate_size
+    per_group = arch.num_heads // arch.num_kv_heads
+    if heads % per_group or not 0 < heads <= arch.num_heads:
+        raise PlanError(f"student heads must be a positive multiple of {per_group} up to {arch.num_heads}, got {heads}")
+    groups = {b: torch.sort(scores.groups[b].topk(heads // per_group).indices).values
+              for b in kept if heads < arch.num_heads}
+    channels = {b: torch.sort(scores.channels[b].topk(width).indices).values
+                for b in kept if width < arch.intermediate_size}
+    return Cut(kept, groups, channels, heads, width)
+
+
 def _rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return weight.index_select(0, index.to(weight.device)).clone()
 
@@ -103,44 +163,35 @@ def _columns(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cut(model: Any, arch: Architecture, student: Student, scores: Importance) -> Any:
-    """A smaller copy of `model`: the student's blocks, heads and MLP width, the least important parts removed."""
-    layers, heads, width = student.uniform_cut(arch.num_layers)
-    kept = tuple(range(arch.num_layers)) if layers is None else layers
-    heads, width = heads or arch.num_heads, width or arch.intermediate_size
+def cut(model: Any, arch: Architecture, chosen: Cut) -> Any:
+    """A smaller copy of `model` holding only what `chosen` keeps, with its config updated to match."""
     per_group = arch.num_heads // arch.num_kv_heads
-    if heads % per_group or not 0 < heads <= arch.num_heads:
-        raise PlanError(f"student heads must be a positive multiple of {per_group} up to {arch.num_heads}, got {heads}")
-    groups = heads // per_group
     small = copy.deepcopy(model)
     blocks = decoder_blocks(small, arch)
-    for index in kept:
-        block = blocks[index]
-        attention, mlp = block.self_attn, block.mlp
-        if groups < arch.num_kv_heads:
-            chosen = torch.sort(scores.groups[index].topk(groups).indices).values
-            kv = (chosen[:, None] * arch.head_dim + torch.arange(arch.head_dim)).reshape(-1)
-            query_heads = (chosen[:, None] * per_group + torch.arange(per_group)).reshape(-1)
-            q = (query_heads[:, None] * arch.head_dim + torch.arange(arch.head_dim)).reshape(-1)
+    for index in chosen.blocks:
+        attention, mlp = blocks[index].self_attn, blocks[index].mlp
+        if index in chosen.groups:
+            groups = chosen.groups[index]
+            kv = (groups[:, None] * arch.head_dim + torch.arange(arch.head_dim)).reshape(-1)
+            q = _query_channels(groups, arch.head_dim, per_group)
             _shrink(attention.q_proj, rows=q)
             _shrink(attention.k_proj, rows=kv)
             _shrink(attention.v_proj, rows=kv)
             _shrink(attention.o_proj, columns=q)  # query heads per KV head are unchanged: repeat_kv still fits
-        if width < arch.intermediate_size:
-            channels = torch.sort(scores.channels[index].topk(width).indices).values
-            _shrink(mlp.gate_proj, rows=channels)
-            _shrink(mlp.up_proj, rows=channels)
-            _shrink(mlp.down_proj, columns=channels)
-    remaining = torch.nn.ModuleList([blocks[i] for i in kept])
+        if index in chosen.channels:
+            _shrink(mlp.gate_proj, rows=chosen.channels[index])
+            _shrink(mlp.up_proj, rows=chosen.channels[index])
+            _shrink(mlp.down_proj, columns=chosen.channels[index])
+    remaining = torch.nn.ModuleList([blocks[i] for i in chosen.blocks])
     for position, block in enumerate(remaining):
         block.self_attn.layer_idx = position  # the KV cache is indexed by a block's position
     _replace_blocks(small, blocks, remaining)
     config = small.config
-    config.num_hidden_layers = len(kept)
-    config.num_attention_heads, config.num_key_value_heads = heads, groups
-    config.head_dim, config.intermediate_size = arch.head_dim, width
+    config.num_hidden_layers = len(chosen.blocks)
+    config.num_attention_heads, config.num_key_value_heads = chosen.heads, chosen.heads // per_group
+    config.head_dim, config.intermediate_size = arch.head_dim, chosen.width
     if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in kept]
+        config.layer_types = [config.layer_types[i] for i in chosen.blocks]
     return small
 
 
@@ -165,25 +216,24 @@ def _replace_blocks(model: Any, old: torch.nn.ModuleList, new: torch.nn.ModuleLi
     raise ValueError(f"cannot replace the decoder blocks of {type(model).__name__}")
 
 
-def masked(model: Any, arch: Architecture, student: Student, scores: Importance) -> Any:
+def masked(model: Any, arch: Architecture, chosen: Cut) -> Any:
     """The teacher with the same parts zeroed instead of removed (o_proj and down_proj columns; a removed block's
     o_proj and down_proj entirely, which makes it the identity on the residual stream): what ``cut`` must equal."""
-    layers, heads, width = student.uniform_cut(arch.num_layers)
-    kept = set(range(arch.num_layers) if layers is None else layers)
-    heads, width = heads or arch.num_heads, width or arch.intermediate_size
     per_group = arch.num_heads // arch.num_kv_heads
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for index, block in enumerate(decoder_blocks(twin, arch)):
             o, down = block.self_attn.o_proj.weight, block.mlp.down_proj.weight
-            if index not in kept:
+            if index not in chosen.blocks:
                 o.zero_()
                 down.zero_()
                 continue
-            gone = torch.ones(arch.num_kv_heads, dtype=torch.bool)
-            gone[scores.groups[index].topk(heads // per_group).indices] = False
-            o.view(o.shape[0], arch.num_kv_heads, -1)[:, gone.to(o.device)] = 0
-            dropped = torch.ones(arch.intermediate_size, dtype=torch.bool)
-            dropped[scores.channels[index].topk(width).indices] = False
-            down[:, dropped.to(down.device)] = 0
+            if index in chosen.groups:
+                keep = torch.zeros(o.shape[1], dtype=torch.bool)
+                keep[_query_channels(chosen.groups[index], arch.head_dim, per_group)] = True
+                o[:, ~keep.to(o.device)] = 0
+            if index in chosen.channels:
+                keep = torch.zeros(down.shape[1], dtype=torch.bool)
+                keep[chosen.channels[index]] = True
+                down[:, ~keep.to(down.device)] = 0
     return twin
