@@ -124,7 +124,6 @@ def main() -> None:
                "licences": quality.Reference(model, tok, text.load_documents(LICENCES), args.eval_windows, 256)}
     results["evaluation"] = {k: f"{v.tokens} tokens" for k, v in domains.items()}
     results["plans"] = []
-    low, high = guided._range(arch)
 
     def measure(budget: str, label: str, plan: CompressionPlan) -> None:
         compressed = compression.apply(plan, model, arch, made.stats, made.cache)
@@ -140,7 +139,7 @@ def main() -> None:
 
     for budget, (bits, group, embed_bits) in BUDGETS.items():
         uniform = guided.uniform(arch, bits, group, embed_bits)
-        share = (guided.uniform_bytes(arch, bits, group, embed_bits) - low) / (high - low)
+        share = guided.budget_share(arch, guided.uniform_bytes(arch, bits, group, embed_bits))
         allocated = guided.plan({"weight_budget": share}, arch)
         measure(budget, "uniform GPTQ", uniform)
         measure(budget, "allocator", allocated)

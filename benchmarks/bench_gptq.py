@@ -197,6 +197,7 @@ def main() -> None:
                         help="paper: GPTQ as published; default: the search spaces' recipe (calibration.GPTQ_*)")
     parser.add_argument("--modes", default="teacher,sequential", help="calibration modes of the GPTQ rows")
     parser.add_argument("--whole-model-only", action="store_true", help="skip the per-layer errors and cache timing")
+    parser.add_argument("--layers-only", action="store_true", help="only the per-layer errors and cache timing")
     parser.add_argument("--torch-device", default="cpu")
     parser.add_argument("--model", default=None, help="model (default: the default model)")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -253,9 +254,10 @@ def main() -> None:
     modes = set(args.modes.split(","))
     if not modes <= {"teacher", "sequential"}:
         parser.error(f"--modes: teacher and/or sequential, not {args.modes!r}")
-    measure("dense", "-", teacher.model, 0.0, True, seeds[0])
+    if not args.layers_only:
+        measure("dense", "-", teacher.model, 0.0, True, seeds[0])
     for setting, (bits, group, act_order) in settings.items():
-        if not act_order:
+        if not act_order and not args.layers_only:
             started = time.perf_counter()
             model = compression.apply(plan_for(arch, "rtn", bits, group, False), teacher.model, arch)
             measure(f"RTN {setting}", "-", model, time.perf_counter() - started, True, seeds[0])
@@ -266,7 +268,7 @@ def main() -> None:
         results.setdefault("calibration", {"text": "pydoc calibration split", "windows": args.windows,
                                            "window_tokens": 512, "tokens": stats.tokens, "statistics_s": {}})
         results["calibration"]["statistics_s"][str(seed)] = time.perf_counter() - started
-        for setting, (bits, group, act_order) in settings.items():
+        for setting, (bits, group, act_order) in settings.items() if not args.layers_only else ():
             if default and not act_order and f"{setting} act-order" in settings:
                 continue  # the default recipe always orders by activation: the same plan as the act-order setting
             label = setting + (" act-order" if default and not act_order else "")

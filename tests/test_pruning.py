@@ -167,3 +167,15 @@ def test_owl_ratios_prune_blocks_with_more_outliers_less_and_keep_the_mean(tiny,
     assert ratios[3] < ratios[1] < ratios[2] < ratios[0] and ratios[0] - ratios[3] == pytest.approx(0.16)
     assert outliers.layer_ratios({0: 0.1, 1: 0.1}, 0.5) == {0: 0.5, 1: 0.5}
     assert outliers.layer_ratios({0: 0.01, 1: 0.05}, 0.0) == {0: 0.0, 1: 0.0}
+
+
+def test_pruning_plans_that_cannot_be_made_are_one_line_errors(tiny):
+    name = next(lin.name for lin in tiny.arch.linears if lin.in_features == 160)  # down_proj: 160 inputs
+    for bad, message in [(lambda: LayerSparsity(-0.1), r"ratio must be in \[0, 1\)"),
+                         (lambda: LayerSparsity(1.0, method="wanda"), r"ratio must be in \[0, 1\)"),
+                         (lambda: LayerSparsity(0.0, "4:4"), "0 < N < M"),
+                         (lambda: CompressionPlan(sparsity={name: LayerSparsity(0.5, "6:12")}).validate(tiny.arch),
+                          "input width is not a multiple of M")]:
+        with pytest.raises(PlanError, match=message) as caught:
+            bad()
+        assert "\n" not in str(caught.value)

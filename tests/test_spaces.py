@@ -54,13 +54,14 @@ def _fake_sensitivity(arch):
 def test_guided_space_spends_a_sampled_budget_on_the_least_damage(tiny):
     from llmtailor.evaluators.cost import stored_layers
     from llmtailor.search.sensitivity import option_name
+    from llmtailor.spaces.guided import _byte_range
 
     unbound = spaces.get("guided")
     with pytest.raises(RuntimeError, match="with_sensitivity"):
         unbound.plan({"weight_budget": 0.5}, tiny.arch)
     space = unbound.with_sensitivity(_fake_sensitivity(tiny.arch))
     smallest = weight_bytes(space.smallest(tiny.arch), tiny.arch)
-    low, high = space._range(tiny.arch)
+    low, high = _byte_range(tiny.arch)
     damages = []
     for share in (0.0, 0.1, 0.3, 0.6, 1.0):
         plan = space.plan({"weight_budget": share}, tiny.arch)
@@ -76,6 +77,8 @@ def test_guided_space_spends_a_sampled_budget_on_the_least_damage(tiny):
     assert len(stored_layers(tiny.arch)) == len(space.layers(tiny.arch))
     for params in space.baselines(tiny.arch):
         assert 0.0 <= params["weight_budget"] <= 1.0
+    assert space.budget_share(tiny.arch, low) == 0.0 and space.budget_share(tiny.arch, high) == 1.0
+    assert space.budget_share(tiny.arch, (low + high) // 2) == pytest.approx(0.5, abs=1e-3)
     trial = optuna.create_study().ask()
     assert space.sample(trial, tiny.arch) == space.plan(trial.params, tiny.arch)
 

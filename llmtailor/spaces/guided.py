@@ -15,6 +15,7 @@ space leaves it at 16 bits. Sparsity is not in this space yet.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from llmtailor.arch import Architecture, Linear
@@ -56,10 +57,10 @@ class GuidedSpace(SearchSpace):
     def anchor(cls, lin: Linear, arch: Architecture) -> LayerPrecision:
         return layer_precision(*ANCHOR, "gptq", lin, arch)
 
-    def _range(self, arch: Architecture) -> tuple[int, int]:
-        """Weight bytes of the allocator's layers at their smallest and at 16 bits."""
-        low = sum(min(_bytes(lin, p) for p in self.options(lin, arch)) for lin in self.layers(arch))
-        return low, sum(_bytes(lin, LayerPrecision()) for lin in self.layers(arch))
+    def budget_share(self, arch: Architecture, weight_bytes: int) -> float:
+        """The ``weight_budget`` parameter that stands for this many weight bytes of the allocator's layers."""
+        low, high = _byte_range(arch)
+        return min(max((weight_bytes - low) / (high - low), 0.0), 1.0)
 
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
         return self.plan({"weight_budget": trial.suggest_float("weight_budget", 0.0, 1.0)}, arch)
@@ -69,7 +70,7 @@ class GuidedSpace(SearchSpace):
             raise RuntimeError("the guided space allocates by layer sensitivities: call with_sensitivity first")
         from llmtailor.search.sensitivity import option_name
 
-        low, high = self._range(arch)
+        low, high = _byte_range(arch)
         budget = low + round(min(max(params["weight_budget"], 0.0), 1.0) * (high - low))
         choices = {
             lin.name: [Option(LayerPrecision(), _bytes(lin, LayerPrecision()), 0.0)]
@@ -85,12 +86,7 @@ class GuidedSpace(SearchSpace):
 
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
         """Budgets at the bytes of uniform plans, so the front is anchored where users compare."""
-        low, high = self._range(arch)
-        shares = []
-        for bits, group, embed_bits in BASELINES:
-            total = self.uniform_bytes(arch, bits, group, embed_bits)
-            shares.append({"weight_budget": min(max((total - low) / (high - low), 0.0), 1.0)})
-        return shares
+        return [{"weight_budget": self.budget_share(arch, self.uniform_bytes(arch, *b))} for b in BASELINES]
 
     def uniform(self, arch: Architecture, bits: int, group: int, embed_bits: int) -> CompressionPlan:
         """A uniform GPTQ plan over the allocator's layers (8 bits are per row, as among the options)."""
@@ -105,6 +101,14 @@ class GuidedSpace(SearchSpace):
         """Weight bytes of the allocator's layers in one uniform plan (for comparing at equal bytes)."""
         plan = self.uniform(arch, bits, group, embed_bits)
         return sum(_bytes(lin, plan.precision_of(lin.name)) for lin in self.layers(arch))
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_range(arch: Architecture) -> tuple[int, int]:
+    """Weight bytes of the allocator's layers at their smallest and at 16 bits (once per architecture)."""
+    layers = GuidedSpace.layers(arch)
+    low = sum(min(_bytes(lin, p) for p in GuidedSpace.options(lin, arch)) for lin in layers)
+    return low, sum(_bytes(lin, LayerPrecision()) for lin in layers)
 
 
 def _bytes(lin: Linear, precision: LayerPrecision) -> int:
