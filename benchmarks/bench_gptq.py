@@ -29,6 +29,7 @@ Writes benchmarks/results/bench_gptq.json (or --out) after every row, and prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -100,23 +101,12 @@ def reference_solver(reference_dir: Path, float16_scales: bool = False):
         solver.quantizer = (Float16ScaleQuantizer if float16_scales else reference_quant.Quantizer)()
         solver.quantizer.configure(precision.bits, perchannel=True, sym=precision.symmetric, mse=False)
         group = precision.group_size if 0 < precision.group_size < weight.shape[1] else -1
-        with open(os.devnull, "w") as quiet, _redirect(quiet):
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             solver.fasterquant(blocksize=128, percdamp=precision.damp, groupsize=group, actorder=precision.act_order,
                                static_groups=precision.act_order and group != -1)
         return _Dequantized(layer.weight.data.clone())
 
     return solve
-
-
-class _redirect:
-    def __init__(self, stream) -> None:
-        self.stream, self.saved = stream, None
-
-    def __enter__(self):
-        self.saved, sys.stdout = sys.stdout, self.stream
-
-    def __exit__(self, *exc):
-        sys.stdout = self.saved
 
 
 def plan_for(arch, method: str, bits: int, group: int, act_order: bool, shrink: float = 0.0) -> CompressionPlan:

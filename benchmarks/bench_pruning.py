@@ -35,6 +35,7 @@ accuracy on pydoc_cloze (lm-eval; the ``methods`` part only, as it is the dear p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def reference_prune(kind: str, teacher, arch, windows: torch.Tensor, sparsity: L
 
         class Solver(ist.SparseGPT):  # their solver, under the argument names the wanda driver uses
             def fasterprune(self, sparsity, prune_n=0, prune_m=0, blocksize=128, percdamp=0.01):
-                with open(os.devnull, "w") as quiet, _stdout(quiet):
+                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                     super().fasterprune(sparsity, prunen=prune_n, prunem=prune_m, blocksize=blocksize, percdamp=percdamp)
 
         wanda_prune.SparseGPT = Solver
@@ -121,22 +122,11 @@ def reference_prune(kind: str, teacher, arch, windows: torch.Tensor, sparsity: L
     n, m = (0, 0) if sparsity.pattern == "unstructured" else (int(x) for x in sparsity.pattern.split(":"))
     prune_n = m - n if m else 0  # their N is the count pruned of every M
     run = wanda_prune.prune_wanda if kind == "wanda" else wanda_prune.prune_sparsegpt
-    with open(os.devnull, "w") as quiet, _stdout(quiet):
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         run(args, model, None, torch.device("cpu"), prune_n=prune_n, prune_m=m)
     for i in range(len(blocks)):
         blocks[i] = blocks[i].block
     return model
-
-
-class _stdout:
-    def __init__(self, stream) -> None:
-        self.stream, self.saved = stream, None
-
-    def __enter__(self):
-        self.saved, sys.stdout = sys.stdout, self.stream
-
-    def __exit__(self, *exc):
-        sys.stdout = self.saved
 
 
 def tables(results: dict) -> str:
