@@ -106,7 +106,8 @@ class Cut:
 
     def module_name(self, teacher_name: str, arch: Architecture) -> str | None:
         """The name a teacher layer has in the cut model (its block renumbered), or None when its block is gone."""
-        block = arch.linear(teacher_name).block if teacher_name != arch.embedding.name else None
+        lin = _block_linear(arch, teacher_name)
+        block = None if lin is None else lin.block
         if block is None:
             return teacher_name
         if block not in self.blocks:
@@ -116,7 +117,7 @@ class Cut:
 
     def reshaped(self, teacher_name: str, arch: Architecture) -> bool:
         """Whether the cut changed this layer's shape (its cached compressed forms do not apply)."""
-        lin = arch.linear(teacher_name) if teacher_name != arch.embedding.name else None
+        lin = _block_linear(arch, teacher_name)
         if lin is None or lin.block is None:
             return False
         attention = lin.kind in ("q_proj", "k_proj", "v_proj", "o_proj") and lin.block in self.groups
@@ -124,7 +125,7 @@ class Cut:
 
     def inputs(self, teacher_name: str, arch: Architecture, head_dim: int, per_group: int) -> torch.Tensor | None:
         """The teacher's input columns a cut layer still reads (o_proj and down_proj), or None when all."""
-        lin = arch.linear(teacher_name) if teacher_name != arch.embedding.name else None
+        lin = _block_linear(arch, teacher_name)
         if lin is None or lin.block is None:
             return None
         if lin.kind == "o_proj" and lin.block in self.groups:
@@ -132,6 +133,11 @@ class Cut:
         if lin.kind == "down_proj" and lin.block in self.channels:
             return self.channels[lin.block]
         return None
+
+
+def _block_linear(arch: Architecture, name: str):
+    """The linear layer of that name, or None for the embedding (which no cut changes)."""
+    return None if name == arch.embedding.name else arch.linear(name)
 
 
 def _query_channels(groups: torch.Tensor, head_dim: int, per_group: int) -> torch.Tensor:
