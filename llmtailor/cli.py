@@ -34,8 +34,8 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--study", help="study name (default: model and device); results go to RESULTS/STUDY/")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--space", default="coarse", help="search space: coarse (default), per-layer (RTN), direct "
-                        "(coarse groups, GPTQ) or guided (a sampled weight budget spent per layer by measured "
-                        "sensitivity, GPTQ)")
+                        "(coarse groups, GPTQ), guided (a sampled weight budget spent per layer by measured "
+                        "sensitivity, GPTQ) or prune (direct with structured cuts and Wanda/SparseGPT pruning)")
     parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
                         help="comma-separated: kl, perplexity, accuracy, memory, latency, energy")
@@ -133,6 +133,8 @@ def _quiet_libraries() -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from llmtailor import report, search
     from llmtailor.hw_profiles import format_size
 
@@ -149,7 +151,8 @@ def _search(args: argparse.Namespace) -> int:
     best = front.iloc[0]
     print(f"\nBest plan that fits {setup.profile.name} ({budget}): trial {best['trial']}  [{paths['front'].parent}/plans/"
           f"{best['trial']}.json]")
-    print(f"  memory {best['memory_mb']:.1f} MB of {budget}; {best['bits_per_weight']:.2f} bits/weight, "
+    params = "" if pd.isna(best["params_m"]) else f"{best['params_m']:.1f}M parameters, "  # older studies lack it
+    print(f"  memory {best['memory_mb']:.1f} MB of {budget}; {params}{best['bits_per_weight']:.2f} bits/weight, "
           f"{best['sparsity']:.0%} sparse; decode {best['decode_ms_per_token']:.2f} ms/token (predicted)")
     accuracy = "not measured (--tasks none)" if best["accuracy"] is None else f"{best['accuracy']:.3f}"
     c = setup.config
@@ -158,7 +161,8 @@ def _search(args: argparse.Namespace) -> int:
           + (f"; GPTQ calibrated on {c.calibration_spec().describe()})" if setup.space.calibrated else ")"))
     print(f"  why: the lowest KL among the {len(front)} Pareto-optimal plans that fit; the others trade quality "
           f"for less memory or latency:\n")
-    shown = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "bits_per_weight", "sparsity", "decode_ms_per_token"]
+    shown = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "params_m", "bits_per_weight", "sparsity",
+             "decode_ms_per_token"]
     print(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\nReport: {paths['html']}  Front: {paths['front']}")
     return 0

@@ -133,3 +133,23 @@ def test_a_guided_search_calibrates_once_and_names_its_calibration(tiny_model_di
     study = optuna.load_study(study_name="second", storage=f"sqlite:///{tmp_path / 'second' / 'study.db'}")
     plans = [json.loads(t.user_attrs["plan"]) for t in study.trials if t.user_attrs.get("status") == "evaluated"]
     assert plans and all(p["method"] == "gptq" for plan in plans for p in plan["precision"].values())
+
+
+def test_a_prune_search_measures_importance_once_and_tries_cuts_and_calibrated_pruning(tiny_model_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
+    argv = ["fit", tiny_model_dir, "--memory", "2MB", "--trials", 7, "--results", tmp_path, "--space", "prune",
+            "--calibration-windows", 4, "--tasks", "none", *FAST]
+    code, _, err = run([*argv, "--study", "first"], capsys)
+    assert code == 0, err
+    (importance,) = (cache / "importance").iterdir()
+    made = importance.stat().st_mtime_ns
+    study = optuna.load_study(study_name="first", storage=f"sqlite:///{tmp_path / 'first' / 'study.db'}")
+    plans = [json.loads(t.user_attrs["plan"]) for t in study.trials if t.user_attrs.get("status") == "evaluated"]
+    assert len(plans) == 7  # the seven baselines
+    assert [len(plan["student"]["layers"]) for plan in plans if plan.get("student", {}).get("layers")] == [3]
+    assert {s["method"] for plan in plans for s in plan.get("sparsity", {}).values()} == {"sparsegpt"}
+    code, _, err = run([*argv, "--study", "second", "--trials", 2], capsys)
+    assert code == 0, err
+    assert importance.stat().st_mtime_ns == made  # read, not measured again

@@ -107,11 +107,12 @@ def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPr
 
 
 def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
-                    calibration: CalibrationStats | None, cache: LayerCache | None, inputs: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
+                    calibration: CalibrationStats | None, cache: LayerCache | None, inputs: torch.Tensor | None = None,
+                    kept: str | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
     """compress_layer, through the per-layer cache for the solves (GPTQ, SparseGPT), which are the dear part.
 
-    ``inputs``: the input columns of the teacher's layer that a structured cut kept (H is cut to them)."""
+    ``inputs``: the input columns of the teacher's layer that a structured cut kept (H is cut to them);
+    ``kept``: what the cut kept of the layer (``structure.Cut.kept``), part of its cache key."""
     hessian = _hessian(calibration, name, precision, sparsity)
     if hessian is not None and inputs is not None:
         index = inputs.to(hessian.device)
@@ -120,7 +121,7 @@ def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, 
         not sparsity.is_identity and sparsity.method == "sparsegpt")
     if cache is None or not solved:
         return compress_layer(weight, precision, sparsity, hessian)
-    key = cache.key(name, precision, sparsity)
+    key = cache.key(name, precision, sparsity, kept)
     stored = cache.get(key)
     if stored is not None:
         dense, quantized, mask = stored
@@ -163,10 +164,10 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
             if target is None:  # its block was cut
                 continue
             module = model.get_submodule(target)
-            reshaped = chosen is not None and chosen.reshaped(name, arch)
             inputs = None if chosen is None else chosen.inputs(name, arch, arch.head_dim, per_group)
+            kept = None if chosen is None else chosen.kept(name, arch)
             result = compress_cached(module.weight.data, name, plan.precision_of(name), plan.sparsity_of(name),
-                                     calibration, None if reshaped else cache, inputs)
+                                     calibration, cache, inputs, kept)
             yield name, module, result
 
     return model, chosen, layers()
@@ -176,7 +177,7 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
           cache: LayerCache | None = None, importance: Any = None) -> Any:
     """A compressed copy of the teacher (the teacher is left unchanged): structured cut (by ``importance``,
     from ``structure.importance``), then sparsity and precision; solved layers come from the cache when it holds
-    them (layers whose shape a cut changed are solved afresh)."""
+    them (a layer whose shape a cut changed is cached under what the cut kept of it)."""
     model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance)
     with torch.no_grad():
         for _, module, (compressed, _, _) in layers:

@@ -38,10 +38,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def layer_key(model: str, calibration: str | None, layer: str, precision: LayerPrecision, sparsity: LayerSparsity) -> str:
-    """The cache key of one compressed layer: the model, the calibration, the layer and its settings."""
-    text = json.dumps({"model": model, "calibration": calibration, "layer": layer, "precision": asdict(precision),
-                       "sparsity": asdict(sparsity)}, sort_keys=True)
+def layer_key(model: str, calibration: str | None, layer: str, precision: LayerPrecision, sparsity: LayerSparsity,
+              kept: str | None = None) -> str:
+    """The cache key of one compressed layer: the model, the calibration, the layer and its settings, and for a
+    layer a structured cut reshaped, which of its rows and columns the cut kept (``structure.Cut.kept``)."""
+    described = {"model": model, "calibration": calibration, "layer": layer, "precision": asdict(precision),
+                 "sparsity": asdict(sparsity)}
+    if kept is not None:
+        described["kept"] = kept
+    text = json.dumps(described, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -61,9 +66,9 @@ class LayerCache:
         self.model, self.calibration = model, calibration
         self.hits = self.misses = self.rebuilt = 0
 
-    def key(self, layer: str, precision: LayerPrecision, sparsity: LayerSparsity) -> str:
-        """The key of one layer compressed with these settings."""
-        return layer_key(self.model, self.calibration, layer, precision, sparsity)
+    def key(self, layer: str, precision: LayerPrecision, sparsity: LayerSparsity, kept: str | None = None) -> str:
+        """The key of one layer compressed with these settings (``kept``: what a cut kept of it, if it cut it)."""
+        return layer_key(self.model, self.calibration, layer, precision, sparsity, kept)
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

@@ -20,11 +20,15 @@ channels go is still chosen per block. The cut model keeps the teacher's dtype.
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmtailor import files
 from llmtailor.arch import Architecture
 from llmtailor.compression.calibration import CalibrationStats
 from llmtailor.compression.sequential import decoder_blocks
@@ -86,6 +90,30 @@ def importance(model: Any, arch: Architecture, stats: CalibrationStats, windows:
     return Importance(block_influence(model, arch, windows), groups, channels)
 
 
+def load_or_measure(model: Any, arch: Architecture, stats: CalibrationStats,
+                    windows: torch.Tensor | Callable[[], torch.Tensor], key: str, cache: Path) -> Importance:
+    """The importance for this calibration key from the cache folder, measured and stored there first if missing
+    or unreadable (a search measures it once per model and calibration; every later process reads it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = cache / "importance" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(path, "pt") as f:
+                blocks, groups, channels = (f.get_tensor(k) for k in ("blocks", "groups", "channels"))
+            if len(blocks) == arch.num_layers:
+                return Importance(blocks.tolist(), list(groups), list(channels))
+        except Exception:  # a damaged file: measure again
+            pass
+        path.unlink(missing_ok=True)
+    found = importance(model, arch, stats, windows() if callable(windows) else windows)
+    tensors = {"blocks": torch.tensor(found.blocks, dtype=torch.float64), "groups": torch.stack(found.groups),
+               "channels": torch.stack(found.channels)}
+    files.write_with(path, lambda staging: save_file(tensors, staging))
+    return found
+
+
 def blocks_to_keep(influence: list[float], count: int) -> tuple[int, ...]:
     """The `count` blocks of most influence, in order."""
     if not 0 < count <= len(influence):
@@ -122,6 +150,17 @@ class Cut:
             return False
         attention = lin.kind in ("q_proj", "k_proj", "v_proj", "o_proj") and lin.block in self.groups
         return attention or (lin.kind in ("gate_proj", "up_proj", "down_proj") and lin.block in self.channels)
+
+    def kept(self, teacher_name: str, arch: Architecture) -> str | None:
+        """What the cut kept of a layer it reshaped, as text for the layer cache's key (None when not reshaped):
+        the KV groups of an attention layer's block or the MLP channels of an MLP layer's."""
+        if not self.reshaped(teacher_name, arch):
+            return None
+        lin = _block_linear(arch, teacher_name)
+        if lin.block in self.groups and lin.kind in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            return f"groups {self.groups[lin.block].tolist()} of {arch.num_kv_heads}"
+        return f"channels {hashlib.sha256(self.channels[lin.block].numpy().tobytes()).hexdigest()[:16]} " \
+               f"({len(self.channels[lin.block])} of {arch.intermediate_size})"
 
     def inputs(self, teacher_name: str, arch: Architecture, head_dim: int, per_group: int) -> torch.Tensor | None:
         """The teacher's input columns a cut layer still reads (o_proj and down_proj), or None when all."""

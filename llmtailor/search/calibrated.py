@@ -1,10 +1,13 @@
 """What a calibrated search space needs before its first trial, made once per (model, calibration) and cached.
 
 Calibration statistics (``compression.calibration``), the per-layer cache of
-compressed layers (``compression.layer_cache``) and, for a space that allocates by
-sensitivity, the layer sensitivities (``search.sensitivity``). Each comes from the
-cache folder when an earlier process made it; otherwise it is computed here, timed,
-and stored for every later process and worker.
+compressed layers (``compression.layer_cache``), for a space that allocates by
+sensitivity the layer sensitivities (``search.sensitivity``), and for a space that
+cuts and prunes the structured-cut importance (``compression.structure``, a pass over
+the calibration windows) and each block's outlier share (``compression.outliers``,
+from the statistics: cheap, not stored). Each comes from the cache folder when an
+earlier process made it; otherwise it is computed here, timed, and stored for every
+later process and worker.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Calibrated:
     key: str
     cache: layer_cache.LayerCache
     space: SearchSpace
+    importance: Any = None  # structure.Importance, for spaces that cut (needs_blocks)
     seconds: dict[str, float] = field(default_factory=dict)  # time spent making each part here (cached parts: fast)
 
 
@@ -48,4 +52,16 @@ def prepare(space: SearchSpace, teacher: Any, tokenizer: Any, arch: Any, spec: c
                                       models.cache_dir() / "sensitivity", progress)
         seconds["sensitivity"] = time.perf_counter() - started
         space = space.with_sensitivity(found)
-    return Calibrated(stats, key, cache, space, seconds)
+    importance = None
+    if space.needs_blocks:
+        from llmtailor.compression import outliers, structure
+        from llmtailor.spaces.base import BlockScores
+
+        started = time.perf_counter()
+        importance = structure.load_or_measure(teacher, arch, stats,
+                                               lambda: spec.make_windows(teacher, tokenizer, device, progress), key,
+                                               models.cache_dir())
+        shares = outliers.outlier_shares(teacher, arch, stats)
+        space = space.with_blocks(BlockScores(tuple(importance.blocks), tuple(shares[b] for b in range(arch.num_layers))))
+        seconds["importance"] = time.perf_counter() - started
+    return Calibrated(stats, key, cache, space, importance, seconds)

@@ -11,8 +11,8 @@ import pandas as pd
 from llmtailor.search.objectives import Objective
 from llmtailor.search.study import status
 
-COLUMNS = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "bits_per_weight",
-           "sparsity", "prefill_s", "decode_ms_per_token", "energy_mj_per_token", "seconds", "status"]
+COLUMNS = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "params_m",
+           "bits_per_weight", "sparsity", "prefill_s", "decode_ms_per_token", "energy_mj_per_token", "seconds", "status"]
 
 
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -48,6 +48,7 @@ def row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "memory_mb": mb("memory_bytes"),
         "budget_mb": mb("budget_bytes"),
         "fits": a.get("fits"),
+        "params_m": a["params"] / 1e6 if "params" in a else None,  # of the (cut) model
         "bits_per_weight": a.get("bits_per_weight"),
         "sparsity": a.get("sparsity"),
         "prefill_s": a.get("prefill_s"),

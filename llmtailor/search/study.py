@@ -266,13 +266,14 @@ class TrialEvaluator:
         log(f"loading {setup.model_name} ...")
         self.teacher = models.load(c.model, trust_remote_code=c.trust_remote_code, log=log)
         self.teacher.model.to(models.torch_device(c.torch_device))
-        self.space, self.calibration, self.layer_cache = setup.space, None, None
+        self.space, self.calibration, self.layer_cache, self.importance = setup.space, None, None, None
         if setup.space.calibrated:
             from llmtailor.search import calibrated
 
             made = calibrated.prepare(setup.space, self.teacher.model, self.teacher.tokenizer, setup.arch,
                                       c.calibration_spec(), models.torch_device(c.torch_device), progress, log)
             self.space, self.calibration, self.layer_cache = made.space, made.stats, made.cache
+            self.importance = made.importance
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of {c.text} ...")
         self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, setup.splits.evaluation,
                                            c.eval_windows, c.window_tokens)
@@ -310,7 +311,8 @@ class TrialEvaluator:
             "budget_bytes": estimate.budget_bytes, "weight_bytes": m.weights + m.embedding, "kv_cache_bytes": m.kv_cache,
             "fits": estimate.fits, "prefill_s": lat.prefill_s, "decode_s_per_token": lat.decode_s_per_token,
             "energy_j_per_token": lat.energy_j_per_token, "bits_per_weight": cost.bits_per_weight(plan, s.arch),
-            "sparsity": _mean_sparsity(plan, s.arch), "worker": self.worker,
+            "sparsity": _mean_sparsity(plan, s.arch), "params": cost.structured(plan, s.arch)[1].total_params,
+            "worker": self.worker,
         }
         trial.set_constraint("memory_over_budget_bytes", m.total - estimate.budget_bytes)
         if not estimate.fits:
@@ -320,7 +322,8 @@ class TrialEvaluator:
             trial.set_user_attr("plan_key", attrs["plan_key"])
             self._reuse_or_skip(trial, attrs)
             if attrs.get("status") != "duplicate":
-                model = compression.apply(plan, self.teacher.model, s.arch, self.calibration, self.layer_cache)
+                model = compression.apply(plan, self.teacher.model, s.arch, self.calibration, self.layer_cache,
+                                          self.importance)
                 q = quality.measure(model, self.reference)
                 accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks) if self.tasks else {}
                 del model

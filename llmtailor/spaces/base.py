@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from llmtailor.arch import Architecture, Linear
@@ -16,6 +17,7 @@ class SearchSpace(ABC):
     name: str = ""
     calibrated: bool = False  # its plans use GPTQ: the search collects calibration statistics first
     needs_sensitivity: bool = False  # it allocates bits by measured layer sensitivity (see with_sensitivity)
+    needs_blocks: bool = False  # it cuts and prunes by measured block scores (see with_blocks)
 
     @abstractmethod
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
@@ -36,6 +38,20 @@ class SearchSpace(ABC):
     def with_sensitivity(self, sensitivity: Any) -> SearchSpace:
         """This space with the layer sensitivities it allocates by; spaces that need none return themselves."""
         return self
+
+    def with_blocks(self, scores: BlockScores) -> SearchSpace:
+        """This space with the block scores it cuts and prunes by; spaces that need none return themselves."""
+        return self
+
+
+@dataclass(frozen=True)
+class BlockScores:
+    """What a space that cuts and prunes knows of the model, measured once per (model, calibration):
+    each block's influence (which blocks a depth cut keeps, ``structure.block_influence``) and its share of
+    outlier weights (how OWL spreads one pruning ratio over the blocks, ``outliers.outlier_shares``)."""
+
+    influence: tuple[float, ...]
+    outlier_shares: tuple[float, ...]
 
 
 def layer_precision(bits: int, group_size: int, method: str, lin: Linear, arch: Architecture) -> LayerPrecision:

@@ -65,23 +65,38 @@ class GroupedSpace(SearchSpace):
         return list(dict.fromkeys(grouping(lin, arch) for lin in arch.linears))
 
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
-        params = {"group_size": trial.suggest_categorical("group_size", GROUP_SIZES),
-                  "embed_bits": trial.suggest_categorical("embed_bits", BITS)}
-        for key in self.keys(self.bits_grouping, arch):
-            params[f"bits_{key}"] = trial.suggest_categorical(f"bits_{key}", BITS)
+        params = self.sample_precision(trial, arch)
         for key in self.keys(self.sparsity_grouping, arch):
             params[f"sparsity_{key}"] = trial.suggest_categorical(f"sparsity_{key}", SPARSITY)
         return self.plan(params, arch)
 
-    def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
+    def sample_precision(self, trial: Any, arch: Architecture) -> dict[str, Any]:
+        """The trial's precision parameters: the group size, the embedding's bits and each bits group's."""
+        params = {"group_size": trial.suggest_categorical("group_size", GROUP_SIZES),
+                  "embed_bits": trial.suggest_categorical("embed_bits", BITS)}
+        for key in self.keys(self.bits_grouping, arch):
+            params[f"bits_{key}"] = trial.suggest_categorical(f"bits_{key}", BITS)
+        return params
+
+    def precision(self, params: dict[str, Any], arch: Architecture) -> dict[str, LayerPrecision]:
+        """Every layer's precision (the embedding's included) under the precision parameters."""
         group_size = params["group_size"]
         precision = {arch.embedding.name: layer_precision(params["embed_bits"], group_size, self.method, arch.embedding, arch)}
         for lin in arch.linears:
             bits = params[f"bits_{self.bits_grouping(lin, arch)}"]
             precision[lin.name] = layer_precision(bits, group_size, self.method, lin, arch)
+        return precision
+
+    def uniform_precision(self, arch: Architecture, bits: int, group: int, embed_bits: int | None = None
+                          ) -> dict[str, Any]:
+        """Precision parameters of the same bits in every group."""
+        return {"group_size": group, "embed_bits": embed_bits or bits,
+                **{f"bits_{k}": bits for k in self.keys(self.bits_grouping, arch)}}
+
+    def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
         sparsity = {lin.name: LayerSparsity(params[f"sparsity_{self.sparsity_grouping(lin, arch)}"])
                     for lin in arch.linears}
-        return _without_identities(precision, sparsity)
+        return _without_identities(self.precision(params, arch), sparsity)
 
     def smallest(self, arch: Architecture) -> CompressionPlan:
         # Fewest bits and the highest sparsity are the smallest per layer at every shape and group size.
@@ -97,12 +112,10 @@ class GroupedSpace(SearchSpace):
         Plans over budget among them are rejected by the cost model in milliseconds;
         the rest anchor the front across the budget's range from the first trials.
         """
-        bits_keys = self.keys(self.bits_grouping, arch)
-        sparsity_keys = self.keys(self.sparsity_grouping, arch)
+        dense = {f"sparsity_{k}": 0.0 for k in self.keys(self.sparsity_grouping, arch)}
 
         def uniform(bits: int, group: int, embed_bits: int | None = None) -> dict[str, Any]:
-            return {"group_size": group, "embed_bits": embed_bits or bits,
-                    **{f"bits_{k}": bits for k in bits_keys}, **{f"sparsity_{k}": 0.0 for k in sparsity_keys}}
+            return {**self.uniform_precision(arch, bits, group, embed_bits), **dense}
 
         return [uniform(16, 128), uniform(8, 0), uniform(4, 128, embed_bits=8), uniform(4, 32), uniform(4, 128),
                 uniform(4, 0)]
