@@ -137,7 +137,7 @@ def tables(results: dict) -> str:
         seed = f" {r.get('seed', 0)} |" if seeded else ""
         lines.append(f"| {r['plan']} | {r['mode']} |{seed} {r['kl_pydoc']:.4f} | {r['perplexity_pydoc']:.3f} | "
                      f"{r['kl_licences']:.4f} | {r['perplexity_licences']:.3f} | {accuracy} | {r['compress_s']:.1f} |")
-    if seeded:
+    if any(r["plan"].startswith("gptq-reference") for r in results["rows"]):
         lines += ["", *ratio_table(results["rows"])]
     if results.get("layers"):
         solvers = [k.removeprefix("error_") for k in results["layers"][0] if k.startswith("error_")]
@@ -153,25 +153,42 @@ def tables(results: dict) -> str:
 
 
 def ratio_table(rows: list[dict]) -> list[str]:
-    """Perplexity of ours over the reference's, per setting, mode and seed, and the geometric mean over seeds."""
+    """Perplexity of ours over each reference solver's, per setting, mode and seed (– where a seed was not run),
+    and the geometric mean over the seeds measured."""
     by_key = {(r["plan"], r["mode"], r.get("seed", 0)): r for r in rows}
     seeds = sorted({r.get("seed", 0) for r in rows})
-    lines = ["| setting | calibration mode | domain | " + " | ".join(f"seed {s}" for s in seeds) + " | geometric mean |",
-             "|---|---|---|" + "---:|" * (len(seeds) + 1)]
-    for plan, mode, seed in by_key:
-        if not plan.startswith("gptq ") or seed != seeds[0]:
+    lines = ["| setting | against | calibration mode | domain | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | geometric mean (seeds) |", "|---|---|---|---|" + "---:|" * (len(seeds) + 1)]
+    done = set()
+    for plan, mode, _ in by_key:
+        if not plan.startswith("gptq ") or (plan, mode) in done:
             continue
+        done.add((plan, mode))
         setting = plan.removeprefix("gptq ")
-        for domain in ("pydoc", "licences"):
-            ratios = [by_key[plan, mode, s][f"perplexity_{domain}"] / by_key[f"gptq-reference {setting}", mode, s][
-                f"perplexity_{domain}"] for s in seeds if (f"gptq-reference {setting}", mode, s) in by_key
-                and (plan, mode, s) in by_key]
-            if len(ratios) == len(seeds):
-                mean = statistics.geometric_mean(ratios)
-                lines.append(f"| {setting} | {mode} | {domain} | " + " | ".join(f"{x - 1:+.1%}" for x in ratios)
-                             + f" | {mean - 1:+.1%} |")
+        for reference in ("gptq-reference", "gptq-reference-fp16-scales"):
+            for domain in ("pydoc", "licences"):
+                ratios = {s: by_key[plan, mode, s][f"perplexity_{domain}"]
+                          / by_key[f"{reference} {setting}", mode, s][f"perplexity_{domain}"]
+                          for s in seeds if (f"{reference} {setting}", mode, s) in by_key and (plan, mode, s) in by_key}
+                if ratios:
+                    mean = statistics.geometric_mean(ratios.values())
+                    lines.append(f"| {setting} | {reference} | {mode} | {domain} | "
+                                 + " | ".join(f"{ratios[s] - 1:+.1%}" if s in ratios else "–" for s in seeds)
+                                 + f" | {mean - 1:+.1%} ({len(ratios)}) |")
     return lines
 
+
+
+def reference_commit(args) -> str:
+    """The reference's commit: as given, else its own git HEAD. `git -C DIR` inside another repository (an export
+    placed in this project's tree) would answer that repository's HEAD, so DIR must be the top of its checkout."""
+    if args.reference_commit:
+        return args.reference_commit
+    git = ["git", "-C", str(args.reference), "rev-parse"]
+    top = subprocess.run(git + ["--show-toplevel"], capture_output=True, text=True).stdout.strip()
+    if not top or Path(top).resolve() != args.reference.resolve():
+        return "unknown (not a git checkout; pass --reference-commit)"
+    return subprocess.run(git + ["HEAD"], capture_output=True, text=True).stdout.strip()
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -185,6 +202,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the calibration windows")
     parser.add_argument("--recipe", choices=["paper", "default"], default="paper",
                         help="paper: GPTQ as published; default: the search spaces' recipe (calibration.GPTQ_*)")
+    parser.add_argument("--solvers", default="gptq,gptq-reference",
+                        help="whole-model solvers: gptq, gptq-reference, gptq-reference-fp16-scales (the reference "
+                             "with its scales rounded to float16, as ours are stored)")
     parser.add_argument("--modes", default="teacher,sequential", help="calibration modes of the GPTQ rows")
     parser.add_argument("--whole-model-only", action="store_true", help="skip the per-layer errors and cache timing")
     parser.add_argument("--layers-only", action="store_true", help="only the per-layer errors and cache timing")
@@ -214,15 +234,17 @@ def main() -> None:
                              "tokens_per_domain": domains["pydoc"].tokens}
     task = tasks.resolve_tasks(["pydoc_cloze"], splits.task, args.items, models.cache_dir()) if args.items else None
 
-    solvers = ["gptq"]
+    solvers = args.solvers.split(",")
     if args.reference:
         quantize.QUANTIZERS["gptq-reference"] = reference_solver(args.reference)
-        quantize.CALIBRATED.add("gptq-reference")
-        solvers.append("gptq-reference")
         quantize.QUANTIZERS["gptq-reference-fp16-scales"] = reference_solver(args.reference, float16_scales=True)
-        commit = subprocess.run(["git", "-C", str(args.reference), "rev-parse", "HEAD"], capture_output=True, text=True)
-        results["reference"] = {"repository": "IST-DASLab/gptq",
-                                "commit": commit.stdout.strip() or args.reference_commit or "unknown (not a git checkout)"}
+        quantize.CALIBRATED.update({"gptq-reference", "gptq-reference-fp16-scales"})
+    elif solvers != ["gptq"]:
+        parser.error("--solvers: the reference's solvers need --reference DIR")
+    if unknown := set(solvers) - {"gptq", "gptq-reference", "gptq-reference-fp16-scales"}:
+        parser.error(f"--solvers: unknown {sorted(unknown)}")
+    if args.reference:
+        results["reference"] = {"repository": "IST-DASLab/gptq", "commit": reference_commit(args)}
 
     def measure(label: str, mode: str, model, seconds: float, accuracy: bool, seed: int) -> dict:
         row = {"plan": label, "mode": mode, "seed": seed, "compress_s": seconds}
@@ -273,11 +295,11 @@ def main() -> None:
                 if "sequential" in modes:
                     started = time.perf_counter()
                     model = compress_sequential(plan, teacher.model, arch, windows, device)
-                    measure(name, "sequential", model, time.perf_counter() - started, False, seed)
+                    measure(name, "sequential", model, time.perf_counter() - started, solver == "gptq", seed)
                     del model
     if not args.whole_model_only:
         per_layer_and_cache(results, teacher, arch, stats, settings,
-                            solvers + (["gptq-reference-fp16-scales"] if args.reference else []))
+                            list(dict.fromkeys(solvers + (["gptq-reference-fp16-scales"] if args.reference else []))))
     args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "layers")}, indent=1))
     print(tables(results))
