@@ -202,9 +202,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the calibration windows")
     parser.add_argument("--recipe", choices=["paper", "default"], default="paper",
                         help="paper: GPTQ as published; default: the search spaces' recipe (calibration.GPTQ_*)")
-    parser.add_argument("--solvers", default="gptq,gptq-reference",
-                        help="whole-model solvers: gptq, gptq-reference, gptq-reference-fp16-scales (the reference "
-                             "with its scales rounded to float16, as ours are stored)")
+    parser.add_argument("--solvers", help="whole-model solvers: gptq, gptq-reference, gptq-reference-fp16-scales "
+                        "(the reference with its scales rounded to float16, as ours are stored); default: gptq, and "
+                        "gptq-reference with --reference")
     parser.add_argument("--modes", default="teacher,sequential", help="calibration modes of the GPTQ rows")
     parser.add_argument("--whole-model-only", action="store_true", help="skip the per-layer errors and cache timing")
     parser.add_argument("--layers-only", action="store_true", help="only the per-layer errors and cache timing")
@@ -234,7 +234,7 @@ def main() -> None:
                              "tokens_per_domain": domains["pydoc"].tokens}
     task = tasks.resolve_tasks(["pydoc_cloze"], splits.task, args.items, models.cache_dir()) if args.items else None
 
-    solvers = args.solvers.split(",")
+    solvers = args.solvers.split(",") if args.solvers else ["gptq", "gptq-reference"] if args.reference else ["gptq"]
     if args.reference:
         quantize.QUANTIZERS["gptq-reference"] = reference_solver(args.reference)
         quantize.QUANTIZERS["gptq-reference-fp16-scales"] = reference_solver(args.reference, float16_scales=True)

@@ -72,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("study")
     report.add_argument("--results", default="results")
     report.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
+    estimate = sub.add_parser("estimate", help="dry run: memory plan, predicted latency and whether a plan fits, "
+                              "from the model's config alone (no weight is read)")
+    estimate.add_argument("model", nargs="?", default=None,
+                          help="hub id, model folder (config.json is enough) or .gguf file (its header is read)")
+    estimate_target = estimate.add_argument_group("target (at least one)")
+    estimate_target.add_argument("--device", help="device profile name or YAML path")
+    estimate_target.add_argument("--memory", help="memory budget, such as 8GB (with --device: limits that device)")
+    estimate.add_argument("--plan", help="a plan file (such as RESULTS/STUDY/plans/N.json); or a uniform plan:")
+    estimate.add_argument("--bits", type=int, default=16, help="weight bits of every linear layer: 16, 8, 4, 3 or 2")
+    estimate.add_argument("--group", type=int, default=128, help="quantization group size (0: one per row)")
+    estimate.add_argument("--sparsity", type=float, default=0.0, help="share of each block linear's weights pruned")
+    estimate.add_argument("--pattern", default="unstructured", help="unstructured, or N:M such as 2:4")
+    estimate.add_argument("--embedding-bits", type=int, help="embedding bits (default: 16 below 8 bits, else --bits)")
+    estimate.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
+    estimate.add_argument("--batch", type=int, default=1, help="batch size on the device")
+    estimate.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
+    estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    estimate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     sub.add_parser("devices", help="list the device profiles")
     cache = sub.add_parser("cache", help="list what llmtailor keeps in its cache (converted GGUF models, task items)")
     cache.add_argument("--clear", action="store_true", help="delete everything in the cache")
@@ -218,7 +236,38 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "devices": _devices, "cache": _cache}
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from llmtailor import dry_run
+    from llmtailor.evaluators.cost import Workload
+    from llmtailor.search.study import device_profile
+
+    for name in ("context", "batch", "prompt"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    uniform_given = (args.bits, args.group, args.sparsity, args.pattern, args.embedding_bits) != (
+        16, 128, 0.0, "unstructured", None)
+    if args.plan and uniform_given:
+        raise UserError("give either --plan FILE or a uniform plan (--bits, --group, --sparsity, --pattern), not both")
+    profile = device_profile(args.device, args.memory)
+    _quiet_libraries()
+    arch, name = dry_run.load_architecture(args.model, trust_remote_code=args.trust_remote_code)
+    if args.plan:
+        plan = dry_run.read_plan(args.plan)
+        try:
+            plan.validate(arch)
+        except UserError as exc:  # a PlanError: the plan names layers or sizes this model does not have
+            raise UserError(f"plan {args.plan} is not a plan for {name}: {exc}") from None
+    else:
+        plan = dry_run.uniform_plan(arch, args.bits, args.group, args.sparsity, args.pattern, args.embedding_bits)
+    result = dry_run.estimate(plan, arch, profile, Workload(args.context, args.batch, args.prompt))
+    print(json.dumps({"model": name, **result}, indent=1) if args.json else dry_run.render(result, name))
+    return 0 if result["fits"] else 1
+
+
+COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "estimate": _estimate, "devices": _devices,
+            "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:

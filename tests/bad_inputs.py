@@ -79,6 +79,7 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
         (truncated / name).write_bytes((model_dir / name).read_bytes())
     weights = (model_dir / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (folder / "other-model-plan.json").write_text('{"precision": {"model.layers.99.mlp.up_proj": {"bits": 4}}}')
     import optuna
     import torch
 
@@ -89,6 +90,7 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
 
 
 FIT = ["fit", "{model}", "--memory", "8GB"]
+ESTIMATE = ["estimate", "{model}", "--memory", "8GB"]
 # (id, argv, the message the one line must match). Every case must exit 2 and write nothing.
 CASES: list[tuple[str, list[str], str]] = [
     ("results folder cannot be created (/proc)", [*FIT, "--results", "/proc/forbidden"],
@@ -157,6 +159,18 @@ CASES: list[tuple[str, list[str], str]] = [
     ("study name with odd characters", [*FIT, "--study", "My Study!"], r"study name 'My Study!' may hold only"),
     ("unknown option", [*FIT, "--frobnicate"], r"unrecognized arguments: --frobnicate"),
     ("report of a study that does not exist", ["report", "nothing-here"], r"no study 'nothing-here'"),
+    ("estimate: a plan file and a uniform plan", [*ESTIMATE, "--plan", "{in}/other-model-plan.json", "--bits", "4"],
+     r"give either --plan FILE or a uniform plan"),
+    ("estimate: plan file missing", [*ESTIMATE, "--plan", "/nonexistent/plan.json"],
+     r"cannot read plan file /nonexistent/plan.json"),
+    ("estimate: plan file not JSON", [*ESTIMATE, "--plan", "{in}/notes.txt"], r"notes.txt is not a valid plan: plan is "
+     r"not valid JSON"),
+    ("estimate: plan of another model", [*ESTIMATE, "--plan", "{in}/other-model-plan.json"],
+     r"is not a plan for .*model.layers.99.mlp.up_proj"),
+    ("estimate: bits not offered", [*ESTIMATE, "--bits", "5"], r"weight bits must be one of"),
+    ("estimate: N:M with N >= M", [*ESTIMATE, "--pattern", "4:2"], r"sparsity pattern must be 'unstructured' or 'N:M'"),
+    ("estimate: no target", ["estimate", "{model}"], r"give a target"),
+    ("estimate: zero context", [*ESTIMATE, "--context", "0"], r"--context must be at least 1"),
 ]
 
 
@@ -165,7 +179,7 @@ def run_case(argv: list[str], model_dir: Path, inputs: Path, workdir: Path) -> t
     from llmtailor import cli
 
     argv = [a.replace("{model}", str(model_dir)).replace("{in}", str(inputs)) for a in argv]
-    if "--results" not in argv:
+    if argv[0] in ("fit", "sweep") and "--results" not in argv:
         argv += ["--results", str(workdir / "results")]
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
