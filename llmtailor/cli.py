@@ -218,7 +218,7 @@ def _devices(args: argparse.Namespace) -> int:
         fp16 = p.peak_tflops.get("fp16", p.peak_tflops["fp32"])
         print(f"{p.name:<22} {format_size(p.usable_memory_bytes):>13} {p.memory_bandwidth_gbps:>7.1f} GB/s "
               f"{fp16:>7.2f} TFLOPS  {', '.join(sorted(p.kernels)) or '-'}")
-        print(f"{'':<22} {p.description}")
+        print(f"{'':<22} {p.description}" + (f"; runtime: {p.runtime}" if p.runtime else ""))
     print("\nOr --memory SIZE for an ad-hoc budget, or --device path/to/profile.yaml.")
     return 0
 

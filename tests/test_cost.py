@@ -93,10 +93,13 @@ def test_malformed_sizes_are_refused(text):
 
 def test_shipped_profiles_load():
     names = hw_profiles.available()
-    assert {"raspberry-pi-5-8gb", "laptop-x86-16gb", "rtx-4090-24gb"} <= set(names)
+    assert {"raspberry-pi-5-4gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb",
+            "apple-m2-16gb", "iphone-15-pro", "snapdragon-8-gen-3-phone", "laptop-x86-16gb", "rtx-3060-12gb",
+            "rtx-4090-24gb", "t4-16gb", "a100-80gb", "h100-80gb"} <= set(names)
     for name in names:
         p = hw_profiles.load(name)
         assert 0 < p.usable_memory_bytes <= p.memory_bytes and p.memory_bandwidth_gbps > 0
+        assert p.runtime, f"{name} does not say which runtime its kernels and efficiencies are for"
         assert hw_profiles.DeviceProfile.from_dict(p.to_dict()) == p
     limited = hw_profiles.from_memory("2GB", hw_profiles.load("raspberry-pi-5-8gb"))
     assert limited.usable_memory_bytes == 2 * 10**9 and limited.memory_bandwidth_gbps == 17.1
@@ -115,6 +118,7 @@ GOOD = Path(hw_profiles.PROFILE_DIR / "raspberry-pi-5-8gb.yaml").read_text()
     (lambda t: t.replace("int8_activations]", "warp_drive]"), "unknown kernels"),
     (lambda t: t + "\n  : : [\n", "not valid YAML"),
     (lambda t: "- just\n- a list\n", "mapping"),
+    (lambda t: t.replace("runtime: llama.cpp (CPU, NEON)", "runtime: 3"), "runtime must be a str"),
 ])
 def test_bad_profile_yaml(tmp_path, edit, message):
     path = tmp_path / "device.yaml"

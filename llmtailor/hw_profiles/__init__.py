@@ -44,6 +44,7 @@ class DeviceProfile:
     bandwidth_efficiency: float = 0.7  # share of peak bandwidth reached in practice
     compute_efficiency: float = 0.5  # share of peak compute reached in practice
     layer_overhead_us: float = 0.0  # fixed cost per decoder block per forward pass
+    runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -119,7 +120,7 @@ def from_memory(size: str, base: DeviceProfile | None = None) -> DeviceProfile:
 _REQUIRED = {"name": str, "description": str, "memory": "size", "usable_memory": "size",
              "memory_bandwidth_gbps": float, "peak_tflops": dict, "power_watts": float}
 _OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency": float,
-             "compute_efficiency": float, "layer_overhead_us": float}
+             "compute_efficiency": float, "layer_overhead_us": float, "runtime": str}
 
 
 def _from_yaml(data: Any, where: str) -> DeviceProfile:
@@ -170,5 +171,5 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
         kernels=kernels, runtime_overhead_bytes=values.get("runtime_overhead", 0),
         bandwidth_efficiency=values.get("bandwidth_efficiency", 0.7),
         compute_efficiency=values.get("compute_efficiency", 0.5),
-        layer_overhead_us=values.get("layer_overhead_us", 0.0),
+        layer_overhead_us=values.get("layer_overhead_us", 0.0), runtime=values.get("runtime", ""),
     )
