@@ -3,7 +3,9 @@
 Each kind of entry lives in a folder of its own under the cache root
 (``LLMTAILOR_CACHE``, default ``~/.cache/llmtailor``): ``gguf/`` holds GGUF files
 converted once into plain float32 model folders, ``tasks/`` the items of built-in
-lm-eval tasks. Everything here can be deleted at any time; it is remade when needed.
+lm-eval tasks, and the others what calibrated searches make once and reuse (``KINDS``).
+Everything here can be deleted at any time; it is remade when needed (the host
+profile by measuring again).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = {"gguf": "GGUF files converted to float32 model folders", "tasks": "items of built-in lm-eval tasks"}
+KINDS = {"gguf": "GGUF files converted to float32 model folders", "tasks": "items of built-in lm-eval tasks",
+         "calibration": "calibration statistics (layer input second moments) per model and calibration",
+         "layers": "compressed layers (the per-layer cache of calibrated searches)",
+         "sensitivity": "layer sensitivities of guided searches", "importance": "importance for structured cuts",
+         "host": "this machine's measured device profile (`llmtailor devices --calibrate`)"}
 
 
 def cache_dir() -> Path:

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
     estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
     estimate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    sub.add_parser("devices", help="list the device profiles")
+    devices = sub.add_parser("devices", help="list the device profiles")
+    devices.add_argument("--calibrate", action="store_true", help="measure this machine (read bandwidth, matmul "
+                         "throughput, per-block overhead, free memory) into the 'host' profile")
     cache = sub.add_parser("cache", help="list what llmtailor keeps in its cache (converted GGUF models, task items)")
     cache.add_argument("--clear", action="store_true", help="delete everything in the cache")
     return parser
@@ -210,10 +212,20 @@ def _report(args: argparse.Namespace) -> int:
 
 def _devices(args: argparse.Namespace) -> int:
     from llmtailor import hw_profiles
-    from llmtailor.hw_profiles import format_size
+    from llmtailor.hw_profiles import format_size, host
+
+    if args.calibrate:
+        print("measuring this machine (about half a minute; keep it otherwise idle) ...")
+        figures = host.measure()
+        path = host.write_profile(figures)
+        print(f"read bandwidth {figures['read_bandwidth_gbps']:.1f} GB/s; matmul fp32 "
+              f"{figures['fp32_tflops'] * 1e3:.0f} GFLOPS, bf16 {figures['bf16_tflops'] * 1e3:.0f} GFLOPS; block "
+              f"overhead {figures['block_overhead_us']:.0f} us; {format_size(figures['available_bytes'])} available")
+        print(f"wrote {path}: use it with --device host (and --memory SIZE alone now uses these speeds)")
+        return 0
 
     print(f"{'name':<22} {'usable memory':>13} {'bandwidth':>11} {'fp16':>12}  kernels")
-    for name in hw_profiles.available():
+    for name in hw_profiles.available() + (["host"] if host.profile_path().is_file() else []):
         p = hw_profiles.load(name)
         fp16 = p.peak_tflops.get("fp16", p.peak_tflops["fp32"])
         print(f"{p.name:<22} {format_size(p.usable_memory_bytes):>13} {p.memory_bandwidth_gbps:>7.1f} GB/s "

@@ -170,6 +170,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("estimate: bits not offered", [*ESTIMATE, "--bits", "5"], r"weight bits must be one of"),
     ("estimate: N:M with N >= M", [*ESTIMATE, "--pattern", "4:2"], r"sparsity pattern must be 'unstructured' or 'N:M'"),
     ("estimate: no target", ["estimate", "{model}"], r"give a target"),
+    ("host device before calibration", ["estimate", "{model}", "--device", "host"],
+     r"no host profile yet: measure it with `llmtailor devices --calibrate`"),
     ("estimate: zero context", [*ESTIMATE, "--context", "0"], r"--context must be at least 1"),
 ]
 

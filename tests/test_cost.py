@@ -130,3 +130,37 @@ def test_bad_profile_yaml(tmp_path, edit, message):
 def test_unknown_device_names_the_choices():
     with pytest.raises(UserError, match="unknown device 'toaster'.*raspberry-pi-5-8gb"):
         hw_profiles.load("toaster")
+
+
+def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from llmtailor import cli
+    from llmtailor.hw_profiles import host
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path))
+    assert "typical laptop CPU" in hw_profiles.from_memory("8GB").description
+    with pytest.raises(UserError, match="no host profile yet: measure it with `llmtailor devices --calibrate`"):
+        hw_profiles.load("host")
+    real_measure = host.measure
+    monkeypatch.setattr(host, "measure", lambda: real_measure(probe_bytes=32 << 20))
+    monkeypatch.setattr(host, "matmul_tflops", lambda dtype: 0.05 if dtype == torch.float32 else 0.02)
+    monkeypatch.setattr(host, "runtime_bytes", lambda: 300 << 20)
+    assert cli.main(["devices", "--calibrate"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    profile = hw_profiles.load("host")
+    assert profile.peak_tflops == {"fp32": 0.05, "fp16": 0.02} and profile.memory_bandwidth_gbps > 0.1
+    assert 0 < profile.usable_memory_bytes <= profile.memory_bytes and profile.layer_overhead_us > 0
+    budget = hw_profiles.from_memory("8GB")  # --memory alone now runs at this machine's speeds
+    assert budget.peak_tflops == profile.peak_tflops and "measured" in budget.description
+    assert cli.main(["devices"]) == 0 and "this machine" in capsys.readouterr().out
+
+
+def test_the_read_probe_and_matmul_measure_something_plausible():
+    import torch
+
+    from llmtailor.hw_profiles import host
+
+    assert 0.1 < host.read_bandwidth_gbps(16 << 20, repeats=2) < 5000
+    assert 1e-4 < host.matmul_tflops(torch.float32, 64, 128, 256, repeats=2) < 1000
+    assert 50 << 20 < host.runtime_bytes() < 4 << 30  # python, torch and transformers take some memory

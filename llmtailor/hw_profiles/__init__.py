@@ -1,9 +1,11 @@
 """Device profiles: public facts about a device (memory, bandwidth, compute, kernels, power).
 
 A profile is a YAML file in this folder (found by its name) or anywhere (found by its
-path). ``--memory 8GB`` alone is an ad-hoc profile: the memory budget the user gives,
-with the speed figures of the ``laptop-x86-16gb`` profile standing in for "a typical
-CPU", so latencies are then only comparable with each other, not predictions.
+path); ``host`` is this machine, measured by ``llmtailor devices --calibrate``
+(``hw_profiles.host``). ``--memory 8GB`` alone is an ad-hoc profile: the memory budget
+the user gives, with the host's measured speeds, or before any calibration the speed
+figures of the ``laptop-x86-16gb`` profile standing in for "a typical CPU" (latencies
+are then only comparable with each other, not predictions).
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def available() -> list[str]:
 def load(name_or_path: str) -> DeviceProfile:
     """A profile by its name (see `llmtailor devices`) or by the path of a YAML file."""
     path = Path(name_or_path).expanduser()
+    if name_or_path == "host" and not path.is_file():
+        from llmtailor.hw_profiles import host
+
+        path = host.profile_path()
+        if not path.is_file():
+            raise UserError("this machine has no host profile yet: measure it with `llmtailor devices --calibrate`")
     if not path.is_file():
         path = PROFILE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
@@ -106,11 +114,17 @@ def load(name_or_path: str) -> DeviceProfile:
 
 
 def from_memory(size: str, base: DeviceProfile | None = None) -> DeviceProfile:
-    """An ad-hoc profile: the budget given, on a base device (a typical CPU by default)."""
+    """An ad-hoc profile: the budget given, on a base device (by default this machine's measured speeds when
+    `llmtailor devices --calibrate` has measured them, else a typical laptop CPU's)."""
     budget = parse_size(size, "memory budget")
     if base is None:
-        base = replace(load(AD_HOC_BASE), name="memory", runtime_overhead_bytes=0)
-        description = f"a {format_size(budget)} memory budget (speeds of a typical laptop CPU)"
+        from llmtailor.hw_profiles import host
+
+        measured = host.profile_path().is_file()
+        base = replace(load("host" if measured else AD_HOC_BASE), name="memory", runtime_overhead_bytes=0)
+        speeds = "this machine's measured speeds" if measured else "speeds of a typical laptop CPU; `llmtailor " \
+                                                                   "devices --calibrate` measures this machine's"
+        description = f"a {format_size(budget)} memory budget ({speeds})"
     else:
         description = f"{base.description}, limited to {format_size(budget)}"
     return replace(base, name=f"{base.name}-{str(size).replace(' ', '')}", description=description,
