@@ -154,7 +154,9 @@ memory_bandwidth_gbps: {figures['read_bandwidth_gbps']:.2f}
 peak_tflops: {{fp32: {fp32:.4f}, fp16: {max(bf16, 1e-4):.4f}}}
 # Not measured (no power counters read): an assumed laptop-class package power.
 power_watts: {ASSUMED_WATTS}
-kernels: []
+# PyTorch's CPU weight-only matmuls (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) read 8- and 4-bit
+# weights directly; no int8-activation or sparse kernels are assumed.
+kernels: [int8_weight_only, int4_weight_only]
 # Peak resident memory of a fresh process that imports PyTorch and transformers.
 runtime_overhead: {figures['runtime_bytes']}
 # Decoding reaches about this share of the read-only bandwidth; the matmul rates are reached rates.
