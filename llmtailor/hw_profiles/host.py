@@ -41,14 +41,15 @@ def profile_path() -> Path:
     return cache_dir() / "host" / "profile.yaml"
 
 
-def _best_seconds(run, repeats: int) -> float:
-    run()  # warm up (page faults, thread pool)
-    times = []
+def _timed(run, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `run`, after one call to warm up (page faults, thread pool)."""
+    run()
+    out = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        out.append(time.perf_counter() - started)
+    return out
 
 
 def read_bandwidth_gbps(probe_bytes: int = PROBE_BYTES, repeats: int = 5) -> float:
@@ -57,7 +58,7 @@ def read_bandwidth_gbps(probe_bytes: int = PROBE_BYTES, repeats: int = 5) -> flo
     import torch
 
     buffer = torch.ones(probe_bytes // 4, dtype=torch.float32)
-    seconds = _best_seconds(lambda: buffer.amax(), repeats)
+    seconds = min(_timed(lambda: buffer.amax(), repeats))
     return probe_bytes / seconds / 1e9
 
 
@@ -66,7 +67,7 @@ def matmul_tflops(dtype: Any, tokens: int = 512, inputs: int = 1024, outputs: in
     import torch
 
     a, b = torch.randn(tokens, inputs).to(dtype), torch.randn(inputs, outputs).to(dtype)
-    seconds = _best_seconds(lambda: a @ b, repeats)
+    seconds = min(_timed(lambda: a @ b, repeats))
     return 2 * tokens * inputs * outputs / seconds / 1e12
 
 
@@ -86,16 +87,6 @@ def block_overhead_us(hidden: int = 64, repeats: int = 50) -> float:
     with torch.no_grad():
         seconds = statistics.median(_timed(lambda: block(x, position_embeddings=embeddings), repeats))
     return seconds * 1e6
-
-
-def _timed(run, repeats: int) -> list[float]:
-    run()
-    out = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        out.append(time.perf_counter() - started)
-    return out
 
 
 def runtime_bytes() -> int:
