@@ -153,3 +153,22 @@ def test_a_prune_search_measures_importance_once_and_tries_cuts_and_calibrated_p
     code, _, err = run([*argv, "--study", "second", "--trials", 2], capsys)
     assert code == 0, err
     assert importance.stat().st_mtime_ns == made  # read, not measured again
+
+
+def test_a_study_made_before_calibrating_says_why_it_no_longer_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from llmtailor.hw_profiles import host
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 1, "--results", tmp_path, "--tasks", "none",
+            "--study", "before", *FAST]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    monkeypatch.setattr(host, "measure", lambda: {
+        "read_bandwidth_gbps": 10.0, "probe_bytes": 1 << 20, "fp32_tflops": 0.05, "bf16_tflops": 0.1,
+        "block_overhead_us": 50.0, "memory_bytes": 8 << 30, "available_bytes": 4 << 30, "runtime_bytes": 300 << 20,
+        "threads": torch.get_num_threads(), "cpu": "test"})
+    assert run(["devices", "--calibrate"], capsys)[0] == 0
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "made with another device (the same device with other figures" in err, err

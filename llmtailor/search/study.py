@@ -202,7 +202,11 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
     differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text", "calibration")
                if made_for.get(k) != wanted.get(k)]
     if differs:
-        raise UserError(f"study {setup.study_name!r} was made with another {', '.join(differs)}: "
+        hint = ""
+        if "device" in differs and (made_for.get("device") or {}).get("name") == wanted["device"]["name"]:
+            hint = (" (the same device with other figures: `llmtailor devices --calibrate` changes the host "
+                    "profile, which --memory alone runs at)")
+        raise UserError(f"study {setup.study_name!r} was made with another {', '.join(differs)}{hint}: "
                         "use the same options to resume it, or --study NEW_NAME for a new one")
 
 
