@@ -117,13 +117,20 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
     return [p for a in actions for p in a.choices.values()]
 
 
-def _config(args: argparse.Namespace):
+def _workload(args: argparse.Namespace):
+    """The --context, --batch and --prompt options as a cost.Workload, each at least 1."""
     from llmtailor.evaluators.cost import Workload
-    from llmtailor.search import SearchConfig
 
     for name in ("context", "batch", "prompt"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return Workload(args.context, args.batch, args.prompt)
+
+
+def _config(args: argparse.Namespace):
+    from llmtailor.search import SearchConfig
+
+    workload = _workload(args)
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
     tasks = () if args.tasks.strip().lower() == "none" else split(args.tasks)
     return SearchConfig(
@@ -131,7 +138,7 @@ def _config(args: argparse.Namespace):
         results_dir=args.results, storage=args.storage, space=args.space, sampler=args.sampler,
         objectives=split(args.objectives), tasks=tasks, task_items=args.task_items,
         eval_windows=args.eval_windows, window_tokens=args.window_tokens, text=args.text,
-        workload=Workload(args.context, args.batch, args.prompt), seed=args.seed,
+        workload=workload, seed=args.seed,
         trust_remote_code=args.trust_remote_code, torch_device=args.torch_device, calibration=args.calibration,
         calibration_windows=args.calibration_windows,
     )
@@ -252,12 +259,9 @@ def _estimate(args: argparse.Namespace) -> int:
     import json
 
     from llmtailor import dry_run
-    from llmtailor.evaluators.cost import Workload
     from llmtailor.search.study import device_profile
 
-    for name in ("context", "batch", "prompt"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    workload = _workload(args)
     uniform_given = (args.bits, args.group, args.sparsity, args.pattern, args.embedding_bits) != (
         16, 128, 0.0, "unstructured", None)
     if args.plan and uniform_given:
@@ -273,7 +277,7 @@ def _estimate(args: argparse.Namespace) -> int:
             raise UserError(f"plan {args.plan} is not a plan for {name}: {exc}") from None
     else:
         plan = dry_run.uniform_plan(arch, args.bits, args.group, args.sparsity, args.pattern, args.embedding_bits)
-    result = dry_run.estimate(plan, arch, profile, Workload(args.context, args.batch, args.prompt))
+    result = dry_run.estimate(plan, arch, profile, workload)
     print(json.dumps({"model": name, **result}, indent=1) if args.json else dry_run.render(result, name))
     return 0 if result["fits"] else 1
 

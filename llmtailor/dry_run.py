@@ -9,7 +9,6 @@ architecture is built on PyTorch's meta device, so a 70B config costs seconds.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from llmtailor import models
 from llmtailor.errors import UserError
 from llmtailor.evaluators import cost
 from llmtailor.hw_profiles import DeviceProfile, format_size
-from llmtailor.plan import _NM_PATTERN, CompressionPlan, LayerPrecision, LayerSparsity, PlanError
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError, nm_ratio
 
 
 def load_architecture(spec: str | None, *, trust_remote_code: bool = False) -> tuple[arch_mod.Architecture, str]:
@@ -43,7 +42,7 @@ def read_plan(path: str) -> CompressionPlan:
         raise UserError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
     try:
         return CompressionPlan.from_json(text)
-    except (json.JSONDecodeError, PlanError, TypeError, ValueError) as exc:
+    except (PlanError, TypeError, ValueError) as exc:  # from_json turns bad JSON into a PlanError
         raise UserError(f"plan file {path} is not a valid plan: {exc}") from None
 
 
@@ -52,21 +51,14 @@ def uniform_plan(arch: arch_mod.Architecture, bits: int = 16, group_size: int = 
     """The same precision and sparsity on every linear layer (N:M without a ratio prunes its 1 − N/M); the
     embedding at ``embedding_bits`` (default: 16 below 8 bits, as llama.cpp's Q4 formats keep it wider, else
     ``bits``)."""
-    try:
-        precision = LayerPrecision(bits, group_size if bits < 16 else 128)
-        embedding = LayerPrecision(embedding_bits or (bits if bits >= 8 else 16), group_size)
-        if pattern != "unstructured" and not sparsity and _NM_PATTERN.match(pattern):  # N:M implies its ratio
-            n, m = (int(x) for x in pattern.split(":"))
-            sparsity = 1 - n / m if n < m else sparsity
-        pruned = LayerSparsity(sparsity, pattern) if sparsity or pattern != "unstructured" else LayerSparsity()
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
+    precision = LayerPrecision(bits, group_size if bits < 16 else 128)  # PlanError is a one-line UserError
+    embedding = LayerPrecision(embedding_bits or (bits if bits >= 8 else 16), group_size)
+    if pattern != "unstructured" and not sparsity:  # N:M implies its ratio (not N:M: LayerSparsity says so)
+        sparsity = nm_ratio(pattern) or sparsity
+    pruned = LayerSparsity(sparsity, pattern) if sparsity or pattern != "unstructured" else LayerSparsity()
     plan = CompressionPlan(precision={lin.name: precision for lin in arch.linears} | {arch.embedding.name: embedding},
                            sparsity={lin.name: pruned for lin in arch.linears if lin.block is not None})
-    try:
-        plan.validate(arch)
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
+    plan.validate(arch)
     return plan
 
 

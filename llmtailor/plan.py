@@ -24,6 +24,14 @@ ACTIVATION_BITS = (16, 8)
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
+def nm_ratio(pattern: str) -> float | None:
+    """The share of weights an 'N:M' pattern prunes (1 − N/M), or None when the text is not N:M with 0 < N < M."""
+    match = _NM_PATTERN.match(pattern)
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        return None
+    return 1 - int(match[1]) / int(match[2])
+
+
 class PlanError(UserError):
     """A plan that is malformed or does not fit the model it is applied to."""
 
@@ -82,13 +90,12 @@ class LayerSparsity:
         if not 0.0 <= self.ratio < 1.0:
             raise PlanError(f"sparsity ratio must be in [0, 1), got {self.ratio}")
         if self.pattern != "unstructured":
-            match = _NM_PATTERN.match(self.pattern)
-            if not match or not 0 < int(match[1]) < int(match[2]):
+            implied = nm_ratio(self.pattern)
+            if implied is None:
                 raise PlanError(
                     f"sparsity pattern must be 'unstructured' or 'N:M' with 0 < N < M, "
                     f"got {self.pattern!r}"
                 )
-            implied = 1 - int(match[1]) / int(match[2])
             if abs(self.ratio - implied) > 1e-9:
                 raise PlanError(f"pattern {self.pattern} prunes {implied:g} of weights; set ratio={implied:g}")
 

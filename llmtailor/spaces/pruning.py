@@ -29,10 +29,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from llmtailor import arch as arch_mod
 from llmtailor.arch import Architecture
 from llmtailor.compression import outliers, structure
 from llmtailor.evaluators.cost import weight_bytes
-from llmtailor.plan import CompressionPlan, LayerSparsity, Student
+from llmtailor.plan import CompressionPlan, LayerSparsity, Student, nm_ratio
 from llmtailor.spaces.base import BlockScores, SearchSpace
 from llmtailor.spaces.grouped import GroupedSpace, _without_identities, by_depth_segment, by_part
 
@@ -74,18 +75,15 @@ class PruningSpace(SearchSpace):
 
     def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
         student = self.student(params, arch)
-        kept = list(range(arch.num_layers) if student.layers is None else student.layers)
+        small = arch_mod.cut(arch, *student.uniform_cut(arch.num_layers))  # teacher names, the cut's widths
         precision = self.precision.precision(params, arch)
-        sparsity = {}
-        ratios = self.block_ratios(params, kept)
-        for lin in arch.linears:
-            if lin.block is None:
+        precision = {lin.name: precision[lin.name] for lin in (*small.linears, arch.embedding)}  # cut blocks' go
+        pattern, sparsity = params["prune_pattern"], {}
+        ratios = self.block_ratios(params, list(range(arch.num_layers) if student.layers is None else student.layers))
+        for lin in small.linears:
+            if lin.block is None or not ratios:
                 continue
-            if lin.block not in kept:  # the layer is cut with its block: the plan does not name it
-                precision.pop(lin.name)
-                continue
-            pattern = params["prune_pattern"]
-            if ratios and (pattern == "unstructured" or _inputs_after_cut(lin, student, arch) % int(pattern.split(":")[1]) == 0):
+            if pattern == "unstructured" or lin.in_features % int(pattern.split(":")[1]) == 0:
                 sparsity[lin.name] = LayerSparsity(ratios[lin.block], pattern, params["prune_method"])
                 if sparsity[lin.name].method == "sparsegpt" and precision[lin.name].method == "gptq":
                     precision[lin.name] = dataclasses.replace(precision[lin.name], act_order=False)
@@ -116,8 +114,7 @@ class PruningSpace(SearchSpace):
         if pattern == "dense":
             return {}
         if pattern != "unstructured":
-            n, m = (int(x) for x in pattern.split(":"))
-            return dict.fromkeys(kept, 1 - n / m)
+            return dict.fromkeys(kept, nm_ratio(pattern))
         ratio = params["prune_ratio"]
         if not params["owl"] or self.scores is None:
             return dict.fromkeys(kept, ratio)
@@ -142,11 +139,3 @@ class PruningSpace(SearchSpace):
                 {**p(arch, 16, 128), **half}, {**p(arch, 16, 128), **two_four},
                 {**p(arch, 16, 128), **dense, "cut_blocks": 0.2}, {**p(arch, 4, 128, 8), **half}]
 
-
-def _inputs_after_cut(lin: Any, student: Student, arch: Architecture) -> int:
-    """A layer's input width in the cut model (o_proj reads the kept heads, down_proj the kept channels)."""
-    if lin.kind == "o_proj" and student.heads:
-        return student.heads[lin.block] * arch.head_dim
-    if lin.kind == "down_proj" and student.mlp_width:
-        return student.mlp_width[lin.block]
-    return lin.in_features
