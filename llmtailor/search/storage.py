@@ -84,6 +84,21 @@ class Storage(optuna.storages.RDBStorage):
         return stale
 
 
+def beat_now(trial: optuna.Trial) -> None:
+    """Write the trial's first heartbeat now, in this thread.
+
+    Optuna's heartbeat thread writes its first beat concurrently with the objective; on a
+    busy machine (a SQLite write lock held by this thread) a process killed in that gap
+    leaves a RUNNING trial without a heartbeat, which no later run can ever fail. (Two
+    first beats racing is harmless: Optuna ignores the second insert's key violation.)
+    """
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = trial.study._storage
+    if is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)
+
+
 def open_storage(url: str) -> Storage:
     """An Optuna storage for the URL; heartbeats let a later run fail the trials of a dead process.
 

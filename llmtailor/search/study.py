@@ -289,6 +289,7 @@ class TrialEvaluator:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         started = time.perf_counter()
+        storage_mod.beat_now(trial)
         try:
             return self._evaluate(trial, started)
         except optuna.TrialPruned:
