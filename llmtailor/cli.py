@@ -53,6 +53,8 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
     parser.add_argument("--batch", type=int, default=1, help="batch size on the device")
     parser.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
+    parser.add_argument("--dense-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="width the runtime holds unquantized weights, KV cache and activations in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines "
                         "(default: SQLite in the study's results folder)")
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
     estimate.add_argument("--batch", type=int, default=1, help="batch size on the device")
     estimate.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
+    estimate.add_argument("--dense-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="width the runtime holds unquantized weights, KV cache and activations in")
     estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
     estimate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     devices = sub.add_parser("devices", help="list the device profiles")
@@ -118,13 +122,13 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 
 
 def _workload(args: argparse.Namespace):
-    """The --context, --batch and --prompt options as a cost.Workload, each at least 1."""
+    """The --context, --batch, --prompt (each at least 1) and --dense-dtype options as a cost.Workload."""
     from llmtailor.evaluators.cost import Workload
 
     for name in ("context", "batch", "prompt"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return Workload(args.context, args.batch, args.prompt)
+    return Workload(args.context, args.batch, args.prompt, args.dense_dtype)
 
 
 def _config(args: argparse.Namespace):
@@ -225,9 +229,12 @@ def _devices(args: argparse.Namespace) -> int:
         print("measuring this machine (about half a minute; keep it otherwise idle) ...")
         figures = host.measure()
         path = host.write_profile(figures)
-        print(f"read bandwidth {figures['read_bandwidth_gbps']:.1f} GB/s; matmul fp32 "
-              f"{figures['fp32_tflops'] * 1e3:.0f} GFLOPS, bf16 {figures['bf16_tflops'] * 1e3:.0f} GFLOPS; block "
-              f"overhead {figures['block_overhead_us']:.0f} us; {format_size(figures['available_bytes'])} available")
+        print(f"read bandwidth {figures['read_bandwidth_gbps']:.1f} GB/s, decoding reads at "
+              f"{figures['decode_read_gbps']:.1f} GB/s plus {figures['block_overhead_us']:.0f} us per block; prefill "
+              f"fp32 {figures['fp32_prefill_tflops'] * 1e3:.0f} GFLOPS, bf16 {figures['bf16_prefill_tflops'] * 1e3:.0f} "
+              f"GFLOPS (bare matmuls {figures['fp32_tflops'] * 1e3:.0f} and {figures['bf16_tflops'] * 1e3:.0f}), int8 "
+              f"dynamic matmul {figures['int8_dynamic_tflops'] * 1e3:.0f} GOPS; "
+              f"{format_size(figures['available_bytes'])} available")
         print(f"wrote {path}: use it with --device host (and --memory SIZE alone now uses these speeds)")
         return 0
 

@@ -16,7 +16,7 @@ from llmtailor import arch as arch_mod
 from llmtailor import models
 from llmtailor.errors import UserError
 from llmtailor.evaluators import cost
-from llmtailor.hw_profiles import DeviceProfile, format_size
+from llmtailor.hw_profiles import DeviceProfile, format_size, validation
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, PlanError, nm_ratio
 
 
@@ -81,6 +81,7 @@ def estimate(plan: CompressionPlan, arch: arch_mod.Architecture, profile: Device
         "budget_bytes": found.budget_bytes, "fits": found.fits,
         "time_to_first_token_s": lat.prefill_s, "decode_ms_per_token": lat.decode_s_per_token * 1e3,
         "decode_tokens_per_s": lat.decode_tokens_per_s, "energy_j_per_token": lat.energy_j_per_token,
+        "latency_check": validation.note(profile),
     }
 
 
@@ -97,5 +98,5 @@ def render(result: dict[str, Any], model_name: str) -> str:
               f"{verdict}", "",
               f"  time to first token {result['time_to_first_token_s']:.3g} s; decode "
               f"{result['decode_ms_per_token']:.3g} ms/token ({result['decode_tokens_per_s']:.3g} tokens/s); "
-              f"{result['energy_j_per_token']:.3g} J/token (predicted)"]
+              f"{result['energy_j_per_token']:.3g} J/token (predicted)", f"  ({result['latency_check']})"]
     return "\n".join(lines)

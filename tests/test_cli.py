@@ -36,6 +36,7 @@ def test_fit_writes_front_report_and_plans_then_resumes(tiny_model_dir, tmp_path
         assert set(plan) == {"precision", "sparsity", "student", "kv_cache_bits"}
     html = (folder / "report.html").read_text()
     assert "<svg" in html and "Accuracy vs memory" in html and "Pareto front" in html
+    assert "how far its\nlatencies are from measurement: " in html
     trials = list(csv.DictReader((folder / "trials.csv").open()))
     assert sum(t["status"] == "evaluated" for t in trials) == 5
     # The first enqueued baseline is the dense model: over this budget, rejected by cost alone.
@@ -167,6 +168,7 @@ def test_a_study_made_before_calibrating_says_why_it_no_longer_resumes(tiny_mode
     assert code == 0, err
     monkeypatch.setattr(host, "measure", lambda: {
         "read_bandwidth_gbps": 10.0, "probe_bytes": 1 << 20, "fp32_tflops": 0.05, "bf16_tflops": 0.1,
+        "decode_read_gbps": 5.0, "fp32_prefill_tflops": 0.04, "bf16_prefill_tflops": 0.08, "int8_dynamic_tflops": 0.0,
         "block_overhead_us": 50.0, "memory_bytes": 8 << 30, "available_bytes": 4 << 30, "runtime_bytes": 300 << 20,
         "threads": torch.get_num_threads(), "cpu": "test"})
     assert run(["devices", "--calibrate"], capsys)[0] == 0

@@ -79,6 +79,42 @@ def test_sparsity_speeds_up_only_with_a_kernel(tiny):
         assert cost.memory(sparse, arch, w).weights < cost.memory(CompressionPlan(), arch, w).weights
 
 
+def test_float32_runtime_doubles_what_is_held_dense_and_nothing_quantized(tiny):
+    arch = tiny.arch
+    half, full = cost.Workload(256, 1, 64), cost.Workload(256, 1, 64, "float32")
+    dense = CompressionPlan()
+    m16, m32 = cost.memory(dense, arch, half), cost.memory(dense, arch, full)
+    assert (m32.weights, m32.embedding, m32.other) == (2 * m16.weights, 2 * m16.embedding, 2 * m16.other)
+    assert m32.kv_cache == 2 * m16.kv_cache and m32.activations > m16.activations
+    int4 = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in arch.linears})
+    assert cost.memory(int4, arch, full).weights == cost.memory(int4, arch, half).weights
+    # The stored (packed) form is float16 whatever the runtime holds.
+    assert cost.weight_bytes(dense, arch) == m16.weights + m16.embedding
+    with pytest.raises(ValueError, match="dense dtype"):
+        cost.Workload(dense_dtype="int8")
+
+
+def test_float32_computes_at_the_float32_rate():
+    from llmtailor.hw_profiles import roofline
+
+    host = hw_profiles.DeviceProfile("d", "d", 10**9, 10**9, 10.0, {"fp32": 1.0, "fp16": 4.0}, 5.0)
+    assert roofline.compute_precision(host, False, "float32") == "fp32"
+    assert roofline.compute_precision(host, False, "bfloat16") == "fp16"
+
+
+def test_weight_only_formats_pay_a_dequantize_without_a_kernel(tiny):
+    arch = tiny.arch
+    w = cost.Workload(256, 1, 64)
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in arch.linears})
+    base = hw_profiles.DeviceProfile("d", "d", 10**9, 10**9, 10.0, {"fp32": 1.0}, 5.0, layer_overhead_us=0)
+    fused = hw_profiles.DeviceProfile("d", "d", 10**9, 10**9, 10.0, {"fp32": 1.0}, 5.0, layer_overhead_us=0,
+                                      kernels=frozenset({"int4_weight_only"}))
+    dense_s = cost.latency(CompressionPlan(), arch, base, w).decode_s_per_token
+    assert cost.latency(plan, arch, fused, w).decode_s_per_token < dense_s
+    # Unfused: read the 4-bit codes, write the float16 copy, read it again: slower than plain float16.
+    assert cost.latency(plan, arch, base, w).decode_s_per_token > dense_s
+
+
 @pytest.mark.parametrize("text, expected", [("8GB", 8 * 10**9), ("512 MB", 512 * 10**6), ("1.5GiB", 1.5 * 2**30),
                                             ("100kb", 10**5), ("2048", 2048), ("8g", 8 * 10**9)])
 def test_parse_size(text, expected):
@@ -145,12 +181,17 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     real_measure = host.measure
     monkeypatch.setattr(host, "measure", lambda: real_measure(probe_bytes=32 << 20))
     monkeypatch.setattr(host, "matmul_tflops", lambda dtype: 0.05 if dtype == torch.float32 else 0.02)
+    monkeypatch.setattr(host, "int8_dynamic_tflops", lambda: 0.08)
+    monkeypatch.setattr(host, "FIT_WIDTHS", (64, 128))
     monkeypatch.setattr(host, "runtime_bytes", lambda: 300 << 20)
     assert cli.main(["devices", "--calibrate"]) == 0
     assert "wrote" in capsys.readouterr().out
     profile = hw_profiles.load("host")
-    assert profile.peak_tflops == {"fp32": 0.05, "fp16": 0.02} and profile.memory_bandwidth_gbps > 0.1
+    assert profile.peak_tflops["int8"] > 0 and profile.memory_bandwidth_gbps > 0.1
+    assert 0 < profile.peak_tflops["fp32"] < 1000 and 0 < profile.peak_tflops["fp16"] < 1000
+    assert "int8_activations" in profile.kernels
     assert 0 < profile.usable_memory_bytes <= profile.memory_bytes and profile.layer_overhead_us > 0
+    assert 0 < profile.bandwidth_efficiency <= 1  # measured: one-token matmuls against the read probe
     budget = hw_profiles.from_memory("8GB")  # --memory alone now runs at this machine's speeds
     assert budget.peak_tflops == profile.peak_tflops and "measured" in budget.description
     assert cli.main(["devices"]) == 0 and "this machine" in capsys.readouterr().out
@@ -162,5 +203,23 @@ def test_the_read_probe_and_matmul_measure_something_plausible():
     from llmtailor.hw_profiles import host
 
     assert 0.1 < host.read_bandwidth_gbps(16 << 20, repeats=2) < 5000
+    timings = host.time_decoders(4 << 20, prompt=16, steps=4, repeats=1, widths=(64, 128))
+    fitted = host.fit_decoders(timings)
+    assert len(timings) == 4 and all(t.decode_s > 0 and t.prefill_s > 0 for t in timings)
+    assert fitted["decode_read_gbps"] > 0 and fitted["block_overhead_us"] >= 0 and fitted["fp32_prefill_tflops"] > 0
     assert 1e-4 < host.matmul_tflops(torch.float32, 64, 128, 256, repeats=2) < 1000
+    assert 1e-4 < host.int8_dynamic_tflops(64, 128, 256, repeats=2) < 1000  # this build has a quantized engine
     assert 50 << 20 < host.runtime_bytes() < 4 << 30  # python, torch and transformers take some memory
+
+
+def test_the_decoder_fit_recovers_known_figures():
+    from llmtailor.hw_profiles import host
+
+    # Timings made from 20 GB/s, 100 us per block, 0.2 / 0.8 TFLOPS: the fit gives them back.
+    timings = [host.DecoderTiming(dtype, blocks, size, flops, flops / rate + blocks * 1e-4, size / 20e9 + blocks * 1e-4)
+               for dtype, rate in (("float32", 0.2e12), ("bfloat16", 0.8e12))
+               for blocks, size, flops in ((24, 300e6, 2e10), (6, 400e6, 3e10), (2, 350e6, 2.5e10))]
+    fitted = host.fit_decoders(timings)
+    assert fitted["decode_read_gbps"] == pytest.approx(20.0)
+    assert fitted["block_overhead_us"] == pytest.approx(100.0)
+    assert fitted["fp32_prefill_tflops"] == pytest.approx(0.2) and fitted["bf16_prefill_tflops"] == pytest.approx(0.8)

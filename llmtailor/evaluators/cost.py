@@ -3,6 +3,12 @@
 Bytes are exact: they are the bytes of the packed form that
 ``llmtailor.compression.pack`` produces, and a test holds the two equal.
 
+The workload's ``dense_dtype`` is the width a runtime keeps unquantized tensors in
+(weights, norms, KV cache, activations): float16/bfloat16 (2 bytes, the stored form
+and what llama.cpp and GPU runtimes run) or float32 (what PyTorch eager loads on a
+CPU unless told otherwise). The packed file is always float16; only what the device
+holds and reads changes with it.
+
 Storage rules (one layer, weight matrix of ``out`` rows by ``in`` inputs):
 - 16 bits: float16 values, nothing else.
 - b < 16 bits: b-bit codes, bit-packed; one float16 scale per group of ``group_size``
@@ -32,15 +38,25 @@ from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, Stude
 
 FLOAT16_BYTES = 2
 INT32_BYTES = 4
+DENSE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}  # bytes per value
 
 
 @dataclass(frozen=True)
 class Workload:
-    """How the model is used on the device: context kept, batch, and prompt length."""
+    """How the model is used on the device: context kept, batch, prompt length, and unquantized width."""
 
     context_length: int = 2048
     batch_size: int = 1
     prompt_length: int = 512
+    dense_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise ValueError(f"dense dtype must be one of {sorted(DENSE_DTYPES)}, got {self.dense_dtype!r}")
+
+    @property
+    def dense_bytes(self) -> int:
+        return DENSE_DTYPES[self.dense_dtype]
 
 
 @dataclass(frozen=True)
@@ -75,9 +91,10 @@ def _packed(count: int, bits: int) -> int:
     return math.ceil(count * bits / 8)
 
 
-def tensor_bytes(out_features: int, in_features: int, precision: LayerPrecision, sparsity: LayerSparsity) -> TensorBytes:
-    """Bytes of one weight matrix stored at this precision and sparsity."""
-    bits = precision.bits
+def tensor_bytes(out_features: int, in_features: int, precision: LayerPrecision, sparsity: LayerSparsity,
+                 dense_bytes: int = FLOAT16_BYTES) -> TensorBytes:
+    """Bytes of one weight matrix stored at this precision and sparsity (16-bit values held `dense_bytes` wide)."""
+    bits = precision.bits if precision.bits < 16 else 8 * dense_bytes
     scales = zeros = 0
     if bits < 16:
         groups = out_features * num_groups(in_features, precision.group_size)
@@ -114,9 +131,10 @@ def stored_layers(arch: Architecture) -> list[Linear]:
     return [*arch.linears, arch.embedding]
 
 
-def layer_bytes(plan: CompressionPlan, lin: Linear) -> TensorBytes:
+def layer_bytes(plan: CompressionPlan, lin: Linear, dense_bytes: int = FLOAT16_BYTES) -> TensorBytes:
     """Bytes of one layer of the model under the plan."""
-    return tensor_bytes(lin.out_features, lin.in_features, plan.precision_of(lin.name), plan.sparsity_of(lin.name))
+    return tensor_bytes(lin.out_features, lin.in_features, plan.precision_of(lin.name), plan.sparsity_of(lin.name),
+                        dense_bytes)
 
 
 def weight_bytes(plan: CompressionPlan, arch: Architecture) -> int:
@@ -137,7 +155,7 @@ class MemoryEstimate:
 
     weights: int  # linear layers (an untied lm_head included)
     embedding: int
-    other: int  # norms and biases, float16
+    other: int  # norms and biases, at the dense width
     kv_cache: int
     activations: int
     overhead: int  # the runtime itself, from the device profile
@@ -151,15 +169,16 @@ def kv_cache_bytes(plan: CompressionPlan, arch: Architecture, workload: Workload
     """KV cache at the workload's context length and batch (quantized caches add a scale per head and token)."""
     plan, arch = structured(plan, arch)
     vectors = 2 * arch.num_layers * arch.num_kv_heads * workload.context_length * workload.batch_size
-    scales = vectors * FLOAT16_BYTES if plan.kv_cache_bits < 16 else 0
-    return _packed(vectors * arch.head_dim, plan.kv_cache_bits) + scales
+    if plan.kv_cache_bits >= 16:
+        return vectors * arch.head_dim * workload.dense_bytes
+    return _packed(vectors * arch.head_dim, plan.kv_cache_bits) + vectors * FLOAT16_BYTES
 
 
 def activation_bytes(arch: Architecture, workload: Workload) -> int:
-    """Peak working buffers of one block during prefill, in float16, plus the last token's logits in float32."""
+    """Peak working buffers of one block during prefill at the dense width, plus the last token's logits in float32."""
     tokens = workload.batch_size * workload.prompt_length
-    hidden_buffers = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * FLOAT16_BYTES
-    scores = workload.batch_size * arch.num_heads * workload.prompt_length**2 * FLOAT16_BYTES
+    hidden_buffers = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * workload.dense_bytes
+    scores = workload.batch_size * arch.num_heads * workload.prompt_length**2 * workload.dense_bytes
     logits = workload.batch_size * arch.vocab_size * 4
     return hidden_buffers + scores + logits
 
@@ -168,9 +187,9 @@ def memory(plan: CompressionPlan, arch: Architecture, workload: Workload, runtim
     """Memory the plan needs: weights, embedding, other parameters, KV cache, activations, runtime."""
     plan, arch = structured(plan, arch)
     return MemoryEstimate(
-        weights=sum(layer_bytes(plan, lin).total for lin in arch.linears),
-        embedding=layer_bytes(plan, arch.embedding).total,
-        other=arch.other_params * FLOAT16_BYTES,
+        weights=sum(layer_bytes(plan, lin, workload.dense_bytes).total for lin in arch.linears),
+        embedding=layer_bytes(plan, arch.embedding, workload.dense_bytes).total,
+        other=arch.other_params * workload.dense_bytes,
         kv_cache=kv_cache_bytes(plan, arch, workload),
         activations=activation_bytes(arch, workload),
         overhead=runtime_overhead,
@@ -190,29 +209,50 @@ class LatencyEstimate:
         return 1.0 / self.decode_s_per_token
 
 
-def _weight_only_kernel(bits: int) -> str:
-    return "int8_weight_only" if bits == 8 else "int4_weight_only"
+def _has_kernel(precision: LayerPrecision, profile: DeviceProfile) -> bool:
+    """Whether the device multiplies by this layer's low-bit weights directly (a fused kernel)."""
+    if precision.act_bits == 8 and precision.bits == 8 and "int8_activations" in profile.kernels:
+        return True
+    return ("int8_weight_only" if precision.bits == 8 else "int4_weight_only") in profile.kernels
 
 
-def _linear_operation(plan: CompressionPlan, lin: Linear, profile: DeviceProfile, tokens: int) -> Operation:
-    """A matmul of `tokens` rows through one layer, with the bytes the device really reads for it."""
+def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfile, tokens: int,
+                       workload: Workload) -> list[Operation]:
+    """A matmul of `tokens` rows through one layer, with the bytes the device really reads for it.
+
+    Without a sparse kernel the runtime multiplies the dense form. Without a fused low-bit
+    kernel it first expands the weights to the dense width, once per forward pass: it reads
+    the codes and scales and writes the dense copy (about two operations per weight), and
+    the matmul then reads that copy. So a weight-only format saves memory but not time there.
+    """
     precision, sparsity = plan.precision_of(lin.name), plan.sparsity_of(lin.name)
+    dense = workload.dense_bytes
+    compute = roofline.compute_precision(profile, precision.act_bits == 8 and _has_kernel(precision, profile),
+                                         workload.dense_dtype)
     kept_share = 1.0
     if not sparsity.is_identity:
         kernel = "sparse_unstructured" if sparsity.pattern == "unstructured" else f"sparse_{sparsity.pattern.replace(':', '_')}"
         if kernel in profile.kernels:
             kept_share = kept_per_row(lin.in_features, sparsity) / lin.in_features
         else:
-            sparsity = LayerSparsity()  # no sparse kernel: the runtime works on the dense form
-    if precision.bits < 16 and _weight_only_kernel(precision.bits) not in profile.kernels:
-        precision = LayerPrecision()  # no low-bit kernel: weights are expanded to float16 first
-    read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity).total
-    flops = 2.0 * tokens * lin.params * kept_share
-    return Operation(flops, read, roofline.compute_precision(profile, plan.precision_of(lin.name).act_bits == 8))
+            sparsity = LayerSparsity()
+    operations = []
+    if precision.bits < 16 and not _has_kernel(precision, profile):
+        stored = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total
+        operations.append(Operation(2.0 * lin.params, stored + lin.params * dense, compute))
+        precision = LayerPrecision()
+    read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total
+    operations.append(Operation(2.0 * tokens * lin.params * kept_share, read, compute))
+    return operations
 
 
 def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, workload: Workload) -> LatencyEstimate:
-    """Roofline prediction of prefill and per-token decode time, and decode energy per token."""
+    """Roofline prediction of prefill and per-token decode time, and decode energy per token.
+
+    Per phase, each layer's matmul takes max(bytes / bandwidth, FLOPs / compute) with the
+    profile's efficiencies; attention adds its FLOPs (prefill, causal) or its KV-cache reads
+    (decode, at the context length); each block adds the profile's fixed overhead.
+    """
     plan, arch = structured(plan, arch)
     batch, prompt, context = workload.batch_size, workload.prompt_length, workload.context_length
     linears = list(arch.linears)
@@ -220,11 +260,17 @@ def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, w
         linears.append(Linear(arch.embedding.name, arch.hidden_size, arch.vocab_size, None, "lm_head"))
     kv_per_block = kv_cache_bytes(plan, arch, workload) / arch.num_layers
     attention_width = arch.num_heads * arch.head_dim
-    fp = roofline.compute_precision(profile, False)
+    fp = roofline.compute_precision(profile, False, workload.dense_dtype)
 
-    prefill = [_linear_operation(plan, lin, profile, batch * (prompt if lin.kind != "lm_head" else 1)) for lin in linears]
+    def operations(tokens: int) -> list[Operation]:
+        # The head runs on the last position only: generation needs no logits for the rest of the prompt.
+        return [op for lin in linears
+                for op in _linear_operations(plan, lin, profile, batch * (tokens if lin.kind != "lm_head" else 1),
+                                             workload)]
+
+    prefill = operations(prompt)
     prefill += [Operation(4.0 * batch * attention_width * prompt * (prompt + 1) / 2, 0.0, fp)] * arch.num_layers
-    decode = [_linear_operation(plan, lin, profile, batch) for lin in linears]
+    decode = operations(1)
     decode += [Operation(4.0 * batch * attention_width * context, kv_per_block, fp)] * arch.num_layers
 
     prefill_s = roofline.total_seconds(prefill, profile, arch.num_layers)

@@ -4,13 +4,19 @@
   caches), not a copy: decoding reads weights and writes almost nothing, and a copy
   benchmark counts write traffic too (published llama.cpp measurements decode at
   84–91% of the read-only figure; a copy benchmark reports about half of it).
-- **Matmul throughput** per compute precision at the shapes of a small model's
-  prefill (fp32, and bf16 as this profile's half precision: PyTorch's CPU fp16 matmul
-  has no fast kernels), as reached, so the compute efficiency is 1.
-- **Per-block overhead**: the time of one decoder-sized block forward on one token
-  beyond its arithmetic and traffic (dispatch, Python, small kernels).
+- **The runtime itself, fitted**: random LLaMA decoder stacks of widths 512 to 2048 (each
+  larger than the caches) run through transformers' own code in float32 and bfloat16,
+  prefill at a 128-token prompt and decode with the KV cache; a least-squares fit of
+  the cost model's own form gives the decode read rate (weights and KV cache, as a
+  share of the probe: on this kind of machine about half, where llama.cpp's kernels
+  reach 84–91%), the fixed cost per block per forward pass (dispatch, attention, norms,
+  cache updates), and the rate prefill reaches per dtype. Bare matmul rates are
+  measured too (recorded in a comment), and int8 as PyTorch's dynamically quantized
+  linear layer reaches it (int8 weights, activations quantized per call), scaled by
+  what prefill reaches of the bare bfloat16 rate. A fit is a fit: the validation
+  benchmark (benchmarks/bench_cost_validation.py) checks it on a real model.
 - **Usable memory**: what the OS reports available now; **runtime memory**: the peak
-  resident memory of a fresh process that imports PyTorch and transformers.
+  resident memory of a fresh process that imports PyTorch and a transformers model class.
 
 Power is not measurable here without RAPL counters; the profile says so and assumes
 ``ASSUMED_WATTS``. The profile is written to the cache folder as ``host/profile.yaml`` and
@@ -25,6 +31,8 @@ import os
 import platform
 import statistics
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,52 +60,143 @@ def _timed(run, repeats: int) -> list[float]:
     return out
 
 
-def read_bandwidth_gbps(probe_bytes: int = PROBE_BYTES, repeats: int = 5) -> float:
+def read_bandwidth_gbps(probe_bytes: int = PROBE_BYTES, repeats: int = 7) -> float:
     """GB/s of a read-only pass over a buffer: the maximum of float32 words, every thread reading its share (an
     int32 sum would measure its widening to int64, about 25 times slower here, not the memory)."""
     import torch
 
     buffer = torch.ones(probe_bytes // 4, dtype=torch.float32)
-    seconds = min(_timed(lambda: buffer.amax(), repeats))
+    seconds = statistics.median(_timed(lambda: buffer.amax(), repeats))
     return probe_bytes / seconds / 1e9
 
 
-def matmul_tflops(dtype: Any, tokens: int = 512, inputs: int = 1024, outputs: int = 4096, repeats: int = 5) -> float:
+def matmul_tflops(dtype: Any, tokens: int = 512, inputs: int = 1024, outputs: int = 4096, repeats: int = 7) -> float:
     """TFLOPS reached by a (tokens × inputs) @ (inputs × outputs) matmul in this dtype."""
     import torch
 
     a, b = torch.randn(tokens, inputs).to(dtype), torch.randn(inputs, outputs).to(dtype)
-    seconds = min(_timed(lambda: a @ b, repeats))
+    seconds = statistics.median(_timed(lambda: a @ b, repeats))
     return 2 * tokens * inputs * outputs / seconds / 1e12
 
 
-def block_overhead_us(hidden: int = 64, repeats: int = 50) -> float:
-    """Microseconds of one tiny decoder block's forward on one token: nearly all of it overhead, not work."""
+def int8_dynamic_tflops(tokens: int = 512, inputs: int = 1024, outputs: int = 4096, repeats: int = 7) -> float:
+    """TFLOPS reached by PyTorch's dynamically quantized int8 linear layer at the matmul shape above, or 0 where
+    this build has no quantized engine."""
     import torch
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=1)
-    config._attn_implementation = "eager"  # a block built alone has no attention implementation chosen
-    block, rotary = LlamaDecoderLayer(config, 0).eval(), LlamaRotaryEmbedding(config)
-    x = torch.randn(1, 1, hidden)
-    positions = torch.zeros(1, 1, dtype=torch.long)
-    embeddings = rotary(x, positions)
+    if not set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "onednn", "qnnpack"}:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        layer = torch.ao.nn.quantized.dynamic.Linear(inputs, outputs, dtype=torch.qint8)
+        layer.set_weight_bias(torch.quantize_per_tensor(torch.randn(outputs, inputs), 0.02, 0, torch.qint8), None)
+    x = torch.randn(tokens, inputs)
     with torch.no_grad():
-        seconds = statistics.median(_timed(lambda: block(x, position_embeddings=embeddings), repeats))
-    return seconds * 1e6
+        seconds = statistics.median(_timed(lambda: layer(x), repeats))
+    return 2 * tokens * inputs * outputs / seconds / 1e12
+
+
+FIT_WIDTHS = (512, 1024, 2048)  # decoders of 0.1B to 1.5B parameters; the MLP is 8/3 as wide, heads 64 wide
+
+
+@dataclass(frozen=True)
+class DecoderTiming:
+    """One synthetic decoder stack run through transformers' own LLaMA code: what it holds and how long it took."""
+
+    dtype: str
+    blocks: int
+    decode_bytes: int  # weights and KV cache read per generated token
+    prefill_flops: float
+    prefill_s: float
+    decode_s: float
+
+
+def time_decoders(total_bytes: int = 256 << 20, prompt: int = 128, steps: int = 16, repeats: int = 3,
+                  widths: tuple[int, ...] = FIT_WIDTHS) -> list[DecoderTiming]:
+    """Prefill (one `prompt`-token forward) and decode (median step with the KV cache) of random LLaMA decoder stacks
+    of each width, in float32 and bfloat16, each stack at least `total_bytes` so its weights stream from memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    timings = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in widths:
+            heads = max(1, width // 64)
+            config = LlamaConfig(hidden_size=width, intermediate_size=(width * 8 // 3 + 63) // 64 * 64, vocab_size=256,
+                                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), num_hidden_layers=1)
+            per_block = sum(p.numel() for p in LlamaModel(config).layers.parameters())
+            config.num_hidden_layers = max(1, total_bytes // (per_block * dtype.itemsize))
+            model = LlamaModel(config).to(dtype).eval()
+            linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
+            ids = torch.randint(0, 256, (1, prompt))
+            prefill, decode = [], []
+            with torch.no_grad():
+                for run in range(repeats + 1):
+                    started = time.perf_counter()
+                    cache = model(ids, use_cache=True).past_key_values
+                    if run:  # the first run warms up
+                        prefill.append(time.perf_counter() - started)
+                    step = []
+                    for _ in range(steps):
+                        started = time.perf_counter()
+                        cache = model(ids[:, :1], past_key_values=cache, use_cache=True).past_key_values
+                        step.append(time.perf_counter() - started)
+                    if run:
+                        decode.append(statistics.median(step))
+            kv_width = config.num_key_value_heads * width // heads
+            kv = 2 * config.num_hidden_layers * kv_width * (prompt + steps // 2) * dtype.itemsize
+            attention = 4.0 * width * prompt * (prompt + 1) / 2 * config.num_hidden_layers
+            timings.append(DecoderTiming(str(dtype).removeprefix("torch."), config.num_hidden_layers,
+                                         linear * dtype.itemsize + kv, 2.0 * prompt * linear + attention,
+                                         statistics.median(prefill), statistics.median(decode)))
+            del model
+    return timings
+
+
+def fit_decoders(timings: list[DecoderTiming]) -> dict[str, float]:
+    """The roofline-plus-overhead model that best explains the timings (least squares).
+
+    Decode: seconds = bytes / bandwidth + blocks * overhead, one bandwidth and one per-block
+    overhead for both dtypes. Prefill: seconds = FLOPs / rate + blocks * overhead, the same
+    overhead, one rate per dtype (what prefill reaches with attention and elementwise work in).
+    """
+    xx = sum(t.decode_bytes ** 2 for t in timings)
+    xn = sum(t.decode_bytes * t.blocks for t in timings)
+    nn = sum(t.blocks ** 2 for t in timings)
+    xt = sum(t.decode_bytes * t.decode_s for t in timings)
+    nt = sum(t.blocks * t.decode_s for t in timings)
+    det = xx * nn - xn * xn
+    per_byte, overhead = ((nn * xt - xn * nt) / det, (xx * nt - xn * xt) / det) if det else (0.0, -1.0)
+    if overhead < 0 or per_byte <= 0:  # a fit that makes no physical sense: all of the time to the bytes
+        per_byte, overhead = sum(t.decode_s for t in timings) / sum(t.decode_bytes for t in timings), 0.0
+    rates = {}
+    for dtype in {t.dtype for t in timings}:
+        rows = [t for t in timings if t.dtype == dtype]
+        compute_s = sum(max(t.prefill_s - t.blocks * overhead, 0.1 * t.prefill_s) for t in rows)
+        rates[dtype] = sum(t.prefill_flops for t in rows) / compute_s / 1e12
+    return {"decode_read_gbps": 1 / per_byte / 1e9, "block_overhead_us": overhead * 1e6,
+            "fp32_prefill_tflops": rates["float32"], "bf16_prefill_tflops": rates["bfloat16"]}
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: on Linux that survives fork
+    and exec, so a child started by a large process reports the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def runtime_bytes() -> int:
-    """Peak resident memory of a fresh Python process that imports PyTorch and transformers: the runtime's own
-    memory before any model is loaded."""
+    """Peak resident memory of a fresh Python process that imports PyTorch and a transformers model class (which
+    loads transformers' modeling code, about half of it): the runtime's own memory before any weights load."""
     import subprocess
     import sys
 
-    code = "import resource, torch, transformers; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code = ("from llmtailor.hw_profiles import host; import torch; from transformers import LlamaForCausalLM; "
+            "print(host.peak_resident_bytes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(done.stdout.split()[-1])
 
 
 def available_memory_bytes() -> int:
@@ -119,9 +218,10 @@ def measure(probe_bytes: int = PROBE_BYTES) -> dict[str, Any]:
     probe_bytes = min(probe_bytes, available // 4)
     return {
         "read_bandwidth_gbps": read_bandwidth_gbps(probe_bytes), "probe_bytes": probe_bytes,
+        **fit_decoders(time_decoders(min(256 << 20, probe_bytes // 2), widths=FIT_WIDTHS)),
         "fp32_tflops": matmul_tflops(torch.float32),
         "bf16_tflops": matmul_tflops(torch.bfloat16),
-        "block_overhead_us": block_overhead_us(),
+        "int8_dynamic_tflops": int8_dynamic_tflops(),
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "available_bytes": available, "runtime_bytes": runtime_bytes(),
         "threads": torch.get_num_threads(),
@@ -132,28 +232,37 @@ def measure(probe_bytes: int = PROBE_BYTES) -> dict[str, Any]:
 def write_profile(figures: dict[str, Any], path: Path | None = None) -> Path:
     """Write the measured figures as a device profile YAML (the loader's format) and return its path."""
     path = path or profile_path()
-    fp32, bf16 = figures["fp32_tflops"], figures["bf16_tflops"]
+    fp32, bf16 = figures["fp32_prefill_tflops"], figures["bf16_prefill_tflops"]
+    # int8 is a bare matmul rate; scale it by what prefill reaches of the bfloat16 matmul rate.
+    int8 = figures.get("int8_dynamic_tflops", 0.0) * min(1.0, bf16 / figures["bf16_tflops"])
+    rates = f"fp32: {fp32:.4f}, fp16: {max(bf16, 1e-4):.4f}" + (f", int8: {int8:.4f}" if int8 > 0 else "")
+    kernels = ["int8_weight_only", "int4_weight_only"] + (["int8_activations"] if int8 > 0 else [])
     text = f"""# This machine, measured by `llmtailor devices --calibrate` ({time.strftime('%Y-%m-%d %H:%M')}).
 name: {NAME}
 description: this machine ({figures['cpu']}, {figures['threads']} threads, measured)
 memory: {figures['memory_bytes']}
 # MemAvailable at calibration time.
 usable_memory: {min(figures['available_bytes'], figures['memory_bytes'])}
-# Read-only probe (maximum over a {figures['probe_bytes'] >> 20} MiB float32 buffer), best of 5.
+# Read-only probe (maximum over a {figures['probe_bytes'] >> 20} MiB float32 buffer), median of 7.
 memory_bandwidth_gbps: {figures['read_bandwidth_gbps']:.2f}
-# Matmul (512 x 1024 @ 1024 x 4096) as reached: fp32, and bf16 as the half precision.
-peak_tflops: {{fp32: {fp32:.4f}, fp16: {max(bf16, 1e-4):.4f}}}
+# What prefill reaches (FLOPs over the time beyond the per-block overhead; attention and elementwise work in),
+# fitted over random LLaMA decoders of width {'/'.join(map(str, FIT_WIDTHS))} at a 128-token prompt: fp32, bf16 as
+# the half precision (bare matmuls: {figures['fp32_tflops'] * 1e3:.0f} and {figures['bf16_tflops'] * 1e3:.0f} GFLOPS), and
+# int8 as PyTorch's dynamically quantized linear layer reaches it, scaled alike (absent without a quantized engine).
+peak_tflops: {{{rates}}}
 # Not measured (no power counters read): an assumed laptop-class package power.
 power_watts: {ASSUMED_WATTS}
 # PyTorch's CPU weight-only matmuls (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) read 8- and 4-bit
-# weights directly; no int8-activation or sparse kernels are assumed.
-kernels: [int8_weight_only, int4_weight_only]
-# Peak resident memory of a fresh process that imports PyTorch and transformers.
+# weights directly (fast with bfloat16 activations; with float32 ones the int8 path is far slower on x86);
+# int8 activations through the dynamically quantized linear layer where measured above; no sparse kernels.
+kernels: [{", ".join(kernels)}]
+# Peak resident memory of a fresh process that imports PyTorch and a transformers model class.
 runtime_overhead: {figures['runtime_bytes']}
-# Decoding reaches about this share of the read-only bandwidth; the matmul rates are reached rates.
-bandwidth_efficiency: 0.85
+# Decoding those decoders reads weights and KV cache at {figures['decode_read_gbps']:.1f} GB/s beyond a fixed cost per
+# block (least squares over both dtypes): this share of the read probe. The rates above are reached rates.
+bandwidth_efficiency: {min(1.0, figures['decode_read_gbps'] / figures['read_bandwidth_gbps']):.3f}
 compute_efficiency: 1.0
-# Median forward of a tiny decoder block on one token.
+# The fixed cost per decoder block per forward pass, from the same fit.
 layer_overhead_us: {figures['block_overhead_us']:.1f}
 runtime: PyTorch eager (CPU)
 """

@@ -16,11 +16,12 @@ class Operation:
     precision: str  # fp32 | fp16 | int8
 
 
-def compute_precision(profile: DeviceProfile, int8_activations: bool) -> str:
-    """The precision a matmul runs in on this device."""
+def compute_precision(profile: DeviceProfile, int8_activations: bool, dense_dtype: str = "float16") -> str:
+    """The precision a matmul runs in on this device: int8 where the layer and the device do int8
+    activations, float32 where the runtime holds float32, else the half precision where the device has one."""
     if int8_activations and "int8_activations" in profile.kernels and "int8" in profile.peak_tflops:
         return "int8"
-    return "fp16" if "fp16" in profile.peak_tflops else "fp32"
+    return "fp16" if dense_dtype != "float32" and "fp16" in profile.peak_tflops else "fp32"
 
 
 def seconds(op: Operation, profile: DeviceProfile) -> float:

@@ -61,6 +61,15 @@ def write(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def _latency_check(device: dict[str, Any]) -> str:
+    from llmtailor.hw_profiles import DeviceProfile, validation
+
+    try:
+        return validation.note(DeviceProfile.from_dict(device))
+    except (TypeError, ValueError, KeyError):  # a study stored by an older version with other profile fields
+        return "not known for this study's stored profile"
+
+
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -119,6 +128,8 @@ any weight was touched), {statuses.get("duplicate", 0)} repeated plans (result c
 {statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.</p>
 <div class="plots">{"".join(plots)}</div>
 <h2>Pareto front</h2>
+<p class="sub">Memory, prefill_s and decode_ms_per_token are the cost model's predictions for this device; how far its
+latencies are from measurement: {escape(_latency_check(device))}.</p>
 {_table(front, columns, best)}
 {best_html}
 </body></html>

@@ -1,0 +1,272 @@
+"""The cost model against measurement on this CPU: prefill, decode and memory of real variants of the default model.
+
+    python benchmarks/bench_cost_validation.py [--prompt 128] [--steps 32] [--repeats 5]
+
+Needs the host profile (`llmtailor devices --calibrate`, on an idle machine); the
+predictions are the host profile's, made from each variant's plan and the architecture
+alone, exactly as a search makes them.
+
+Each variant is built once in this process (structured cuts of depth, KV groups and MLP
+width by `compression.structure.cut`, a dtype, PyTorch's dynamically quantized int8 linear
+layers, or int8 weight-only linears over `aten._weight_int8pack_mm`) and pickled whole;
+then a fresh process per variant loads it and measures, with two threads pinned to two
+cores: prefill = one forward of a `--prompt`-token prompt keeping the last position's
+logits (median of `--repeats`), decode = the median of `--steps` greedy steps with the
+KV cache, the median over `--repeats` runs; memory = the process's peak resident set
+(VmHWM), which includes the Python, PyTorch and transformers runtime the profile's
+`runtime_overhead` stands for. Which blocks, groups and channels a cut keeps does not
+change speed, so cuts keep the first ones (no calibration needed).
+
+Per phase: mean absolute percentage error and Kendall's tau between predicted and
+measured. Writes benchmarks/results/bench_cost_validation.json, and the errors into
+the host profile's folder (`host/validation.json`), where reports read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: str  # float32 | bfloat16
+    blocks: int | None = None  # first blocks kept
+    kv_groups: int | None = None  # KV groups kept per block
+    width: int | None = None  # MLP channels kept per block
+    int8: str | None = None  # None | dynamic (int8 weights and activations) | weight_only
+
+
+VARIANTS = (
+    Variant("fp32", "float32"),
+    Variant("bf16", "bfloat16"),
+    Variant("int8 dynamic", "float32", int8="dynamic"),
+    Variant("int8 weight-only, bf16", "bfloat16", int8="weight_only"),
+    Variant("fp32, 20 of 30 blocks", "float32", blocks=20),
+    Variant("fp32, 10 of 30 blocks", "float32", blocks=10),
+    Variant("fp32, MLP 768 of 1536", "float32", width=768),
+    Variant("fp32, 2 of 3 KV groups, MLP 1152", "float32", kv_groups=2, width=1152),
+    Variant("bf16, 15 of 30 blocks", "bfloat16", blocks=15),
+    Variant("bf16, 2 of 3 KV groups, MLP 768", "bfloat16", kv_groups=2, width=768),
+    Variant("int8 dynamic, 20 of 30 blocks", "float32", blocks=20, int8="dynamic"),
+    Variant("int8 dynamic, MLP 768", "float32", width=768, int8="dynamic"),
+)
+
+
+def plan_of(v: Variant, arch):
+    """The CompressionPlan a variant is: its cut as the student, its int8 layers as precision."""
+    from llmtailor.plan import CompressionPlan, LayerPrecision, Student
+
+    kept = None if v.blocks is None else tuple(range(v.blocks))
+    blocks = range(arch.num_layers) if kept is None else kept
+    per_group = arch.num_heads // arch.num_kv_heads
+    heads = {b: v.kv_groups * per_group for b in blocks} if v.kv_groups else {}
+    width = {b: v.width for b in blocks} if v.width else {}
+    precision = {}
+    if v.int8:
+        act_bits = 8 if v.int8 == "dynamic" else None
+        precision = {lin.name: LayerPrecision(8, 0, symmetric=True, act_bits=act_bits) for lin in arch.linears}
+    return CompressionPlan(precision=precision, student=Student(layers=kept, heads=heads, mlp_width=width))
+
+
+class Int8WeightOnlyLinear(torch.nn.Module):
+    """A linear layer holding int8 weights with one scale per output row, multiplied by PyTorch's fused CPU kernel
+    (at module level so that a pickled variant finds it again in the measuring process)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("codes", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(linear.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales).reshape(*x.shape[:-1], -1)
+
+
+def build(v: Variant, teacher, arch, path: Path) -> None:
+    from llmtailor.compression import structure
+
+    blocks = tuple(range(v.blocks or arch.num_layers))
+    per_group = arch.num_heads // arch.num_kv_heads
+    groups = {b: torch.arange(v.kv_groups) for b in blocks} if v.kv_groups else {}
+    channels = {b: torch.arange(v.width) for b in blocks} if v.width else {}
+    heads = v.kv_groups * per_group if v.kv_groups else arch.num_heads
+    chosen = structure.Cut(blocks, groups, channels, heads, v.width or arch.intermediate_size)
+    model = structure.cut(teacher, arch, chosen).to(getattr(torch, v.dtype))
+    decoder = model.model.layers
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    if v.int8 == "dynamic":
+        import warnings
+
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        for block in decoder:
+            for parent in (block.self_attn, block.mlp):
+                for name in names:
+                    if hasattr(parent, name):
+                        layer = getattr(parent, name)
+                        qlayer = torch.ao.nn.quantized.dynamic.Linear.from_float(_with_qconfig(layer))
+                        setattr(parent, name, qlayer)
+    elif v.int8 == "weight_only":
+        for block in decoder:
+            for parent in (block.self_attn, block.mlp):
+                for name in names:
+                    if hasattr(parent, name):
+                        setattr(parent, name, Int8WeightOnlyLinear(getattr(parent, name)))
+    torch.save(model, path)
+
+
+def _with_qconfig(layer):
+    layer.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    return layer
+
+
+def measure(path: Path, prompt: int, steps: int, repeats: int) -> dict:
+    """Run in a fresh process: load the pickled variant, time prefill and decode, report peak memory."""
+    from llmtailor.hw_profiles import host
+
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
+    torch.set_num_threads(2)
+    model = torch.load(path, weights_only=False).eval()
+    ids = torch.randint(100, 40000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    prefill, decode = [], []
+    with torch.no_grad():
+        for run in range(repeats + 1):
+            started = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            seconds = time.perf_counter() - started
+            if run:  # the first run warms up (page faults, thread pool, kernel choice)
+                prefill.append(seconds)
+            cache, token, per_step = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+            for _ in range(steps):
+                started = time.perf_counter()
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                per_step.append(time.perf_counter() - started)
+                cache = out.past_key_values
+            if run:
+                decode.append(statistics.median(per_step))
+    return {"prefill_s": statistics.median(prefill), "decode_s_per_token": statistics.median(decode),
+            "peak_rss_bytes": host.peak_resident_bytes()}
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-a of two rankings (ties count as neither concordant nor discordant)."""
+    pairs = concordant = discordant = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            pairs += 1
+            sign = (a[i] - a[j]) * (b[i] - b[j])
+            concordant += sign > 0
+            discordant += sign < 0
+    return (concordant - discordant) / pairs
+
+
+def mape(predicted: list[float], measured: list[float]) -> float:
+    return 100 * statistics.mean(abs(p - m) / m for p, m in zip(predicted, measured, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="passes over all variants, each variant in a fresh "
+                        "process per pass; the median over passes is kept (this VM's speed drifts by 20%% over minutes)")
+    parser.add_argument("--only", help="variant names separated by ; (default: all)")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process's entry
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_cost_validation.json")
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.prompt, args.steps, args.repeats)))
+        return
+    from llmtailor import hw_profiles, models  # not in the measuring process: its memory is the runtime's alone
+    from llmtailor.evaluators import cost
+    from llmtailor.hw_profiles import host
+
+    profile = hw_profiles.load("host")
+    loaded = models.load()
+    arch = loaded.arch
+    chosen = [v for v in VARIANTS if not args.only or v.name in args.only.split(";")]
+    folder = Path(tempfile.mkdtemp(prefix="bench-cost-"))
+    for i, v in enumerate(chosen):
+        build(v, loaded.model, arch, folder / f"{i}.pt")
+    del loaded
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT.parent)}
+    passes = {v.name: [] for v in chosen}
+    for _ in range(args.rounds):
+        for i, v in enumerate(chosen):
+            done = subprocess.run([sys.executable, __file__, "--measure", str(folder / f"{i}.pt"), "--prompt",
+                                   str(args.prompt), "--steps", str(args.steps), "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise SystemExit(f"{v.name}: {done.stderr[-2000:]}")
+            passes[v.name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = []
+    for v in chosen:
+        measured = {k: statistics.median(p[k] for p in passes[v.name]) for k in passes[v.name][0]}
+        workload = cost.Workload(args.prompt + args.steps, 1, args.prompt, v.dtype)
+        predicted = cost.estimate(plan_of(v, arch), arch, profile, workload)
+        rows.append({"variant": v.name, "dense_dtype": v.dtype, **{f"measured_{k}": x for k, x in measured.items()},
+                     "predicted_prefill_s": predicted.latency.prefill_s,
+                     "predicted_decode_s_per_token": predicted.latency.decode_s_per_token,
+                     "predicted_memory_bytes": predicted.memory.total,
+                     "measured_decode_s_per_token_passes": [p["decode_s_per_token"] for p in passes[v.name]]})
+        r = rows[-1]
+        print(f"{v.name}: prefill {r['measured_prefill_s'] * 1e3:.1f} ms (predicted {r['predicted_prefill_s'] * 1e3:.1f}),"
+              f" decode {r['measured_decode_s_per_token'] * 1e3:.2f} ms/token "
+              f"(predicted {r['predicted_decode_s_per_token'] * 1e3:.2f}), peak RSS "
+              f"{r['measured_peak_rss_bytes'] / 2**20:.0f} MiB (predicted {r['predicted_memory_bytes'] / 2**20:.0f})",
+              file=sys.stderr)
+    summary = {}
+    phases = (("prefill", "prefill_s", "prefill_s"), ("decode", "decode_s_per_token", "decode_s_per_token"),
+              ("memory", "memory_bytes", "peak_rss_bytes"))
+    for phase, predicted_key, measured_key in phases:
+        p = [r[f"predicted_{predicted_key}"] for r in rows]
+        m = [r[f"measured_{measured_key}"] for r in rows]
+        summary[f"{phase}_mape_percent"] = mape(p, m)
+        summary[f"{phase}_kendall_tau"] = kendall_tau(p, m)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}, "
+               "2 threads pinned", "host_profile": profile.description, "prompt_tokens": args.prompt,
+               "decode_steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, **summary, "rows": rows}
+    if not args.only:
+        args.out.parent.mkdir(exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        validation = host.profile_path().parent / "validation.json"
+        validation.write_text(json.dumps({"date": results["date"], "variants": len(rows), **summary}, indent=1))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}. Date: {results['date']}. Prompt {results['prompt_tokens']} tokens, "
+             f"decode median of {results['decode_steps']} steps, median of {results['repeats']} runs, "
+             f"median of {results['rounds']} passes in fresh processes.", "",
+             "| variant | prefill ms (predicted) | decode ms/token (predicted) | peak RSS MiB (predicted) |",
+             "|---|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['variant']} | {r['measured_prefill_s'] * 1e3:.1f} ({r['predicted_prefill_s'] * 1e3:.1f}) | "
+                     f"{r['measured_decode_s_per_token'] * 1e3:.2f} ({r['predicted_decode_s_per_token'] * 1e3:.2f}) | "
+                     f"{r['measured_peak_rss_bytes'] / 2**20:.0f} ({r['predicted_memory_bytes'] / 2**20:.0f}) |")
+    lines += ["", "| phase | MAPE % | Kendall tau |", "|---|---:|---:|"]
+    for phase in ("prefill", "decode", "memory"):
+        lines.append(f"| {phase} | {results[f'{phase}_mape_percent']:.1f} | {results[f'{phase}_kendall_tau']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
