@@ -242,7 +242,7 @@ def main() -> None:
         summary[f"{phase}_mape_percent"] = mape(p, m)
         summary[f"{phase}_kendall_tau"] = kendall_tau(p, m)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}, "
-               "2 threads pinned", "host_profile": profile.description, "prompt_tokens": args.prompt,
+               "2 threads pinned", "host_profile": profile.to_dict(), "prompt_tokens": args.prompt,
                "decode_steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, **summary, "rows": rows}
     if not args.only:
         args.out.parent.mkdir(exist_ok=True)

@@ -226,7 +226,7 @@ def _devices(args: argparse.Namespace) -> int:
     from llmtailor.hw_profiles import format_size, host
 
     if args.calibrate:
-        print("measuring this machine (about half a minute; keep it otherwise idle) ...")
+        print("measuring this machine (about a minute; keep it otherwise idle) ...")
         figures = host.measure()
         path = host.write_profile(figures)
         print(f"read bandwidth {figures['read_bandwidth_gbps']:.1f} GB/s, decoding reads at "

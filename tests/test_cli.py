@@ -168,9 +168,30 @@ def test_a_study_made_before_calibrating_says_why_it_no_longer_resumes(tiny_mode
     assert code == 0, err
     monkeypatch.setattr(host, "measure", lambda: {
         "read_bandwidth_gbps": 10.0, "probe_bytes": 1 << 20, "fp32_tflops": 0.05, "bf16_tflops": 0.1,
-        "decode_read_gbps": 5.0, "fp32_prefill_tflops": 0.04, "bf16_prefill_tflops": 0.08, "int8_dynamic_tflops": 0.0,
+        "decode_read_gbps": 5.0, "fp32_decode_read_gbps": 4.0, "bf16_decode_read_gbps": 6.0,
+        "fp32_prefill_tflops": 0.04, "bf16_prefill_tflops": 0.08, "int8_dynamic_tflops": 0.0,
         "block_overhead_us": 50.0, "memory_bytes": 8 << 30, "available_bytes": 4 << 30, "runtime_bytes": 300 << 20,
         "threads": torch.get_num_threads(), "cpu": "test"})
     assert run(["devices", "--calibrate"], capsys)[0] == 0
     code, _, err = run(argv, capsys)
     assert code == 2 and "made with another device (the same device with other figures" in err, err
+
+
+def test_a_study_stored_before_later_fields_existed_still_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    results = tmp_path / "results"
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 1, "--results", results, "--tasks", "none",
+            "--study", "old", *FAST]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    storage = f"sqlite:///{results / 'old' / 'study.db'}"
+    study = optuna.load_study(study_name="old", storage=storage)
+    stored = study.user_attrs[study_mod.STUDY_ATTR]
+    del stored["workload"]["dense_dtype"], stored["device"]["bandwidth_efficiency_by_precision"]
+    study.set_user_attr(study_mod.STUDY_ATTR, stored)  # as a version before these fields wrote it
+    code, _, err = run([*argv[:4], "--trials", 2, *argv[6:]], capsys)
+    assert code == 0, err
+    stored["workload"]["context_length"] = 4096  # a real difference is still refused
+    study.set_user_attr(study_mod.STUDY_ATTR, stored)
+    code, _, err = run([*argv[:4], "--trials", 3, *argv[6:]], capsys)
+    assert code == 2 and "made with another workload" in err

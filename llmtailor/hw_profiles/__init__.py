@@ -44,6 +44,8 @@ class DeviceProfile:
     kernels: frozenset[str] = field(default_factory=frozenset)
     runtime_overhead_bytes: int = 0  # the inference runtime's own memory
     bandwidth_efficiency: float = 0.7  # share of peak bandwidth reached in practice
+    # Where a runtime's kernels reach different shares per compute precision (fp32 | fp16 | int8); others use the above.
+    bandwidth_efficiency_by_precision: dict[str, float] = field(default_factory=dict)
     compute_efficiency: float = 0.5  # share of peak compute reached in practice
     layer_overhead_us: float = 0.0  # fixed cost per decoder block per forward pass
     runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
@@ -134,6 +136,7 @@ def from_memory(size: str, base: DeviceProfile | None = None) -> DeviceProfile:
 _REQUIRED = {"name": str, "description": str, "memory": "size", "usable_memory": "size",
              "memory_bandwidth_gbps": float, "peak_tflops": dict, "power_watts": float}
 _OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency": float,
+             "bandwidth_efficiency_by_precision": dict,
              "compute_efficiency": float, "layer_overhead_us": float, "runtime": str}
 
 
@@ -172,6 +175,12 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
     for key in ("bandwidth_efficiency", "compute_efficiency"):
         if key in values and not 0 < values[key] <= 1:
             raise UserError(f"device profile {where}: {key} must be in (0, 1]")
+    by_precision = values.get("bandwidth_efficiency_by_precision", {})
+    for precision, share in by_precision.items():
+        if precision not in PRECISIONS or isinstance(share, bool) or not isinstance(share, (int, float)) \
+                or not 0 < share <= 1:
+            raise UserError(f"device profile {where}: bandwidth_efficiency_by_precision maps {PRECISIONS} to shares "
+                            f"in (0, 1], got {precision}: {share!r}")
     kernels = frozenset(values.get("kernels", ()))
     if kernels - KNOWN_KERNELS:
         raise UserError(f"device profile {where}: unknown kernels {sorted(kernels - KNOWN_KERNELS)}; "
@@ -184,6 +193,7 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
         peak_tflops={k: float(v) for k, v in tflops.items()}, power_watts=values["power_watts"],
         kernels=kernels, runtime_overhead_bytes=values.get("runtime_overhead", 0),
         bandwidth_efficiency=values.get("bandwidth_efficiency", 0.7),
+        bandwidth_efficiency_by_precision={k: float(v) for k, v in by_precision.items()},
         compute_efficiency=values.get("compute_efficiency", 0.5),
         layer_overhead_us=values.get("layer_overhead_us", 0.0), runtime=values.get("runtime", ""),
     )

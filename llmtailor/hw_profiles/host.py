@@ -27,12 +27,13 @@ again would differ and refuse to resume the study.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,70 +113,92 @@ class DecoderTiming:
 
 
 def time_decoders(total_bytes: int = 256 << 20, prompt: int = 128, steps: int = 16, repeats: int = 3,
-                  widths: tuple[int, ...] = FIT_WIDTHS) -> list[DecoderTiming]:
+                  widths: tuple[int, ...] = FIT_WIDTHS, rounds: int = 3) -> list[DecoderTiming]:
     """Prefill (one `prompt`-token forward) and decode (median step with the KV cache) of random LLaMA decoder stacks
-    of each width, in float32 and bfloat16, each stack at least `total_bytes` so its weights stream from memory."""
+    of each width, in float32 and bfloat16, each stack at least `total_bytes` so its weights stream from memory.
+
+    Each stack is timed in `rounds` passes over all of them, and the median pass kept: a
+    virtual machine's speed drifts by a fifth over minutes, and one pass would fit whichever
+    phase it fell in."""
+    import torch
+
+    passes: dict[tuple[str, int], list[DecoderTiming]] = {}
+    for _ in range(rounds):
+        for dtype in (torch.float32, torch.bfloat16):
+            for width in widths:
+                passes.setdefault((str(dtype), width), []).append(_time_decoder(dtype, width, total_bytes, prompt,
+                                                                                steps, repeats))
+    return [replace(runs[0], prefill_s=statistics.median(t.prefill_s for t in runs),
+                    decode_s=statistics.median(t.decode_s for t in runs)) for runs in passes.values()]
+
+
+def _time_decoder(dtype: Any, width: int, total_bytes: int, prompt: int, steps: int, repeats: int) -> DecoderTiming:
     import torch
     from transformers import LlamaConfig, LlamaModel
 
-    timings = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for width in widths:
-            heads = max(1, width // 64)
-            config = LlamaConfig(hidden_size=width, intermediate_size=(width * 8 // 3 + 63) // 64 * 64, vocab_size=256,
-                                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), num_hidden_layers=1)
-            per_block = sum(p.numel() for p in LlamaModel(config).layers.parameters())
-            config.num_hidden_layers = max(1, total_bytes // (per_block * dtype.itemsize))
-            model = LlamaModel(config).to(dtype).eval()
-            linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
-            ids = torch.randint(0, 256, (1, prompt))
-            prefill, decode = [], []
-            with torch.no_grad():
-                for run in range(repeats + 1):
-                    started = time.perf_counter()
-                    cache = model(ids, use_cache=True).past_key_values
-                    if run:  # the first run warms up
-                        prefill.append(time.perf_counter() - started)
-                    step = []
-                    for _ in range(steps):
-                        started = time.perf_counter()
-                        cache = model(ids[:, :1], past_key_values=cache, use_cache=True).past_key_values
-                        step.append(time.perf_counter() - started)
-                    if run:
-                        decode.append(statistics.median(step))
-            kv_width = config.num_key_value_heads * width // heads
-            kv = 2 * config.num_hidden_layers * kv_width * (prompt + steps // 2) * dtype.itemsize
-            attention = 4.0 * width * prompt * (prompt + 1) / 2 * config.num_hidden_layers
-            timings.append(DecoderTiming(str(dtype).removeprefix("torch."), config.num_hidden_layers,
-                                         linear * dtype.itemsize + kv, 2.0 * prompt * linear + attention,
-                                         statistics.median(prefill), statistics.median(decode)))
-            del model
-    return timings
+    heads = max(1, width // 64)
+    config = LlamaConfig(hidden_size=width, intermediate_size=(width * 8 // 3 + 63) // 64 * 64, vocab_size=256,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), num_hidden_layers=1)
+    per_block = sum(p.numel() for p in LlamaModel(config).layers.parameters())
+    config.num_hidden_layers = max(1, total_bytes // (per_block * dtype.itemsize))
+    model = LlamaModel(config).to(dtype).eval()
+    linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
+    ids = torch.randint(0, 256, (1, prompt))
+    prefill, decode = [], []
+    with torch.no_grad():
+        for run in range(repeats + 1):
+            started = time.perf_counter()
+            cache = model(ids, use_cache=True).past_key_values
+            if run:  # the first run warms up
+                prefill.append(time.perf_counter() - started)
+            step = []
+            for _ in range(steps):
+                started = time.perf_counter()
+                cache = model(ids[:, :1], past_key_values=cache, use_cache=True).past_key_values
+                step.append(time.perf_counter() - started)
+            if run:
+                decode.append(statistics.median(step))
+    kv_width = config.num_key_value_heads * width // heads
+    kv = 2 * config.num_hidden_layers * kv_width * (prompt + steps // 2) * dtype.itemsize
+    attention = 4.0 * width * prompt * (prompt + 1) / 2 * config.num_hidden_layers
+    return DecoderTiming(str(dtype).removeprefix("torch."), config.num_hidden_layers, linear * dtype.itemsize + kv,
+                         2.0 * prompt * linear + attention, statistics.median(prefill), statistics.median(decode))
 
 
 def fit_decoders(timings: list[DecoderTiming]) -> dict[str, float]:
     """The roofline-plus-overhead model that best explains the timings (least squares).
 
-    Decode: seconds = bytes / bandwidth + blocks * overhead, one bandwidth and one per-block
-    overhead for both dtypes. Prefill: seconds = FLOPs / rate + blocks * overhead, the same
-    overhead, one rate per dtype (what prefill reaches with attention and elementwise work in).
+    Decode: seconds = bytes / read rate of its dtype + blocks * overhead: one read rate per
+    dtype (PyTorch's float32 matrix-vector product reaches less of the bandwidth than its
+    bfloat16 one here) and one per-block overhead. Prefill: seconds = FLOPs / rate + blocks *
+    overhead, the same overhead, one rate per dtype (attention and elementwise work in).
     """
-    xx = sum(t.decode_bytes ** 2 for t in timings)
-    xn = sum(t.decode_bytes * t.blocks for t in timings)
-    nn = sum(t.blocks ** 2 for t in timings)
-    xt = sum(t.decode_bytes * t.decode_s for t in timings)
-    nt = sum(t.blocks * t.decode_s for t in timings)
-    det = xx * nn - xn * xn
-    per_byte, overhead = ((nn * xt - xn * nt) / det, (xx * nt - xn * xt) / det) if det else (0.0, -1.0)
-    if overhead < 0 or per_byte <= 0:  # a fit that makes no physical sense: all of the time to the bytes
-        per_byte, overhead = sum(t.decode_s for t in timings) / sum(t.decode_bytes for t in timings), 0.0
-    rates = {}
-    for dtype in {t.dtype for t in timings}:
-        rows = [t for t in timings if t.dtype == dtype]
+    import numpy as np
+
+    dtypes = sorted({t.dtype for t in timings})
+    design = np.array([[t.decode_bytes * (t.dtype == d) for d in dtypes] + [t.blocks] for t in timings], dtype=float)
+    seconds = np.array([t.decode_s for t in timings])
+    # Non-negative least squares by elimination: a coefficient the data would make negative (the
+    # bytes explain none of the time when a stack sits in cache) is fixed at zero and the rest refitted.
+    active = list(range(design.shape[1]))
+    while True:
+        solved = np.linalg.lstsq(design[:, active], seconds, rcond=None)[0]
+        if solved.min() >= 0 or len(active) == 1:
+            break
+        active.pop(int(solved.argmin()))
+    coefficients = np.zeros(design.shape[1])
+    coefficients[active] = np.maximum(solved, 0)
+    per_byte, overhead = dict(zip(dtypes, coefficients[:-1], strict=True)), float(coefficients[-1])
+    figures = {"block_overhead_us": overhead * 1e6,
+               "decode_read_gbps": sum(t.decode_bytes for t in timings) /
+               sum(max(t.decode_s - t.blocks * overhead, 1e-9) for t in timings) / 1e9}
+    for d in dtypes:
+        rows = [t for t in timings if t.dtype == d]
         compute_s = sum(max(t.prefill_s - t.blocks * overhead, 0.1 * t.prefill_s) for t in rows)
-        rates[dtype] = sum(t.prefill_flops for t in rows) / compute_s / 1e12
-    return {"decode_read_gbps": 1 / per_byte / 1e9, "block_overhead_us": overhead * 1e6,
-            "fp32_prefill_tflops": rates["float32"], "bf16_prefill_tflops": rates["bfloat16"]}
+        short = "fp32" if d == "float32" else "bf16"
+        figures[f"{short}_prefill_tflops"] = sum(t.prefill_flops for t in rows) / compute_s / 1e12
+        figures[f"{short}_decode_read_gbps"] = 1 / per_byte[d] / 1e9 if per_byte[d] > 0 else math.inf
+    return figures
 
 
 def peak_resident_bytes() -> int:
@@ -235,7 +258,7 @@ def write_profile(figures: dict[str, Any], path: Path | None = None) -> Path:
     fp32, bf16 = figures["fp32_prefill_tflops"], figures["bf16_prefill_tflops"]
     # int8 is a bare matmul rate; scale it by what prefill reaches of the bfloat16 matmul rate.
     int8 = figures.get("int8_dynamic_tflops", 0.0) * min(1.0, bf16 / figures["bf16_tflops"])
-    rates = f"fp32: {fp32:.4f}, fp16: {max(bf16, 1e-4):.4f}" + (f", int8: {int8:.4f}" if int8 > 0 else "")
+    rates = f"fp32: {fp32:.4g}, fp16: {bf16:.4g}" + (f", int8: {int8:.4g}" if int8 > 0 else "")
     kernels = ["int8_weight_only", "int4_weight_only"] + (["int8_activations"] if int8 > 0 else [])
     text = f"""# This machine, measured by `llmtailor devices --calibrate` ({time.strftime('%Y-%m-%d %H:%M')}).
 name: {NAME}
@@ -259,8 +282,11 @@ kernels: [{", ".join(kernels)}]
 # Peak resident memory of a fresh process that imports PyTorch and a transformers model class.
 runtime_overhead: {figures['runtime_bytes']}
 # Decoding those decoders reads weights and KV cache at {figures['decode_read_gbps']:.1f} GB/s beyond a fixed cost per
-# block (least squares over both dtypes): this share of the read probe. The rates above are reached rates.
-bandwidth_efficiency: {min(1.0, figures['decode_read_gbps'] / figures['read_bandwidth_gbps']):.3f}
+# block (least squares): this share of the read probe; per compute precision, float32 at
+# {figures['fp32_decode_read_gbps']:.1f} GB/s and bfloat16 at {figures['bf16_decode_read_gbps']:.1f}. The rates above are reached rates.
+bandwidth_efficiency: {min(1.0, figures['decode_read_gbps'] / figures['read_bandwidth_gbps']):.4g}
+bandwidth_efficiency_by_precision: {{fp32: {min(1.0, figures['fp32_decode_read_gbps'] / figures['read_bandwidth_gbps']):.4g}, \
+fp16: {min(1.0, figures['bf16_decode_read_gbps'] / figures['read_bandwidth_gbps']):.4g}}}
 compute_efficiency: 1.0
 # The fixed cost per decoder block per forward pass, from the same fit.
 layer_overhead_us: {figures['block_overhead_us']:.1f}

@@ -26,7 +26,8 @@ def compute_precision(profile: DeviceProfile, int8_activations: bool, dense_dtyp
 
 def seconds(op: Operation, profile: DeviceProfile) -> float:
     """Time of one operation on the device: max(bytes / bandwidth, flops / compute), both derated."""
-    bandwidth = profile.memory_bandwidth_gbps * 1e9 * profile.bandwidth_efficiency
+    efficiency = profile.bandwidth_efficiency_by_precision.get(op.precision, profile.bandwidth_efficiency)
+    bandwidth = profile.memory_bandwidth_gbps * 1e9 * efficiency
     compute = profile.peak_tflops[op.precision] * 1e12 * profile.compute_efficiency
     return max(op.bytes / bandwidth, op.flops / compute)
 

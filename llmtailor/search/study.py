@@ -193,6 +193,20 @@ def _load_existing(setup: Setup) -> optuna.Study | None:
     return optuna.load_study(study_name=setup.study_name, storage=storage)
 
 
+def _with_later_fields(key: str, stored: Any) -> Any:
+    """A stored workload or device as this version writes it: fields added since it was stored had their
+    defaults then (the runtime's dense width, per-precision bandwidth shares), so a study resumes across versions."""
+    import dataclasses
+
+    kinds = {"workload": cost.Workload, "device": DeviceProfile}
+    if key not in kinds or not isinstance(stored, dict):
+        return stored
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(kinds[key])
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {**{k: v for k, v in defaults.items() if k != "kernels"}, **stored}
+
+
 def _check_made_for(setup: Setup, study: optuna.Study) -> None:
     made_for = study.user_attrs.get(STUDY_ATTR)
     if made_for is None:
@@ -200,7 +214,7 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
                         "llmtailor: choose another --study name")
     wanted = setup.fingerprint()
     differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text", "calibration")
-               if made_for.get(k) != wanted.get(k)]
+               if _with_later_fields(k, made_for.get(k)) != wanted.get(k)]
     if differs:
         hint = ""
         if "device" in differs and (made_for.get("device") or {}).get("name") == wanted["device"]["name"]:
