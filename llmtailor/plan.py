@@ -106,13 +106,35 @@ class LayerSparsity:
 
 @dataclass(frozen=True)
 class Distillation:
-    """How a student is trained to mimic the teacher."""
+    """How a student is trained to mimic the teacher (``compression.distill``)."""
 
     steps: int = 0
     temperature: float = 2.0
-    loss: str = "kl"
+    loss: str = "kl"  # kl: the teacher's distributions; ce: the text's next tokens; kl+ce: both
     learning_rate: float = 1e-4
     qat: bool = False  # fake-quantize in the forward pass so the student learns its precision
+    top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
+    ce_weight: float = 1.0  # weight of the cross-entropy term in kl+ce
+
+    LOSSES = ("kl", "ce", "kl+ce")
+    LATER_FIELDS = {"top_k": 64, "ce_weight": 1.0}  # written only when not these defaults: older plans keep their JSON
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise PlanError(f"distillation steps must be a whole number >= 0, got {self.steps!r}")
+        if not self.temperature > 0:
+            raise PlanError(f"distillation temperature must be positive, got {self.temperature}")
+        if self.loss not in self.LOSSES:
+            raise PlanError(f"distillation loss must be one of {self.LOSSES}, got {self.loss!r}")
+        if not self.learning_rate > 0:
+            raise PlanError(f"distillation learning rate must be positive, got {self.learning_rate}")
+        if self.top_k < 1:
+            raise PlanError(f"distillation top_k must be at least 1, got {self.top_k}")
+        if self.ce_weight < 0:
+            raise PlanError(f"distillation ce_weight must be >= 0, got {self.ce_weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if self.LATER_FIELDS.get(k, object()) != v}
 
 
 @dataclass(frozen=True)
@@ -195,7 +217,7 @@ class CompressionPlan:
                 "heads": {str(k): v for k, v in student.heads.items()},
                 "mlp_width": {str(k): v for k, v in student.mlp_width.items()},
                 "hidden_size": student.hidden_size,
-                "distillation": asdict(student.distillation),
+                "distillation": student.distillation.to_dict(),
             },
             "kv_cache_bits": self.kv_cache_bits,
         }

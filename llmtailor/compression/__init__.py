@@ -50,7 +50,8 @@ def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: 
     """Raise PlanError for what the plan asks that this version cannot apply yet, or method names it does not know."""
     student = plan.student
     if student.distillation.steps:
-        raise PlanError("distillation is not supported yet: use a student with distillation steps 0")
+        raise PlanError("distillation inside a plan's application (and so a search) is not supported yet: train the "
+                        "student with compression.distill, or use distillation steps 0")
     if student.hidden_size is not None:
         raise PlanError("cutting the hidden size is not supported: cut blocks, heads or MLP width instead")
     if cuts(plan) and not has_importance:

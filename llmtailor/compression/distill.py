@@ -1,0 +1,137 @@
+"""Knowledge distillation: a student trained to give the teacher's next-token distributions.
+
+The teacher's targets are computed once per (teacher, windows, temperature, k) and kept
+compactly: per token, the teacher's k most likely tokens and their log-probabilities at
+the temperature, normalized over the whole vocabulary, plus the probability left to all
+other tokens. A full 49,152-way distribution per token of 128 windows of 512 tokens
+would be 12 GB in float32; top-64 is 32 MB. The loss is then the exact KL divergence
+between the two distributions coarsened to those k tokens and one bucket for the rest:
+a lower bound of the full KL, equal to it when the teacher's rest mass is spread as the
+student's is (what top-k costs in quality is measured in the distillation benchmark).
+
+Loss: KL(teacher_T ‖ student_T) · T² (Hinton et al.: the T² keeps gradients comparable
+across temperatures), plus ``ce_weight`` times the next-token cross-entropy on the text
+itself. AdamW, linear warm-up over the first ``WARMUP_SHARE`` of the steps then cosine
+decay to zero, gradients clipped to ``CLIP_NORM``, windows drawn in a seeded order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmtailor.plan import Distillation, PlanError
+
+WARMUP_SHARE = 0.05
+CLIP_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The teacher's top-k next-token log-probabilities at a temperature, for every position of the windows."""
+
+    windows: torch.Tensor  # (n, T) token ids
+    top_ids: torch.Tensor  # (n, T, k) int32
+    top_logprobs: torch.Tensor  # (n, T, k) float32, log p_T over the whole vocabulary
+    temperature: float
+
+    @property
+    def rest_logprob(self) -> torch.Tensor:
+        """log of the probability the teacher leaves to every token outside its top k."""
+        return torch.log1p(-self.top_logprobs.exp().sum(-1).clamp(max=1 - 1e-6))
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Any, windows: torch.Tensor, temperature: float, top_k: int,
+                    device: str | torch.device = "cpu", batch_size: int = 4) -> TeacherTargets:
+    """Run the teacher once over the windows and keep its top-k log-probabilities at the temperature."""
+    if top_k < 1:
+        raise PlanError(f"distillation keeps the teacher's top k tokens, k at least 1, got {top_k}")
+    ids, logprobs = [], []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        logits = teacher(batch).logits.float() / temperature
+        top = torch.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        ids.append(top.indices.to(torch.int32).cpu())
+        logprobs.append(top.values.cpu())
+    return TeacherTargets(windows.cpu(), torch.cat(ids), torch.cat(logprobs), temperature)
+
+
+def kd_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) on the teacher's top k plus a rest bucket, at the temperature, × T²."""
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_top = log_q.gather(-1, top_ids.long())
+    p_top = top_logprobs.exp()
+    p_rest = (1 - p_top.sum(-1)).clamp(min=0)
+    q_rest = (1 - log_q_top.exp().sum(-1)).clamp(min=1e-12)
+    kl = (p_top * (top_logprobs - log_q_top)).sum(-1)
+    kl = kl + torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp(min=1e-12)) - torch.log(q_rest)),
+                          torch.zeros_like(p_rest))
+    return kl.mean() * temperature**2
+
+
+def learning_rate_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up to `peak` over the first WARMUP_SHARE of the steps, then cosine decay to zero."""
+    warmup = max(1, math.ceil(WARMUP_SHARE * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Trained:
+    """What a distillation run did: its loss after each step, steps taken and seconds spent."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, device: str | torch.device = "cpu",
+            seed: int = 0, batch_size: int = 4, progress: Callable[[int, float], None] | None = None) -> Trained:
+    """Train `student` in place for `recipe.steps` steps on the targets; the student ends in eval mode on CPU.
+
+    `progress(step, loss)` is called after every step (a progress bar, a log)."""
+    if recipe.steps < 1:
+        raise PlanError(f"a distillation run needs at least 1 step, got {recipe.steps}")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    student.to(device).train().requires_grad_(True)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.0)
+    result, started = Trained(), time.perf_counter()
+    order = torch.empty(0, dtype=torch.long)
+    for step in range(recipe.steps):
+        if len(order) < batch_size:  # a fresh seeded pass over the windows
+            order = torch.cat([order, torch.randperm(len(targets.windows), generator=generator)])
+        index, order = order[:batch_size], order[batch_size:]
+        windows = targets.windows[index].to(device)
+        logits = student(windows).logits
+        loss = torch.zeros((), device=device)
+        if recipe.loss in ("kl", "kl+ce"):
+            loss = loss + kd_loss(logits, targets.top_ids[index].to(device), targets.top_logprobs[index].to(device),
+                                  targets.temperature)
+        if recipe.loss in ("ce", "kl+ce"):
+            loss = loss + recipe.ce_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                             windows[:, 1:].flatten())
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, recipe.steps, recipe.learning_rate)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM)
+        optimizer.step()
+        result.losses.append(float(loss))
+        result.steps = step + 1
+        if progress is not None:
+            progress(step + 1, result.losses[-1])
+    result.seconds = time.perf_counter() - started
+    student.eval().requires_grad_(False).to("cpu")
+    return result

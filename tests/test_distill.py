@@ -1,0 +1,116 @@
+"""Distillation: the KD loss, the schedule, training that lowers it, students that save and reload, bad students."""
+
+import copy
+
+import pytest
+import torch
+
+from llmtailor.compression import distill, structure, students
+from llmtailor.plan import CompressionPlan, Distillation, PlanError
+
+
+def windows(tiny, count=8, tokens=32):
+    return torch.randint(3, tiny.arch.vocab_size, (count, tokens), generator=torch.Generator().manual_seed(0))
+
+
+def two_block_student(tiny):
+    arch = tiny.arch
+    return structure.cut(tiny.model, arch, structure.Cut((0, 3), {}, {}, arch.num_heads, arch.intermediate_size))
+
+
+def full_kl(teacher_logits, student_logits, temperature):
+    p = torch.log_softmax(teacher_logits / temperature, -1)
+    q = torch.log_softmax(student_logits / temperature, -1)
+    return (p.exp() * (p - q)).sum(-1).mean() * temperature**2
+
+
+def test_kd_loss_is_the_full_kl_with_every_token_kept_and_a_lower_bound_with_fewer():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 40) * 3, torch.randn(2, 5, 40) * 3
+    for k, exact in ((40, True), (8, False), (1, False)):
+        top = torch.log_softmax(teacher / 2.0, -1).topk(k, -1)
+        loss = distill.kd_loss(student, top.indices, top.values, 2.0)
+        if exact:
+            assert loss == pytest.approx(float(full_kl(teacher, student, 2.0)), rel=1e-4)
+        else:
+            assert 0 < loss <= float(full_kl(teacher, student, 2.0)) + 1e-5
+    top = torch.log_softmax(teacher / 2.0, -1).topk(8, -1)
+    assert distill.kd_loss(teacher, top.indices, top.values, 2.0) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_schedule_warms_up_then_decays_to_zero():
+    rates = [distill.learning_rate_at(s, 100, 1e-3) for s in range(100)]
+    assert rates[0] < rates[4] == pytest.approx(1e-3) and rates[50] < rates[10] and rates[-1] < 1e-5
+
+
+def test_distillation_lowers_the_loss_and_the_student_saves_and_reloads(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=16)
+    assert targets.top_ids.shape == (8, 32, 16) and (targets.rest_logprob <= 0).all()
+    student = two_block_student(tiny)
+    seen = []
+    trained = distill.distill(student, targets, Distillation(steps=40, learning_rate=3e-3), seed=0,
+                              progress=lambda step, loss: seen.append(step))
+    assert trained.steps == 40 and seen == list(range(1, 41)) and trained.seconds > 0
+    assert sum(trained.losses[-5:]) / 5 < 0.7 * sum(trained.losses[:5]) / 5
+    student.save_pretrained(tmp_path / "student")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    ids = windows(tiny, 2)
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, reloaded(ids).logits)
+
+
+def test_the_seed_makes_a_run_repeatable_and_ce_needs_no_teacher_distribution(tiny):
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=1.0, top_k=4)
+    runs = []
+    for _ in range(2):
+        student = two_block_student(tiny)
+        runs.append(distill.distill(student, targets, Distillation(steps=5, loss="kl+ce", learning_rate=1e-3)).losses)
+    assert runs[0] == runs[1]
+    ce = distill.distill(two_block_student(tiny), targets, Distillation(steps=3, loss="ce", learning_rate=1e-3))
+    assert all(loss > 0 for loss in ce.losses)
+
+
+def test_a_student_from_a_smaller_config_starts_from_the_teacher(tiny):
+    config = copy.deepcopy(tiny.model.config)
+    config.num_hidden_layers, config.intermediate_size = 2, 96
+    student, copied = students.from_config(tiny.model, config)
+    assert copied == sum(1 for _ in student.parameters())  # narrower MLP: the leading channels
+    assert torch.equal(student.model.layers[1].self_attn.q_proj.weight, tiny.model.model.layers[3].self_attn.q_proj.weight)
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight[:96])
+    assert [students.teacher_block(i, 3, 30) for i in range(3)] == [0, 15, 29]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: setattr(c, "num_hidden_layers", 9), "between 1 and 4 blocks"),
+    (lambda c: setattr(c, "num_hidden_layers", 0), "between 1 and 4 blocks"),
+    (lambda c: setattr(c, "num_attention_heads", 3), "multiple of its KV heads"),
+    (lambda c: setattr(c, "vocab_size", 100), "share the teacher's vocabulary"),
+    (lambda c: setattr(c, "model_type", "gpt2"), "teacher's family"),
+])
+def test_bad_students_are_refused_before_training(tiny, edit, message):
+    config = copy.deepcopy(tiny.model.config)
+    edit(config)
+    with pytest.raises(PlanError, match=message):
+        students.check_config(tiny.model.config, config)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(steps=-1), "steps must be a whole number"), (dict(temperature=0), "temperature must be positive"),
+    (dict(loss="mse"), "loss must be one of"), (dict(learning_rate=0), "learning rate must be positive"),
+    (dict(top_k=0), "top_k must be at least 1"), (dict(ce_weight=-1), "ce_weight must be >= 0"),
+])
+def test_bad_recipes_are_refused(fields, message):
+    with pytest.raises(PlanError, match=message):
+        Distillation(**fields)
+
+
+def test_a_run_needs_a_step_and_older_plans_keep_their_json(tiny):
+    targets = distill.teacher_targets(tiny.model, windows(tiny, 2), temperature=1.0, top_k=2)
+    with pytest.raises(PlanError, match="at least 1 step"):
+        distill.distill(two_block_student(tiny), targets, Distillation())
+    assert set(CompressionPlan().to_dict()["student"]["distillation"]) == {"steps", "temperature", "loss",
+                                                                          "learning_rate", "qat"}
+    plan = CompressionPlan.from_json(CompressionPlan(student={"distillation": {"top_k": 8}}).to_json())
+    assert plan.student.distillation.top_k == 8
