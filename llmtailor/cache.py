@@ -19,6 +19,7 @@ KINDS = {"gguf": "GGUF files converted to float32 model folders", "tasks": "item
          "calibration": "calibration statistics (layer input second moments) per model and calibration",
          "layers": "compressed layers (the per-layer cache of calibrated searches)",
          "sensitivity": "layer sensitivities of guided searches", "importance": "importance for structured cuts",
+         "teacher": "the teacher's top-k next-token log-probabilities that distillation trains students on",
          "host": "this machine's measured device profile (`llmtailor devices --calibrate`)"}
 
 

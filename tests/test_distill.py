@@ -114,3 +114,16 @@ def test_a_run_needs_a_step_and_older_plans_keep_their_json(tiny):
                                                                           "learning_rate", "qat"}
     plan = CompressionPlan.from_json(CompressionPlan(student={"distillation": {"top_k": 8}}).to_json())
     assert plan.student.distillation.top_k == 8
+
+
+def test_teacher_targets_are_cached_and_a_damaged_file_is_remade(tiny, tmp_path, monkeypatch):
+    made = []
+    real = distill.teacher_targets
+    monkeypatch.setattr(distill, "teacher_targets", lambda *a, **k: made.append(1) or real(*a, **k))
+    first = distill.load_or_compute_targets(tiny.model, windows(tiny, 3), 2.0, 5, "tiny", tmp_path)
+    again = distill.load_or_compute_targets(tiny.model, windows(tiny, 3), 2.0, 5, "tiny", tmp_path)
+    assert made == [1] and torch.equal(first.top_ids, again.top_ids) and torch.equal(first.windows, again.windows)
+    (path,) = (tmp_path / "teacher").iterdir()
+    path.write_bytes(b"broken")
+    remade = distill.load_or_compute_targets(tiny.model, windows(tiny, 3), 2.0, 5, "tiny", tmp_path)
+    assert made == [1, 1] and torch.allclose(remade.top_logprobs, first.top_logprobs)

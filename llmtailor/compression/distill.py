@@ -21,11 +21,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from llmtailor import files
 from llmtailor.plan import Distillation, PlanError
 
 WARMUP_SHARE = 0.05
@@ -61,6 +63,26 @@ def teacher_targets(teacher: Any, windows: torch.Tensor, temperature: float, top
         ids.append(top.indices.to(torch.int32).cpu())
         logprobs.append(top.values.cpu())
     return TeacherTargets(windows.cpu(), torch.cat(ids), torch.cat(logprobs), temperature)
+
+
+def load_or_compute_targets(teacher: Any, windows: torch.Tensor, temperature: float, top_k: int, key: str,
+                            cache: Path, device: str | torch.device = "cpu") -> TeacherTargets:
+    """The targets for (`key`: teacher and windows, temperature, k) from the cache, computed and stored first if
+    missing or unreadable (written atomically, so a killed writer leaves no half file)."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache / "teacher" / f"{key}-t{temperature:g}-k{top_k}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(path)
+            return TeacherTargets(stored["windows"], stored["top_ids"], stored["top_logprobs"], temperature)
+        except Exception:  # a damaged file: make it again
+            path.unlink(missing_ok=True)
+    targets = teacher_targets(teacher, windows, temperature, top_k, device)
+    tensors = {"windows": targets.windows, "top_ids": targets.top_ids, "top_logprobs": targets.top_logprobs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_with(path, lambda staging: save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging)))
+    return targets
 
 
 def kd_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,

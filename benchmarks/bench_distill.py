@@ -1,0 +1,121 @@
+"""Students cut from the default model, before and after distillation, on held-out pydoc text and another domain.
+
+    python benchmarks/bench_distill.py [--budgets 25,100] [--window-tokens 128] [--batch 4]
+
+Students (Minitron-style cuts of the teacher, chosen by the importance the pruning issue
+measures on the default calibration): 24 and 18 of 30 blocks (by block influence), and
+75% MLP width (1,152 of 1,536 channels per block, by activation). Each is measured cut
+and untrained, then after knowledge distillation (`compression.distill`: KL to the
+teacher's top-64 at temperature 2, the plan's default recipe) at each step budget, and
+the first student also after plain next-token cross-entropy fine-tuning at the largest
+budget. Training text: the default calibration windows (pydoc calibration split, 128 ×
+512 tokens) cut into `--window-tokens` pieces; never the evaluation text. Evaluation:
+KL to the teacher and perplexity on the pydoc evaluation split and on Debian's licence
+texts (/usr/share/common-licenses, a domain no calibration or training text comes from),
+`--eval-windows` windows of 256 tokens each. Writes benchmarks/results/bench_distill.json
+after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from llmtailor import models, text
+from llmtailor.compression import calibration, distill, structure
+from llmtailor.compression.calibration import CalibrationSpec
+from llmtailor.compression.layer_cache import model_fingerprint
+from llmtailor.evaluators import quality
+from llmtailor.plan import Distillation, Student
+
+LICENCES = "/usr/share/common-licenses"
+OUT = Path(__file__).resolve().parent / "results" / "bench_distill.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="25,100", help="comma-separated step budgets")
+    parser.add_argument("--window-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--students", default="24 of 30 blocks,18 of 30 blocks,MLP 75%")
+    parser.add_argument("--torch-device", default="cpu")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    teacher = models.load(None)
+    arch, tok = teacher.arch, teacher.tokenizer
+    spec = CalibrationSpec()
+    key = spec.key(model_fingerprint(teacher.model))
+    windows = spec.make_windows(teacher.model, tok)
+    stats = calibration.load_or_collect(teacher.model, arch, windows, key, models.cache_dir())
+    scores = structure.load_or_measure(teacher.model, arch, stats, windows, key, models.cache_dir())
+    pieces = windows.reshape(-1, args.window_tokens)
+    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
+               f"{torch.__version__}, {torch.get_num_threads()} threads, device {args.torch_device}",
+               "training_text": f"{spec.describe()}, cut into {len(pieces)} windows of {args.window_tokens} tokens",
+               "evaluation": {"pydoc": "pydoc evaluation split (held out)", "licences": f"{LICENCES} (Debian's licences)"},
+               "batch": args.batch, "learning_rate": args.learning_rate, "rows": []}
+    recipe = Distillation(steps=1, learning_rate=args.learning_rate)
+    started = time.perf_counter()
+    targets = distill.load_or_compute_targets(teacher.model, pieces, recipe.temperature, recipe.top_k,
+                                              f"{key}-w{args.window_tokens}", models.cache_dir(), args.torch_device)
+    results["teacher_targets_s"] = time.perf_counter() - started
+    splits = text.split("pydoc")
+    domains = {"pydoc": quality.Reference(teacher.model, tok, splits.evaluation, args.eval_windows, 256),
+               "licences": quality.Reference(teacher.model, tok, text.load_documents(LICENCES), args.eval_windows, 256)}
+
+    def measure(student_name: str, training: str, steps: int, model, trained=None) -> None:
+        row = {"student": student_name, "training": training, "steps": steps,
+               "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+               "train_s": trained.seconds if trained else 0.0,
+               "first_loss": trained.losses[0] if trained else None, "last_loss": trained.losses[-1] if trained else None}
+        for name, ref in domains.items():
+            q = quality.measure(model, ref)
+            row[f"kl_{name}"], row[f"perplexity_{name}"] = q.kl, q.perplexity
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        args.out.parent.mkdir(exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+    measure("teacher", "-", 0, teacher.model)
+    shapes = {"24 of 30 blocks": Student(layers=structure.blocks_to_keep(scores.blocks, 24)),
+              "18 of 30 blocks": Student(layers=structure.blocks_to_keep(scores.blocks, 18)),
+              "MLP 75%": Student(mlp_width={b: arch.intermediate_size * 3 // 4 for b in range(arch.num_layers)})}
+    chosen = [name for name in args.students.split(",") if name]
+    for index, name in enumerate(chosen):
+        cut = structure.choose(arch, shapes[name], scores)
+        measure(name, "none (cut only)", 0, structure.cut(teacher.model, arch, cut))
+        trainings = [("kd", b) for b in budgets] + ([("ce", budgets[-1])] if index == 0 else [])
+        for loss, steps in trainings:
+            student = structure.cut(teacher.model, arch, cut)
+            run = Distillation(steps=steps, learning_rate=args.learning_rate, loss="kl" if loss == "kd" else "ce")
+            trained = distill.distill(student, targets, run, device=args.torch_device, batch_size=args.batch)
+            measure(name, "KD (KL to the teacher's top-64, T=2)" if loss == "kd" else "cross-entropy fine-tuning",
+                    steps, student, trained)
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}. Date: {results['date']}. Training text: {results['training_text']}; "
+             f"batch {results['batch']}, peak learning rate {results['learning_rate']}.", "",
+             "| student | training | steps | params (M) | train s | KL pydoc | ppl pydoc | KL licences | ppl licences |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['student']} | {r['training']} | {r['steps']} | {r['params_m']:.1f} | {r['train_s']:.0f} | "
+                     f"{r['kl_pydoc']:.3f} | {r['perplexity_pydoc']:.2f} | {r['kl_licences']:.3f} | "
+                     f"{r['perplexity_licences']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
