@@ -127,3 +127,37 @@ def test_teacher_targets_are_cached_and_a_damaged_file_is_remade(tiny, tmp_path,
     path.write_bytes(b"broken")
     remade = distill.load_or_compute_targets(tiny.model, windows(tiny, 3), 2.0, 5, "tiny", tmp_path)
     assert made == [1, 1] and torch.allclose(remade.top_logprobs, first.top_logprobs)
+
+
+def test_qat_fake_quant_is_the_real_quantizers_grid_with_a_straight_through_gradient():
+    from llmtailor.compression.quantize import rtn
+    from llmtailor.plan import LayerPrecision
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 40, requires_grad=True)
+    precision = LayerPrecision(4, 16)
+    fake = distill.FakeQuantize(precision)(weight)
+    assert torch.equal(fake.detach(), rtn(weight.detach(), precision).dequantize())
+    assert len(torch.unique(fake.detach()[0, :16])) <= 16  # one group of 16 inputs: at most 2^4 levels
+    (fake * torch.arange(40.0)).sum().backward()
+    assert torch.equal(weight.grad, torch.arange(40.0).expand(6, 40))  # the rounding passes the gradient unchanged
+
+
+def test_qat_trains_through_the_grid_and_leaves_float_weights_for_the_quantizer(tiny):
+    from llmtailor.plan import LayerPrecision
+
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8)
+    student = two_block_student(tiny)
+    names = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    before = student.model.layers[0].mlp.up_proj.weight.clone()
+    trained = distill.distill(student, targets, Distillation(steps=10, learning_rate=3e-3, qat=True),
+                              qat_precision={n: LayerPrecision(4, 32) for n in names})
+    after = student.model.layers[0].mlp.up_proj.weight
+    assert trained.steps == 10 and not torch.equal(before, after)
+    assert len(torch.unique(after[0, :32])) > 16  # float weights again, not the rounded ones
+    assert not any("parametrizations" in n for n, _ in student.named_parameters())
+    with pytest.raises(PlanError, match="needs the precision"):
+        distill.distill(two_block_student(tiny), targets, Distillation(steps=1, qat=True))
+    with pytest.raises(PlanError, match="does not have"):
+        distill.distill(two_block_student(tiny), targets, Distillation(steps=1, qat=True),
+                        qat_precision={"model.layers.9.mlp.up_proj": LayerPrecision(4)})

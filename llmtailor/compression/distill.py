@@ -13,13 +13,20 @@ Loss: KL(teacher_T ‖ student_T) · T² (Hinton et al.: the T² keeps gradients
 across temperatures), plus ``ce_weight`` times the next-token cross-entropy on the text
 itself. AdamW, linear warm-up over the first ``WARMUP_SHARE`` of the steps then cosine
 decay to zero, gradients clipped to ``CLIP_NORM``, windows drawn in a seeded order.
+
+Quantization-aware training (``recipe.qat``): the named linear layers compute with their
+weights as the real round-to-nearest quantizer rounds them (the very same grid, float16
+scales included), and the gradient passes straight through the rounding to the float
+weights (the straight-through estimator). At the end the float weights stay, for the
+plan's quantizer (RTN or GPTQ) to quantize: they have learned to sit well on its grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from llmtailor import files
-from llmtailor.plan import Distillation, PlanError
+from llmtailor.compression.quantize import QUANTIZERS
+from llmtailor.plan import Distillation, LayerPrecision, PlanError
 
 WARMUP_SHARE = 0.05
 CLIP_NORM = 1.0
@@ -108,6 +116,37 @@ def learning_rate_at(step: int, steps: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class FakeQuantize(torch.nn.Module):
+    """A weight parametrization: forward, the weight as the real quantizer rounds it; backward, the identity."""
+
+    def __init__(self, precision: LayerPrecision) -> None:
+        super().__init__()
+        self.precision = precision
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rounded = QUANTIZERS["rtn"](weight.detach(), self.precision).dequantize().to(weight)
+        return weight + (rounded - weight).detach()
+
+
+@contextlib.contextmanager
+def fake_quantized(model: Any, precision: Mapping[str, LayerPrecision]) -> Iterator[None]:
+    """Within the block, the named linear layers (module names of `model`) compute with fake-quantized weights."""
+    from torch.nn.utils import parametrize
+
+    modules = dict(model.named_modules())
+    missing = sorted(set(precision) - set(modules))
+    if missing:
+        raise PlanError(f"quantization-aware training names layers the student does not have: {missing[:3]}")
+    chosen = {name: p for name, p in precision.items() if p.bits < 16}
+    for name, p in chosen.items():
+        parametrize.register_parametrization(modules[name], "weight", FakeQuantize(p))
+    try:
+        yield
+    finally:
+        for name in chosen:
+            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+
+
 @dataclass
 class Trained:
     """What a distillation run did: its loss after each step, steps taken and seconds spent."""
@@ -118,12 +157,22 @@ class Trained:
 
 
 def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, device: str | torch.device = "cpu",
-            seed: int = 0, batch_size: int = 4, progress: Callable[[int, float], None] | None = None) -> Trained:
+            seed: int = 0, batch_size: int = 4, progress: Callable[[int, float], None] | None = None,
+            qat_precision: Mapping[str, LayerPrecision] | None = None) -> Trained:
     """Train `student` in place for `recipe.steps` steps on the targets; the student ends in eval mode on CPU.
 
-    `progress(step, loss)` is called after every step (a progress bar, a log)."""
+    `progress(step, loss)` is called after every step (a progress bar, a log). With `recipe.qat`,
+    `qat_precision` names the student's linear layers (module names) and the precision each is trained for."""
     if recipe.steps < 1:
         raise PlanError(f"a distillation run needs at least 1 step, got {recipe.steps}")
+    if recipe.qat and not qat_precision:
+        raise PlanError("quantization-aware training needs the precision of the student's layers (qat_precision)")
+    with fake_quantized(student, qat_precision or {}) if recipe.qat else contextlib.nullcontext():
+        return _train(student, targets, recipe, device, seed, batch_size, progress)
+
+
+def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: str | torch.device, seed: int,
+           batch_size: int, progress: Callable[[int, float], None] | None) -> Trained:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     student.to(device).train().requires_grad_(True)
