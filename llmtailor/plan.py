@@ -115,9 +115,10 @@ class Distillation:
     qat: bool = False  # fake-quantize in the forward pass so the student learns its precision
     top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
     ce_weight: float = 1.0  # weight of the cross-entropy term in kl+ce
+    lora_rank: int = 0  # > 0: train only low-rank adapters of the block linears, merged at the end
 
     LOSSES = ("kl", "ce", "kl+ce")
-    LATER_FIELDS = {"top_k": 64, "ce_weight": 1.0}  # written only when not these defaults: older plans keep their JSON
+    LATER_FIELDS = {"top_k": 64, "ce_weight": 1.0, "lora_rank": 0}  # written only when not these defaults: older plans keep their JSON
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -132,6 +133,10 @@ class Distillation:
             raise PlanError(f"distillation top_k must be at least 1, got {self.top_k}")
         if self.ce_weight < 0:
             raise PlanError(f"distillation ce_weight must be >= 0, got {self.ce_weight}")
+        if self.lora_rank < 0:
+            raise PlanError(f"distillation lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and self.qat:
+            raise PlanError("LoRA recovery with quantization-aware training is not supported yet: choose one")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if self.LATER_FIELDS.get(k, object()) != v}

@@ -161,3 +161,24 @@ def test_qat_trains_through_the_grid_and_leaves_float_weights_for_the_quantizer(
     with pytest.raises(PlanError, match="does not have"):
         distill.distill(two_block_student(tiny), targets, Distillation(steps=1, qat=True),
                         qat_precision={"model.layers.9.mlp.up_proj": LayerPrecision(4)})
+
+
+def test_lora_trains_low_rank_updates_and_merges_them(tiny):
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8)
+    student = two_block_student(tiny)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    trained = distill.distill(student, targets, Distillation(steps=30, learning_rate=3e-3, lora_rank=2))
+    assert sum(trained.losses[-5:]) < sum(trained.losses[:5])
+    after = dict(student.named_parameters())
+    assert set(after) == set(before)  # merged: a plain model of the same shapes again
+    change = after["model.layers.1.mlp.down_proj.weight"] - before["model.layers.1.mlp.down_proj.weight"]
+    assert change.abs().max() > 0 and torch.linalg.matrix_rank(change) <= 2
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # only the adapters trained
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+def test_lora_with_qat_and_a_negative_rank_are_refused():
+    with pytest.raises(PlanError, match="not supported yet"):
+        Distillation(qat=True, lora_rank=4)
+    with pytest.raises(PlanError, match="lora_rank must be >= 0"):
+        Distillation(lora_rank=-1)

@@ -19,6 +19,11 @@ weights as the real round-to-nearest quantizer rounds them (the very same grid, 
 scales included), and the gradient passes straight through the rounding to the float
 weights (the straight-through estimator). At the end the float weights stay, for the
 plan's quantizer (RTN or GPTQ) to quantize: they have learned to sit well on its grid.
+
+LoRA recovery (``recipe.lora_rank`` r > 0): every linear layer of the decoder blocks keeps
+its weight frozen and learns W + B·A·(LORA_ALPHA / r) with A (r × inputs, small random) and
+B (outputs × r, zeros, so training starts from the cut model); the product is merged into
+W at the end, so the student is again a plain model of the same shapes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from llmtailor.plan import Distillation, LayerPrecision, PlanError
 
 WARMUP_SHARE = 0.05
 CLIP_NORM = 1.0
+LORA_ALPHA = 16.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,42 @@ def fake_quantized(model: Any, precision: Mapping[str, LayerPrecision]) -> Itera
             parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
 
 
+class LowRankUpdate(torch.nn.Module):
+    """A weight parametrization: W + B·A·scale, with W frozen and A, B the only trained parameters."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        out, width = weight.shape
+        self.a = torch.nn.Parameter(torch.randn(rank, width, generator=generator).to(weight) / math.sqrt(width))
+        self.b = torch.nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))
+        self.scale = LORA_ALPHA / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.b @ self.a) * self.scale
+
+
+@contextlib.contextmanager
+def low_rank_adapters(model: Any, rank: int, seed: int) -> Iterator[None]:
+    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit they are merged."""
+    from torch.nn.utils import parametrize
+
+    generator = torch.Generator().manual_seed(seed)
+    chosen = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    if not chosen:
+        raise PlanError("LoRA recovery found no linear layers in the student's decoder blocks")
+    model.requires_grad_(False)
+    for module in chosen:
+        parametrize.register_parametrization(module, "weight", LowRankUpdate(module.weight, rank, generator))
+        module.parametrizations.weight.original.requires_grad_(False)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module in chosen:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        model.requires_grad_(False)
+
+
 @dataclass
 class Trained:
     """What a distillation run did: its loss after each step, steps taken and seconds spent."""
@@ -161,12 +203,17 @@ def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, devi
             qat_precision: Mapping[str, LayerPrecision] | None = None) -> Trained:
     """Train `student` in place for `recipe.steps` steps on the targets; the student ends in eval mode on CPU.
 
-    `progress(step, loss)` is called after every step (a progress bar, a log). With `recipe.qat`,
+    `progress(step, loss)` is called after every step (a progress bar, a log). With `recipe.lora_rank`, only
+    low-rank adapters train and are merged at the end. With `recipe.qat`,
     `qat_precision` names the student's linear layers (module names) and the precision each is trained for."""
     if recipe.steps < 1:
         raise PlanError(f"a distillation run needs at least 1 step, got {recipe.steps}")
     if recipe.qat and not qat_precision:
         raise PlanError("quantization-aware training needs the precision of the student's layers (qat_precision)")
+    if recipe.lora_rank:
+        with low_rank_adapters(student, recipe.lora_rank, seed):
+            return _train(student, targets, recipe, device, seed, batch_size, progress)
+    student.requires_grad_(True)
     with fake_quantized(student, qat_precision or {}) if recipe.qat else contextlib.nullcontext():
         return _train(student, targets, recipe, device, seed, batch_size, progress)
 
@@ -175,7 +222,7 @@ def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: 
            batch_size: int, progress: Callable[[int, float], None] | None) -> Trained:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    student.to(device).train().requires_grad_(True)
+    student.to(device).train()
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.0)
     result, started = Trained(), time.perf_counter()
