@@ -13,7 +13,8 @@ budget. Training text: the default calibration windows (pydoc calibration split,
 KL to the teacher and perplexity on the pydoc evaluation split and on Debian's licence
 texts (/usr/share/common-licenses, a domain no calibration or training text comes from),
 `--eval-windows` windows of 256 tokens each. Writes benchmarks/results/bench_distill.json
-after every row.
+after every row. `--trainings lora` adds LoRA-only recovery (adapters on every block linear,
+merged at the end) of the first student at the largest budget.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--students", default="24 of 30 blocks,18 of 30 blocks,MLP 75%")
+    parser.add_argument("--trainings", default="kd,ce", help="kd (every budget), ce and lora (the first student, "
+                        "largest budget)")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-learning-rate", type=float, default=1e-3, help="adapters train at a higher rate")
     parser.add_argument("--torch-device", default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -95,13 +100,17 @@ def main() -> None:
     for index, name in enumerate(chosen):
         cut = structure.choose(arch, shapes[name], scores)
         measure(name, "none (cut only)", 0, structure.cut(teacher.model, arch, cut))
-        trainings = [("kd", b) for b in budgets] + ([("ce", budgets[-1])] if index == 0 else [])
-        for loss, steps in trainings:
+        wanted = args.trainings.split(",")
+        trainings = [("kd", b) for b in budgets if "kd" in wanted]
+        trainings += [(kind, budgets[-1]) for kind in ("ce", "lora") if kind in wanted and index == 0]
+        labels = {"kd": "KD (KL to the teacher's top-64, T=2)", "ce": "cross-entropy fine-tuning",
+                  "lora": f"KD, LoRA rank {args.lora_rank} only (lr {args.lora_learning_rate:g}), merged"}
+        for kind, steps in trainings:
             student = structure.cut(teacher.model, arch, cut)
-            run = Distillation(steps=steps, learning_rate=args.learning_rate, loss="kl" if loss == "kd" else "ce")
+            run = Distillation(steps=steps, learning_rate=args.lora_learning_rate if kind == "lora" else args.learning_rate,
+                               loss="ce" if kind == "ce" else "kl", lora_rank=args.lora_rank if kind == "lora" else 0)
             trained = distill.distill(student, targets, run, device=args.torch_device, batch_size=args.batch)
-            measure(name, "KD (KL to the teacher's top-64, T=2)" if loss == "kd" else "cross-entropy fine-tuning",
-                    steps, student, trained)
+            measure(name, labels[kind], steps, student, trained)
     print(table(results))
 
 

@@ -246,7 +246,7 @@ def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM)
         optimizer.step()
-        result.losses.append(float(loss))
+        result.losses.append(loss.item())
         result.steps = step + 1
         if progress is not None:
             progress(step + 1, result.losses[-1])
