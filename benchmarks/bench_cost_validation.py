@@ -17,7 +17,7 @@ KV cache, the median over `--repeats` runs; memory = the process's peak resident
 `runtime_overhead` stands for. Which blocks, groups and channels a cut keeps does not
 change speed, so cuts keep the first ones (no calibration needed).
 
-Per phase: mean absolute percentage error and Kendall's tau between predicted and
+Per phase: mean absolute percentage error and Kendall's tau-b between predicted and
 measured. Writes benchmarks/results/bench_cost_validation.json, and the errors into
 the host profile's folder (`host/validation.json`), where reports read them.
 """
@@ -165,18 +165,6 @@ def measure(path: Path, prompt: int, steps: int, repeats: int) -> dict:
             "peak_rss_bytes": host.peak_resident_bytes()}
 
 
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-a of two rankings (ties count as neither concordant nor discordant)."""
-    pairs = concordant = discordant = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            pairs += 1
-            sign = (a[i] - a[j]) * (b[i] - b[j])
-            concordant += sign > 0
-            discordant += sign < 0
-    return (concordant - discordant) / pairs
-
-
 def mape(predicted: list[float], measured: list[float]) -> float:
     return 100 * statistics.mean(abs(p - m) / m for p, m in zip(predicted, measured, strict=True))
 
@@ -198,6 +186,7 @@ def main() -> None:
     from llmtailor import hw_profiles, models  # not in the measuring process: its memory is the runtime's alone
     from llmtailor.evaluators import cost
     from llmtailor.hw_profiles import host
+    from llmtailor.search.sensitivity import kendall_tau
 
     profile = hw_profiles.load("host")
     loaded = models.load()

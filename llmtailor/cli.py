@@ -50,11 +50,7 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--calibration-windows", type=int, default=128, help="512-token calibration windows")
     parser.add_argument("--torch-device", default="cpu", help="where calibration, GPTQ and evaluation run: cpu "
                         "(default), cuda, cuda:N or mps")
-    parser.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
-    parser.add_argument("--batch", type=int, default=1, help="batch size on the device")
-    parser.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
-    parser.add_argument("--dense-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
-                        help="width the runtime holds unquantized weights, KV cache and activations in")
+    _workload_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines "
                         "(default: SQLite in the study's results folder)")
@@ -87,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--sparsity", type=float, default=0.0, help="share of each block linear's weights pruned")
     estimate.add_argument("--pattern", default="unstructured", help="unstructured, or N:M such as 2:4")
     estimate.add_argument("--embedding-bits", type=int, help="embedding bits (default: 16 below 8 bits, else --bits)")
-    estimate.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
-    estimate.add_argument("--batch", type=int, default=1, help="batch size on the device")
-    estimate.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
-    estimate.add_argument("--dense-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
-                        help="width the runtime holds unquantized weights, KV cache and activations in")
+    _workload_options(estimate)
     estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
     estimate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     devices = sub.add_parser("devices", help="list the device profiles")
@@ -119,6 +111,15 @@ def _join_negative_values(argv: list[str], parser: argparse.ArgumentParser) -> l
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return [p for a in actions for p in a.choices.values()]
+
+
+def _workload_options(parser: argparse.ArgumentParser) -> None:
+    """The options a cost.Workload is made of (read back by _workload)."""
+    parser.add_argument("--context", type=int, default=2048, help="context length the KV cache must hold")
+    parser.add_argument("--batch", type=int, default=1, help="batch size on the device")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt length for time-to-first-token")
+    parser.add_argument("--dense-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="width the runtime holds unquantized weights, KV cache and activations in")
 
 
 def _workload(args: argparse.Namespace):

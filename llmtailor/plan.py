@@ -118,7 +118,7 @@ class Distillation:
     lora_rank: int = 0  # > 0: train only low-rank adapters of the block linears, merged at the end
 
     LOSSES = ("kl", "ce", "kl+ce")
-    LATER_FIELDS = {"top_k": 64, "ce_weight": 1.0, "lora_rank": 0}  # written only when not these defaults: older plans keep their JSON
+    LATER_FIELDS = ("top_k", "ce_weight", "lora_rank")  # written only when not default: older plans keep their JSON
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -139,7 +139,8 @@ class Distillation:
             raise PlanError("LoRA recovery with quantization-aware training is not supported yet: choose one")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if self.LATER_FIELDS.get(k, object()) != v}
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.LATER_FIELDS}
+        return {k: v for k, v in asdict(self).items() if k not in defaults or defaults[k] != v}
 
 
 @dataclass(frozen=True)

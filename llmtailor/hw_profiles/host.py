@@ -201,13 +201,24 @@ def fit_decoders(timings: list[DecoderTiming]) -> dict[str, float]:
     return figures
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a 'Key:  N kB' line of a /proc file, or None where the file or the line is missing."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_resident_bytes() -> int:
     """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: on Linux that survives fork
     and exec, so a child started by a large process reports the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    if peak is None:
+        raise OSError("no VmHWM in /proc/self/status")
+    return peak
 
 
 def runtime_bytes() -> int:
@@ -224,13 +235,8 @@ def runtime_bytes() -> int:
 
 def available_memory_bytes() -> int:
     """What the OS reports available (MemAvailable), or physical memory where that is not readable."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def measure(probe_bytes: int = PROBE_BYTES) -> dict[str, Any]:
