@@ -14,7 +14,11 @@ KL to the teacher and perplexity on the pydoc evaluation split and on Debian's l
 texts (/usr/share/common-licenses, a domain no calibration or training text comes from),
 `--eval-windows` windows of 256 tokens each. Writes benchmarks/results/bench_distill.json
 after every row. `--trainings lora` adds LoRA-only recovery (adapters on every block linear,
-merged at the end) of the first student at the largest budget.
+merged at the end) of the first student at the largest budget; `full` the same KD with the
+teacher's whole distribution computed online (what keeping top-64 costs); `hidden` KD plus
+final-hidden-state matching (weight 1); `qat` a 4-bit (g128) quantization-aware KD run,
+measured after RTN and after GPTQ 4-bit g128, against the plain KD student quantized the
+same two ways (GPTQ statistics collected on each student over the calibration windows).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from pathlib import Path
 
 import torch
 
-from llmtailor import models, text
+from llmtailor import arch as arch_mod
+from llmtailor import compression, models, text
 from llmtailor.compression import calibration, distill, structure
 from llmtailor.compression.calibration import CalibrationSpec
 from llmtailor.compression.layer_cache import model_fingerprint
 from llmtailor.evaluators import quality
-from llmtailor.plan import Distillation, Student
+from llmtailor.plan import CompressionPlan, Distillation, LayerPrecision, Student
+from llmtailor.spaces.base import layer_precision
 
 LICENCES = "/usr/share/common-licenses"
 OUT = Path(__file__).resolve().parent / "results" / "bench_distill.json"
@@ -53,31 +59,39 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-learning-rate", type=float, default=1e-3, help="adapters train at a higher rate")
     parser.add_argument("--torch-device", default="cpu")
+    parser.add_argument("--model", default=None, help="the teacher (default: the default model)")
+    parser.add_argument("--licences", default=LICENCES, help="folder of the other-domain evaluation text")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     budgets = [int(b) for b in args.budgets.split(",")]
-    teacher = models.load(None)
+    teacher = models.load(args.model)
+    teacher.model.to(args.torch_device)
     arch, tok = teacher.arch, teacher.tokenizer
     spec = CalibrationSpec()
     key = spec.key(model_fingerprint(teacher.model))
     windows = spec.make_windows(teacher.model, tok)
-    stats = calibration.load_or_collect(teacher.model, arch, windows, key, models.cache_dir())
+    stats = calibration.load_or_collect(teacher.model, arch, windows, key, models.cache_dir(), args.torch_device)
     scores = structure.load_or_measure(teacher.model, arch, stats, windows, key, models.cache_dir())
     pieces = windows.reshape(-1, args.window_tokens)
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
                f"{torch.__version__}, {torch.get_num_threads()} threads, device {args.torch_device}",
                "training_text": f"{spec.describe()}, cut into {len(pieces)} windows of {args.window_tokens} tokens",
-               "evaluation": {"pydoc": "pydoc evaluation split (held out)", "licences": f"{LICENCES} (Debian's licences)"},
+               "evaluation": {"pydoc": "pydoc evaluation split (held out)", "licences": "Debian's licences (/usr/share/common-licenses)"},
                "batch": args.batch, "learning_rate": args.learning_rate, "rows": []}
     recipe = Distillation(steps=1, learning_rate=args.learning_rate)
     started = time.perf_counter()
     targets = distill.load_or_compute_targets(teacher.model, pieces, recipe.temperature, recipe.top_k,
                                               f"{key}-w{args.window_tokens}", models.cache_dir(), args.torch_device)
     results["teacher_targets_s"] = time.perf_counter() - started
+    hidden_targets = None
+    if "hidden" in args.trainings.split(","):
+        hidden_targets = distill.load_or_compute_targets(teacher.model, pieces, recipe.temperature, recipe.top_k,
+                                                         f"{key}-w{args.window_tokens}", models.cache_dir(),
+                                                         args.torch_device, hidden=True)
     splits = text.split("pydoc")
     domains = {"pydoc": quality.Reference(teacher.model, tok, splits.evaluation, args.eval_windows, 256),
-               "licences": quality.Reference(teacher.model, tok, text.load_documents(LICENCES), args.eval_windows, 256)}
+               "licences": quality.Reference(teacher.model, tok, text.load_documents(args.licences), args.eval_windows, 256)}
 
     def measure(student_name: str, training: str, steps: int, model, trained=None) -> None:
         row = {"student": student_name, "training": training, "steps": steps,
@@ -97,21 +111,42 @@ def main() -> None:
               "18 of 30 blocks": Student(layers=structure.blocks_to_keep(scores.blocks, 18)),
               "MLP 75%": Student(mlp_width={b: arch.intermediate_size * 3 // 4 for b in range(arch.num_layers)})}
     chosen = [name for name in args.students.split(",") if name]
+    labels = {"kd": "KD (KL to the teacher's top-64, T=2)", "ce": "cross-entropy fine-tuning",
+              "lora": f"KD, LoRA rank {args.lora_rank} only (lr {args.lora_learning_rate:g}), merged",
+              "full": "KD, the teacher's full distribution (online)", "hidden": "KD + final hidden states (weight 1)",
+              "qat": "KD with 4-bit g128 QAT"}
     for index, name in enumerate(chosen):
         cut = structure.choose(arch, shapes[name], scores)
         measure(name, "none (cut only)", 0, structure.cut(teacher.model, arch, cut))
         wanted = args.trainings.split(",")
         trainings = [("kd", b) for b in budgets if "kd" in wanted]
-        trainings += [(kind, budgets[-1]) for kind in ("ce", "lora") if kind in wanted and index == 0]
-        labels = {"kd": "KD (KL to the teacher's top-64, T=2)", "ce": "cross-entropy fine-tuning",
-                  "lora": f"KD, LoRA rank {args.lora_rank} only (lr {args.lora_learning_rate:g}), merged"}
+        trainings += [(kind, budgets[-1]) for kind in ("ce", "lora", "full", "hidden", "qat")
+                      if kind in wanted and index == 0]
         for kind, steps in trainings:
             student = structure.cut(teacher.model, arch, cut)
             run = Distillation(steps=steps, learning_rate=args.lora_learning_rate if kind == "lora" else args.learning_rate,
-                               loss="ce" if kind == "ce" else "kl", lora_rank=args.lora_rank if kind == "lora" else 0)
-            trained = distill.distill(student, targets, run, device=args.torch_device, batch_size=args.batch)
+                               loss="ce" if kind == "ce" else "kl", lora_rank=args.lora_rank if kind == "lora" else 0,
+                               hidden_weight=1.0 if kind == "hidden" else 0.0, qat=kind == "qat")
+            small = arch_mod.from_model(student)
+            four_bit = {lin.name: LayerPrecision(4, 128) for lin in small.linears if lin.block is not None}
+            trained = distill.distill(student, hidden_targets if kind == "hidden" else targets, run,
+                                      device=args.torch_device, batch_size=args.batch,
+                                      qat_precision=four_bit if kind == "qat" else None,
+                                      teacher=teacher.model if kind == "full" else None)
             measure(name, labels[kind], steps, student, trained)
+            if "qat" in wanted and index == 0 and kind in ("kd", "qat") and steps == budgets[-1]:
+                for method in ("rtn", "gptq"):
+                    measure(name, f"{labels[kind]}, then 4-bit g128 {method.upper()}", steps,
+                            quantized(student, small, method, windows, args.torch_device), trained)
     print(table(results))
+
+
+def quantized(student, small, method: str, windows, device: str):
+    """The student with every block linear at 4 bits, group 128, by RTN or GPTQ (statistics of its own inputs)."""
+    plan = CompressionPlan(precision={lin.name: layer_precision(4, 128, method, lin, small)
+                                      for lin in small.linears if lin.block is not None})
+    stats = calibration.collect(student, small, windows, device) if method == "gptq" else None
+    return compression.apply(plan, student, small, stats)
 
 
 def table(results: dict) -> str:

@@ -116,9 +116,10 @@ class Distillation:
     top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
     ce_weight: float = 1.0  # weight of the cross-entropy term in kl+ce
     lora_rank: int = 0  # > 0: train only low-rank adapters of the block linears, merged at the end
+    hidden_weight: float = 0.0  # weight of matching the teacher's final hidden states (normalized MSE)
 
     LOSSES = ("kl", "ce", "kl+ce")
-    LATER_FIELDS = ("top_k", "ce_weight", "lora_rank")  # written only when not default: older plans keep their JSON
+    LATER_FIELDS = ("top_k", "ce_weight", "lora_rank", "hidden_weight")  # written only when not default: older plans keep their JSON
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -133,6 +134,8 @@ class Distillation:
             raise PlanError(f"distillation top_k must be at least 1, got {self.top_k}")
         if self.ce_weight < 0:
             raise PlanError(f"distillation ce_weight must be >= 0, got {self.ce_weight}")
+        if not self.hidden_weight >= 0:
+            raise PlanError(f"distillation hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.lora_rank < 0:
             raise PlanError(f"distillation lora_rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank and self.qat:

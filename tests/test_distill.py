@@ -182,3 +182,30 @@ def test_lora_with_qat_and_a_negative_rank_are_refused():
         Distillation(qat=True, lora_rank=4)
     with pytest.raises(PlanError, match="lora_rank must be >= 0"):
         Distillation(lora_rank=-1)
+
+
+def test_full_kd_loss_is_the_top_k_loss_with_every_token_kept_and_hidden_loss_is_scale_free():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 40) * 3, torch.randn(2, 5, 40) * 3
+    top = torch.log_softmax(teacher / 2.0, -1).topk(40, -1)
+    assert distill.full_kd_loss(student, teacher, 2.0) == pytest.approx(
+        float(distill.kd_loss(student, top.indices, top.values, 2.0)), rel=1e-4)
+    hidden = torch.randn(2, 5, 16)
+    assert distill.hidden_loss(hidden, hidden) == 0
+    assert distill.hidden_loss(hidden * 2, hidden) == pytest.approx(1.0)
+    assert distill.hidden_loss(hidden * 20, hidden * 10) == pytest.approx(1.0)
+
+
+def test_hidden_state_matching_trains_from_kept_or_online_teacher_states(tiny):
+    ids = windows(tiny)
+    targets = distill.teacher_targets(tiny.model, ids, temperature=2.0, top_k=16, hidden=True)
+    assert targets.hidden.shape == (8, 32, tiny.arch.hidden_size) and targets.hidden.dtype == torch.float16
+    recipe = Distillation(steps=30, learning_rate=3e-3, hidden_weight=1.0)
+    kept = distill.distill(two_block_student(tiny), targets, recipe, seed=0)
+    assert sum(kept.losses[-5:]) < 0.8 * sum(kept.losses[:5])
+    online = distill.distill(two_block_student(tiny), targets, recipe, seed=0, teacher=tiny.model)
+    assert online.losses[0] == pytest.approx(kept.losses[0], rel=0.05)  # top-16 of a tiny vocabulary, float16 states
+    with pytest.raises(PlanError, match="hidden states"):
+        distill.distill(two_block_student(tiny), distill.teacher_targets(tiny.model, ids, 2.0, 16), recipe)
+    with pytest.raises(PlanError, match="hidden_weight"):
+        Distillation(hidden_weight=-1.0)

@@ -11,7 +11,14 @@ student's is (what top-k costs in quality is measured in the distillation benchm
 
 Loss: KL(teacher_T ‖ student_T) · T² (Hinton et al.: the T² keeps gradients comparable
 across temperatures), plus ``ce_weight`` times the next-token cross-entropy on the text
-itself. AdamW, linear warm-up over the first ``WARMUP_SHARE`` of the steps then cosine
+itself, plus ``hidden_weight`` times the mean squared distance between the student's and
+the teacher's final hidden states (after the final norm; the hidden width is never cut, so
+they align), divided by the teacher's mean square so the term is scale-free. The final
+hidden states are kept in float16 with the targets (576 values a token for the default
+model: 75 MB for 512 windows of 128 tokens); per-block states would be 30 times that.
+Given the ``teacher`` itself, ``distill`` computes its full distribution and hidden states
+for every batch instead (online: exact, and the teacher's forward pass on every step);
+the benchmark uses it to measure what top-k costs. AdamW, linear warm-up over the first ``WARMUP_SHARE`` of the steps then cosine
 decay to zero, gradients clipped to ``CLIP_NORM``, windows drawn in a seeded order.
 
 Quantization-aware training (``recipe.qat``): the named linear layers compute with their
@@ -56,6 +63,7 @@ class TeacherTargets:
     top_ids: torch.Tensor  # (n, T, k) int32
     top_logprobs: torch.Tensor  # (n, T, k) float32, log p_T over the whole vocabulary
     temperature: float
+    hidden: torch.Tensor | None = None  # (n, T, d) float16: the teacher's final hidden states, when kept
 
     @property
     def rest_logprob(self) -> torch.Tensor:
@@ -65,35 +73,42 @@ class TeacherTargets:
 
 @torch.no_grad()
 def teacher_targets(teacher: Any, windows: torch.Tensor, temperature: float, top_k: int,
-                    device: str | torch.device = "cpu", batch_size: int = 4) -> TeacherTargets:
-    """Run the teacher once over the windows and keep its top-k log-probabilities at the temperature."""
+                    device: str | torch.device = "cpu", batch_size: int = 4, hidden: bool = False) -> TeacherTargets:
+    """Run the teacher once over the windows and keep its top-k log-probabilities at the temperature (and with
+    ``hidden`` its final hidden states)."""
     if top_k < 1:
         raise PlanError(f"distillation keeps the teacher's top k tokens, k at least 1, got {top_k}")
-    ids, logprobs = [], []
+    ids, logprobs, states = [], [], []
     for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size].to(device)
-        logits = teacher(batch).logits.float() / temperature
+        out = teacher(windows[start:start + batch_size].to(device), output_hidden_states=hidden)
+        logits = out.logits.float() / temperature
         top = torch.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
         ids.append(top.indices.to(torch.int32).cpu())
         logprobs.append(top.values.cpu())
-    return TeacherTargets(windows.cpu(), torch.cat(ids), torch.cat(logprobs), temperature)
+        if hidden:
+            states.append(out.hidden_states[-1].to(torch.float16).cpu())
+    return TeacherTargets(windows.cpu(), torch.cat(ids), torch.cat(logprobs), temperature,
+                          torch.cat(states) if hidden else None)
 
 
 def load_or_compute_targets(teacher: Any, windows: torch.Tensor, temperature: float, top_k: int, key: str,
-                            cache: Path, device: str | torch.device = "cpu") -> TeacherTargets:
+                            cache: Path, device: str | torch.device = "cpu", hidden: bool = False) -> TeacherTargets:
     """The targets for (`key`: teacher and windows, temperature, k) from the cache, computed and stored first if
     missing or unreadable (written atomically, so a killed writer leaves no half file)."""
     from safetensors.torch import load_file, save_file
 
-    path = cache / "teacher" / f"{key}-t{temperature:g}-k{top_k}.safetensors"
+    path = cache / "teacher" / f"{key}-t{temperature:g}-k{top_k}{'-h' if hidden else ''}.safetensors"
     if path.is_file():
         try:
             stored = load_file(path)
-            return TeacherTargets(stored["windows"], stored["top_ids"], stored["top_logprobs"], temperature)
+            return TeacherTargets(stored["windows"], stored["top_ids"], stored["top_logprobs"], temperature,
+                                  stored.get("hidden"))
         except Exception:  # a damaged file: make it again
             path.unlink(missing_ok=True)
-    targets = teacher_targets(teacher, windows, temperature, top_k, device)
+    targets = teacher_targets(teacher, windows, temperature, top_k, device, hidden=hidden)
     tensors = {"windows": targets.windows, "top_ids": targets.top_ids, "top_logprobs": targets.top_logprobs}
+    if hidden:
+        tensors["hidden"] = targets.hidden
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_with(path, lambda staging: save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging)))
     return targets
@@ -111,6 +126,19 @@ def kd_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: t
     kl = kl + torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp(min=1e-12)) - torch.log(q_rest)),
                           torch.zeros_like(p_rest))
     return kl.mean() * temperature**2
+
+
+def full_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) over the whole vocabulary, at the temperature, × T²."""
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+
+
+def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the final hidden states, divided by the teacher's mean square (scale-free)."""
+    teacher_hidden = teacher_hidden.float()
+    return (student_hidden.float() - teacher_hidden).pow(2).mean() / teacher_hidden.pow(2).mean().clamp(min=1e-12)
 
 
 def learning_rate_at(step: int, steps: int, peak: float) -> float:
@@ -200,28 +228,56 @@ class Trained:
 
 def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, device: str | torch.device = "cpu",
             seed: int = 0, batch_size: int = 4, progress: Callable[[int, float], None] | None = None,
-            qat_precision: Mapping[str, LayerPrecision] | None = None) -> Trained:
-    """Train `student` in place for `recipe.steps` steps on the targets; the student ends in eval mode on CPU.
+            qat_precision: Mapping[str, LayerPrecision] | None = None, teacher: Any = None) -> Trained:
+    """Train `student` in place for `recipe.steps` steps on the targets; it ends in eval mode where it started.
 
     `progress(step, loss)` is called after every step (a progress bar, a log). With `recipe.lora_rank`, only
-    low-rank adapters train and are merged at the end. With `recipe.qat`,
-    `qat_precision` names the student's linear layers (module names) and the precision each is trained for."""
+    low-rank adapters train and are merged at the end. With `recipe.qat`, `qat_precision` names the student's
+    linear layers (module names) and the precision each is trained for. Given the `teacher` (on `device`), the
+    loss uses its full distribution and hidden states, computed for every batch, instead of the kept top k."""
     if recipe.steps < 1:
         raise PlanError(f"a distillation run needs at least 1 step, got {recipe.steps}")
     if recipe.qat and not qat_precision:
         raise PlanError("quantization-aware training needs the precision of the student's layers (qat_precision)")
+    if recipe.hidden_weight and teacher is None and targets.hidden is None:
+        raise PlanError("hidden-state matching needs the teacher's hidden states: compute the targets with hidden=True")
     if recipe.lora_rank:
         with low_rank_adapters(student, recipe.lora_rank, seed):
-            return _train(student, targets, recipe, device, seed, batch_size, progress)
+            return _train(student, targets, recipe, device, seed, batch_size, progress, teacher)
     student.requires_grad_(True)
     with fake_quantized(student, qat_precision or {}) if recipe.qat else contextlib.nullcontext():
-        return _train(student, targets, recipe, device, seed, batch_size, progress)
+        return _train(student, targets, recipe, device, seed, batch_size, progress, teacher)
+
+
+def _loss(student: Any, windows: torch.Tensor, index: torch.Tensor, targets: TeacherTargets, recipe: Distillation,
+          teacher: Any) -> torch.Tensor:
+    device = windows.device
+    out = student(windows, output_hidden_states=bool(recipe.hidden_weight))
+    logits, loss = out.logits, torch.zeros((), device=device)
+    if teacher is not None:
+        with torch.no_grad():
+            taught = teacher(windows, output_hidden_states=bool(recipe.hidden_weight))
+        teacher_hidden = taught.hidden_states[-1] if recipe.hidden_weight else None
+    else:
+        teacher_hidden = targets.hidden[index].to(device) if recipe.hidden_weight else None
+    if recipe.loss in ("kl", "kl+ce"):
+        if teacher is not None:
+            loss = loss + full_kd_loss(logits, taught.logits, targets.temperature)
+        else:
+            loss = loss + kd_loss(logits, targets.top_ids[index].to(device), targets.top_logprobs[index].to(device),
+                                  targets.temperature)
+    if recipe.loss in ("ce", "kl+ce"):
+        loss = loss + recipe.ce_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten())
+    if recipe.hidden_weight:
+        loss = loss + recipe.hidden_weight * hidden_loss(out.hidden_states[-1], teacher_hidden)
+    return loss
 
 
 def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: str | torch.device, seed: int,
-           batch_size: int, progress: Callable[[int, float], None] | None) -> Trained:
+           batch_size: int, progress: Callable[[int, float], None] | None, teacher: Any) -> Trained:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    home = next(student.parameters()).device
     student.to(device).train()
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.0)
@@ -231,15 +287,7 @@ def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: 
         if len(order) < batch_size:  # a fresh seeded pass over the windows
             order = torch.cat([order, torch.randperm(len(targets.windows), generator=generator)])
         index, order = order[:batch_size], order[batch_size:]
-        windows = targets.windows[index].to(device)
-        logits = student(windows).logits
-        loss = torch.zeros((), device=device)
-        if recipe.loss in ("kl", "kl+ce"):
-            loss = loss + kd_loss(logits, targets.top_ids[index].to(device), targets.top_logprobs[index].to(device),
-                                  targets.temperature)
-        if recipe.loss in ("ce", "kl+ce"):
-            loss = loss + recipe.ce_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                             windows[:, 1:].flatten())
+        loss = _loss(student, targets.windows[index].to(device), index, targets, recipe, teacher)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, recipe.steps, recipe.learning_rate)
         optimizer.zero_grad(set_to_none=True)
@@ -251,5 +299,5 @@ def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: 
         if progress is not None:
             progress(step + 1, result.losses[-1])
     result.seconds = time.perf_counter() - started
-    student.eval().requires_grad_(False).to("cpu")
+    student.eval().requires_grad_(False).to(home)
     return result
