@@ -35,10 +35,12 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--space", default="coarse", help="search space: coarse (default), per-layer (RTN), direct "
                         "(coarse groups, GPTQ), guided (a sampled weight budget spent per layer by measured "
-                        "sensitivity, GPTQ) or prune (direct with structured cuts and Wanda/SparseGPT pruning)")
+                        "sensitivity, GPTQ), prune (direct with structured cuts and Wanda/SparseGPT pruning) or distill "
+                        "(direct with structured cuts whose students are distilled for a sampled step budget)")
     parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
-                        help="comma-separated: kl, perplexity, accuracy, memory, latency, energy")
+                        help="comma-separated: kl, perplexity, accuracy, memory, latency, energy, train_steps, "
+                        "train_seconds")
     parser.add_argument("--tasks", default="pydoc_cloze",
                         help="comma-separated lm-eval tasks (default: pydoc_cloze), or none for no accuracy")
     parser.add_argument("--task-items", type=int, default=24, help="items of each built-in task (default: 24)")

@@ -195,3 +195,46 @@ def test_a_study_stored_before_later_fields_existed_still_resumes(tiny_model_dir
     study.set_user_attr(study_mod.STUDY_ATTR, stored)
     code, _, err = run([*argv[:4], "--trials", 3, *argv[6:]], capsys)
     assert code == 2 and "made with another workload" in err
+
+
+def test_a_distill_search_trains_each_student_once_ranks_short_runs_first_and_records_the_training(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from llmtailor.spaces import distill as distill_space
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
+    monkeypatch.setattr(distill_space, "DISTILL_STEPS", (0, 4, 8))
+    argv = ["fit", tiny_model_dir, "--memory", "2MB", "--trials", 9, "--results", tmp_path, "--space", "distill",
+            "--calibration-windows", 2, "--tasks", "none", "--objectives", "kl,memory,train_seconds", *FAST]
+    code, _, err = run([*argv, "--study", "first"], capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="first", storage=f"sqlite:///{tmp_path / 'first' / 'study.db'}")
+    done = [t for t in study.trials if t.user_attrs.get("status") in ("evaluated", "duplicate")]
+    distilled = [t for t in done if t.user_attrs["distill_steps"]]
+    assert distilled, "the baselines hold a distilled depth cut"
+    for t in distilled:
+        plan = json.loads(t.user_attrs["plan"])
+        assert plan["student"]["distillation"]["steps"] == t.user_attrs["distill_steps"]
+        assert t.user_attrs["fidelity"] in ("short", "full") and t.user_attrs["train_seconds"] > 0
+        assert (t.user_attrs["fidelity"] == "short") == (t.user_attrs["distill_steps"] < t.params["distill_steps"])
+        assert t.values[2] == t.user_attrs["train_seconds"]
+    for t in distilled:
+        if t.user_attrs["fidelity"] == "short":  # stopped by a measured trial far ahead at no higher cost
+            ahead = study.trials[t.user_attrs["stopped_by"]]
+            assert ahead.values[0] * 2 <= t.values[0] and ahead.values[1] <= t.values[1]
+    assert all(t.user_attrs["train_seconds"] == 0 for t in done if not t.user_attrs["distill_steps"])
+    # With no margin that stops a student, every distilled trial gets its full budget, trained once ...
+    monkeypatch.setattr(study_mod, "FIDELITY_MARGIN", 1e9)
+    code, _, err = run([*argv, "--study", "second", "--trials", 6], capsys)
+    assert code == 0, err
+    second = optuna.load_study(study_name="second", storage=f"sqlite:///{tmp_path / 'second' / 'study.db'}")
+    full = [t for t in second.trials if t.user_attrs.get("fidelity") == "full"]
+    assert full and all(t.user_attrs["distill_steps"] == t.params["distill_steps"] for t in full)
+    assert any(t.user_attrs["train_seconds_spent"] > 0 for t in full)
+    kept = sorted(p.name for p in (cache / "students").iterdir())
+    # ... and a third study over the same cache (the same process and seed: the same draws) trains nothing.
+    code, _, err = run([*argv, "--study", "third", "--trials", 6], capsys)
+    assert code == 0, err
+    third = optuna.load_study(study_name="third", storage=f"sqlite:///{tmp_path / 'third' / 'study.db'}")
+    assert sorted(p.name for p in (cache / "students").iterdir()) == kept
+    assert all(t.user_attrs["train_seconds_spent"] == 0 for t in third.trials if t.user_attrs.get("fidelity"))

@@ -91,7 +91,7 @@ def test_pack_of_a_model_matches_apply(tiny):
 
 @pytest.mark.parametrize("plan, message", [
     (CompressionPlan(student=Student(layers=(0, 1))), "structured cuts choose what goes by importance"),
-    (CompressionPlan(student=Student(distillation=Distillation(steps=10))), "distillation inside a plan.s application"),
+    (CompressionPlan(student=Student(distillation=Distillation(steps=10))), "no teacher targets were given"),
     (CompressionPlan(student=Student(hidden_size=32)), "cutting the hidden size is not supported"),
     (CompressionPlan(kv_cache_bits=8), "KV-cache"),
     (CompressionPlan(precision={"model.layers.0.mlp.up_proj": LayerPrecision(4, method="magic")}), "unknown quant"),

@@ -1,12 +1,13 @@
 """Distillation: the KD loss, the schedule, training that lowers it, students that save and reload, bad students."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from llmtailor.compression import distill, structure, students
-from llmtailor.plan import CompressionPlan, Distillation, PlanError
+from llmtailor.plan import CompressionPlan, Distillation, PlanError, Student
 
 
 def windows(tiny, count=8, tokens=32):
@@ -209,3 +210,40 @@ def test_hidden_state_matching_trains_from_kept_or_online_teacher_states(tiny):
         distill.distill(two_block_student(tiny), distill.teacher_targets(tiny.model, ids, 2.0, 16), recipe)
     with pytest.raises(PlanError, match="hidden_weight"):
         Distillation(hidden_weight=-1.0)
+
+
+def test_apply_trains_a_cut_student_once_caches_it_and_quantizes_what_it_learned(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmtailor import compression, text
+    from llmtailor.compression import calibration, trained
+    from llmtailor.plan import LayerPrecision
+
+    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
+    stats = calibration.collect(tiny.model, tiny.arch, ids)
+    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
+    made = []
+    students = trained.TrainedStudents(tiny.model, lambda: made.append(1) or ids, "text-key", tmp_path)
+    recipe = Distillation(steps=12, learning_rate=3e-3)
+    four_bit = {lin.name: LayerPrecision(4, 32) for lin in tiny.arch.linears if lin.block is not None}
+    plan = CompressionPlan(precision=four_bit, student=Student(layers=(0, 3), distillation=recipe))
+    with pytest.raises(PlanError, match="no teacher targets were given"):
+        compression.apply(plan, tiny.model, tiny.arch, importance=scores)
+    first = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    assert students.last.trained_now and students.last.steps == 12 and len(students.last.losses) == 12
+    again = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    assert not students.last.trained_now and students.last.steps == 12 and made == [1]
+    x = windows(tiny, 2)
+    with torch.no_grad():
+        assert torch.equal(first(x).logits, again(x).logits)
+        untrained = compression.apply(dataclasses.replace(plan, student=Student(layers=(0, 3))), tiny.model,
+                                      tiny.arch, importance=scores)
+        assert not torch.equal(first(x).logits, untrained(x).logits)
+    kept = list((tmp_path / "students").iterdir())
+    assert len(kept) == 1 and AutoModelForCausalLM.from_pretrained(kept[0]).config.num_hidden_layers == 2
+    qat = dataclasses.replace(plan, student=Student(layers=(0, 3), distillation=dataclasses.replace(recipe, qat=True)))
+    compression.apply(qat, tiny.model, tiny.arch, importance=scores, students=students)
+    assert students.last.trained_now and len(list((tmp_path / "students").iterdir())) == 2
+    dense_qat = dataclasses.replace(qat, precision={})
+    with pytest.raises(PlanError, match="needs quantized layers"):
+        compression.apply(dense_qat, tiny.model, tiny.arch, importance=scores, students=students)

@@ -6,7 +6,7 @@ from llmtailor.errors import UserError
 from llmtailor.evaluators.cost import weight_bytes
 
 
-@pytest.mark.parametrize("name", ["coarse", "per-layer"])
+@pytest.mark.parametrize("name", ["coarse", "per-layer", "distill"])
 def test_sampled_plans_are_valid_and_never_smaller_than_the_smallest(tiny, name):
     space = spaces.get(name)
     smallest = weight_bytes(space.smallest(tiny.arch), tiny.arch)
@@ -93,3 +93,19 @@ def test_direct_space_quantizes_with_gptq_and_rtn_spaces_do_not(tiny):
         ("gptq", GPTQ_ACT_ORDER, GPTQ_DAMP, GPTQ_SHRINK)}
     assert spaces.get("direct").calibrated and not spaces.get("coarse").calibrated
     assert {p.method for p in spaces.get("coarse").plan(params, tiny.arch).precision.values()} == {"rtn"}
+
+
+def test_the_distill_space_distills_only_cut_students_for_a_sampled_budget(tiny):
+    from llmtailor.spaces.distill import DISTILL_STEPS
+
+    space, study = spaces.get("distill"), optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    budgets = set()
+    for _ in range(40):
+        trial = study.ask()
+        plan = space.sample(trial, tiny.arch)
+        cut = plan.student.layers is not None or plan.student.heads or plan.student.mlp_width
+        assert cut or plan.student.distillation.steps == 0
+        assert not plan.sparsity
+        budgets.add(plan.student.distillation.steps)
+        study.tell(trial, 0.0)
+    assert budgets == set(DISTILL_STEPS) and space.distills

@@ -49,9 +49,6 @@ def check_supported(plan: CompressionPlan, has_calibration: bool = False, arch: 
                     has_importance: bool = False) -> None:
     """Raise PlanError for what the plan asks that this version cannot apply yet, or method names it does not know."""
     student = plan.student
-    if student.distillation.steps:
-        raise PlanError("distillation inside a plan's application (and so a search) is not supported yet: train the "
-                        "student with compression.distill, or use distillation steps 0")
     if student.hidden_size is not None:
         raise PlanError("cutting the hidden size is not supported: cut blocks, heads or MLP width instead")
     if cuts(plan) and not has_importance:
@@ -151,12 +148,24 @@ def _structured(plan: CompressionPlan, teacher: Any, arch: Architecture, importa
     return structure.cut(teacher, arch, chosen), chosen
 
 
+def _check_students(plan: CompressionPlan, students: Any) -> None:
+    if plan.student.distillation.steps and students is None:
+        raise PlanError("the plan distills its student, and no teacher targets were given: pass "
+                        "compression.trained.TrainedStudents, or use distillation steps 0")
+
+
 def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None,
-                cache: LayerCache | None, importance: Any):
-    """The cut model, the cut (or None), and for each layer the plan compresses: (teacher name, module, result)."""
+                cache: LayerCache | None, importance: Any, students: Any = None):
+    """The cut (and trained) model, the cut (or None), and for each layer the plan compresses: (teacher name,
+    module, result). A trained student's layers are cached under its training key: their weights are its own."""
     plan.validate(arch)
     check_supported(plan, calibration is not None, arch, importance is not None)
+    _check_students(plan, students)
     model, chosen = _structured(plan, teacher, arch, importance)
+    trained = None
+    if plan.student.distillation.steps:  # the cut student trained (``compression.trained``)
+        model = students.trained(plan, model, arch, chosen)
+        trained = f"student {students.key(plan, arch)}"
     per_group = arch.num_heads // arch.num_kv_heads
 
     def layers():
@@ -167,6 +176,7 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
             module = model.get_submodule(target)
             inputs = None if chosen is None else chosen.inputs(name, arch, arch.head_dim, per_group)
             kept = None if chosen is None else chosen.kept(name, arch)
+            kept = kept if trained is None else f"{kept} {trained}"
             result = compress_cached(module.weight.data, name, plan.precision_of(name), plan.sparsity_of(name),
                                      calibration, cache, inputs, kept)
             yield name, module, result
@@ -175,11 +185,13 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
 
 
 def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
-          cache: LayerCache | None = None, importance: Any = None) -> Any:
+          cache: LayerCache | None = None, importance: Any = None, students: Any = None) -> Any:
     """A compressed copy of the teacher (the teacher is left unchanged): structured cut (by ``importance``,
-    from ``structure.importance``), then sparsity and precision; solved layers come from the cache when it holds
-    them (a layer whose shape a cut changed is cached under what the cut kept of it)."""
-    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance)
+    from ``structure.importance``), distillation of the cut student (by ``students``, a
+    ``compression.trained.TrainedStudents``; how it was made is then in ``students.last``), then sparsity and
+    precision; solved layers come from the cache when it holds them (a layer whose shape a cut changed is cached
+    under what the cut kept of it). GPTQ's statistics stay the teacher's inputs for a trained student too."""
+    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students)
     with torch.no_grad():
         for _, module, (compressed, _, _) in layers:
             module.weight.data.copy_(compressed.to(module.weight.dtype))
@@ -187,9 +199,10 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
 
 
 def pack(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
-         importance: Any = None) -> dict[str, PackedWeight]:
-    """The stored form of every weight matrix of the (cut) model under the plan, by the teacher's layer name."""
-    model, chosen, layers = _compressed(plan, teacher, arch, calibration, None, importance)
+         importance: Any = None, students: Any = None) -> dict[str, PackedWeight]:
+    """The stored form of every weight matrix of the (cut, trained) model under the plan, by the teacher's layer
+    name."""
+    model, chosen, layers = _compressed(plan, teacher, arch, calibration, None, importance, students)
     _, small = structured(plan, arch)
     packed = {}
     with torch.no_grad():

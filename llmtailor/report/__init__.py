@@ -110,7 +110,9 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
         best = int(front.iloc[0]["trial"])
         plan = json.dumps(pareto.plan_json(by_number[best]), indent=1)
         best_html = f"<h2>Best plan (trial {best})</h2><pre>{escape(plan)}</pre>"
-    columns = [c for c in pareto.COLUMNS if c not in ("status", "budget_mb", "fits")]
+    hidden = ("status", "budget_mb", "fits") + (() if trials["distill_steps"].fillna(0).any()
+                                                 else pareto.DISTILLATION_COLUMNS)
+    columns = [c for c in pareto.COLUMNS if c not in hidden]
     workload = info["workload"]
     calibrated = (f"; GPTQ calibrated on {escape(info['calibration_text'])} (held apart from the evaluation text)"
                   if info.get("calibration_text") else "")

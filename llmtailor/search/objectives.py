@@ -32,6 +32,10 @@ OBJECTIVES: dict[str, Objective] = {
     "memory": Objective("memory", "memory_bytes", "minimize", False, "memory (bytes)"),
     "latency": Objective("latency", "decode_s_per_token", "minimize", False, "decode latency (s/token)"),
     "energy": Objective("energy", "energy_j_per_token", "minimize", False, "energy (J/token)"),
+    # What distilling the plan's student costs: steps (known from the plan) and seconds (measured when it was
+    # trained, kept with the trained student, so a trial that reuses it reports the same).
+    "train_steps": Objective("train_steps", "distill_steps", "minimize", False, "distillation steps"),
+    "train_seconds": Objective("train_seconds", "train_seconds", "minimize", True, "distillation time (s)"),
 }
 DEFAULT_OBJECTIVES = ("kl", "memory", "latency")
 

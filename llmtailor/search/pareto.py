@@ -12,7 +12,9 @@ from llmtailor.search.objectives import Objective
 from llmtailor.search.study import status
 
 COLUMNS = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "params_m",
-           "bits_per_weight", "sparsity", "prefill_s", "decode_ms_per_token", "energy_mj_per_token", "seconds", "status"]
+           "bits_per_weight", "sparsity", "distill_steps", "train_s", "fidelity", "prefill_s", "decode_ms_per_token",
+           "energy_mj_per_token", "seconds", "status"]
+DISTILLATION_COLUMNS = ("distill_steps", "train_s", "fidelity")  # shown only for studies that distill
 
 
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -51,6 +53,9 @@ def row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "params_m": a["params"] / 1e6 if "params" in a else None,  # of the (cut) model
         "bits_per_weight": a.get("bits_per_weight"),
         "sparsity": a.get("sparsity"),
+        "distill_steps": a.get("distill_steps"),  # of the measured plan (fewer than sampled when stopped short)
+        "train_s": a.get("train_seconds"),  # what training the student took when it was made
+        "fidelity": a.get("fidelity"),
         "prefill_s": a.get("prefill_s"),
         "decode_ms_per_token": a["decode_s_per_token"] * 1e3 if "decode_s_per_token" in a else None,
         "energy_mj_per_token": a["energy_j_per_token"] * 1e3 if "energy_j_per_token" in a else None,

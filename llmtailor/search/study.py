@@ -26,6 +26,7 @@ and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -60,7 +61,15 @@ COUNTED = ("evaluated", "failed")  # statuses that count toward --trials
 STUDY_ATTR = "llmtailor"
 MAX_REJECTIONS_PER_TRIAL = 100
 # Attributes a duplicate trial copies from the measured trial of the same plan.
-MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy")
+MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy", "fidelity", "distill_steps", "train_seconds",
+                  "train_loss", "plan")
+# Distillation fidelity: a student is first trained for 1/FIDELITY_DIVISOR of its budget; it gets the whole budget
+# unless a measured trial at no higher predicted cost is already better than it by more than FIDELITY_MARGIN on
+# every measured objective to minimize (KL, perplexity: its value times 1 + margin still below the short run's).
+# A 4x longer KD run lowered KL by 26-41% in bench_distill.py (25 -> 100 steps), so a short run twice as bad as a
+# front point would stay dominated after its full budget.
+FIDELITY_DIVISOR = 4
+FIDELITY_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -285,13 +294,22 @@ class TrialEvaluator:
         self.teacher = models.load(c.model, trust_remote_code=c.trust_remote_code, log=log)
         self.teacher.model.to(models.torch_device(c.torch_device))
         self.space, self.calibration, self.layer_cache, self.importance = setup.space, None, None, None
+        self.students = None  # compression.trained.TrainedStudents, for spaces that distill
         if setup.space.calibrated:
             from llmtailor.search import calibrated
 
+            device = models.torch_device(c.torch_device)
             made = calibrated.prepare(setup.space, self.teacher.model, self.teacher.tokenizer, setup.arch,
-                                      c.calibration_spec(), models.torch_device(c.torch_device), progress, log)
+                                      c.calibration_spec(), device, progress, log)
             self.space, self.calibration, self.layer_cache = made.space, made.stats, made.cache
             self.importance = made.importance
+            if setup.space.distills:
+                from llmtailor.compression import trained
+
+                spec, teacher = c.calibration_spec(), self.teacher
+                self.students = trained.TrainedStudents(
+                    teacher.model, lambda: spec.make_windows(teacher.model, teacher.tokenizer, device, progress),
+                    made.key, models.cache_dir(), device, progress=progress)
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of {c.text} ...")
         self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, setup.splits.evaluation,
                                            c.eval_windows, c.window_tokens)
@@ -318,8 +336,6 @@ class TrialEvaluator:
             raise
 
     def _evaluate(self, trial: optuna.Trial, started: float) -> list[float]:
-        from llmtailor import compression
-
         s = self.setup
         plan = self.space.sample(trial, s.arch)
         estimate = cost.estimate(plan, s.arch, s.profile, s.config.workload)
@@ -331,7 +347,7 @@ class TrialEvaluator:
             "fits": estimate.fits, "prefill_s": lat.prefill_s, "decode_s_per_token": lat.decode_s_per_token,
             "energy_j_per_token": lat.energy_j_per_token, "bits_per_weight": cost.bits_per_weight(plan, s.arch),
             "sparsity": _mean_sparsity(plan, s.arch), "params": cost.structured(plan, s.arch)[1].total_params,
-            "worker": self.worker,
+            "worker": self.worker, "distill_steps": plan.student.distillation.steps, "train_seconds": 0.0,
         }
         trial.set_constraint("memory_over_budget_bytes", m.total - estimate.budget_bytes)
         if not estimate.fits:
@@ -341,19 +357,61 @@ class TrialEvaluator:
             trial.set_user_attr("plan_key", attrs["plan_key"])
             self._reuse_or_skip(trial, attrs)
             if attrs.get("status") != "duplicate":
-                model = compression.apply(plan, self.teacher.model, s.arch, self.calibration, self.layer_cache,
-                                          self.importance)
-                q = quality.measure(model, self.reference)
-                accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks) if self.tasks else {}
-                del model
-                attrs.update(kl=q.kl, perplexity=q.perplexity, eval_tokens=q.tokens, status="evaluated",
-                             accuracy=sum(accuracy.values()) / len(accuracy) if accuracy else None,
-                             **{f"accuracy_{k}": v for k, v in accuracy.items()})
+                attrs.update(self._measure_with_fidelity(trial, plan, attrs), status="evaluated")
         attrs["seconds"] = time.perf_counter() - started
         for key, value in attrs.items():
             if value is not None:
                 trial.set_user_attr(key, value)
         return objectives_mod.values(s.objectives, attrs)
+
+    def _measure(self, plan: Any) -> dict[str, Any]:
+        """Apply the plan (training its student if it distills one) and measure KL, perplexity and accuracy."""
+        from llmtailor import compression
+
+        model = compression.apply(plan, self.teacher.model, self.setup.arch, self.calibration, self.layer_cache,
+                                  self.importance, self.students)
+        q = quality.measure(model, self.reference)
+        accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks) if self.tasks else {}
+        del model
+        measured = {"kl": q.kl, "perplexity": q.perplexity, "eval_tokens": q.tokens,
+                    "accuracy": sum(accuracy.values()) / len(accuracy) if accuracy else None,
+                    **{f"accuracy_{k}": v for k, v in accuracy.items()}}
+        if plan.student.distillation.steps:
+            record = self.students.last
+            measured.update(distill_steps=record.steps, train_seconds=record.seconds, train_loss=record.losses[-1],
+                            train_seconds_spent=record.seconds if record.trained_now else 0.0)
+        return measured
+
+    def _measure_with_fidelity(self, trial: optuna.Trial, plan: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Measure the plan; a student not yet trained is first trained for a fraction of its budget and stops
+        there when it is far behind the front (FIDELITY_DIVISOR, FIDELITY_MARGIN): the trial then records the
+        shorter plan it measured (``plan``, ``distill_steps``) and ``fidelity: short``."""
+        recipe = plan.student.distillation
+        if not recipe.steps:
+            return self._measure(plan)
+        spent = 0.0
+        short_steps = max(1, recipe.steps // FIDELITY_DIVISOR)
+        if short_steps < recipe.steps and not self.students.has(plan, self.setup.arch):
+            short = dataclasses.replace(plan, student=dataclasses.replace(
+                plan.student, distillation=dataclasses.replace(recipe, steps=short_steps)))
+            measured = self._measure(short)
+            spent = measured["train_seconds_spent"]
+            behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}))
+            if behind is not None:
+                return {**measured, "fidelity": "short", "plan": short.to_json(), "stopped_by": behind}
+        measured = self._measure(plan)
+        return {**measured, "fidelity": "full", "train_seconds_spent": spent + measured["train_seconds_spent"]}
+
+    def _far_behind(self, trial: optuna.Trial, values: list[float]) -> int | None:
+        """The number of a measured trial at no higher predicted cost that beats `values` by FIDELITY_MARGIN on
+        every measured objective to minimize (and is no worse on the others), or None."""
+        objectives = self.setup.objectives
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if status(other) not in ("evaluated", "duplicate") or other.values is None:
+                continue
+            if all(_beats(o, theirs, ours) for o, theirs, ours in zip(objectives, other.values, values, strict=True)):
+                return other.number
+        return None
 
     def _reuse_or_skip(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         """Copy the result of an earlier measurement of the same plan, or skip a plan that need not be measured."""
@@ -380,6 +438,13 @@ class TrialEvaluator:
         trial.set_user_attr("status", "skipped")
         trial.set_user_attr("skip_reason", reason)
         raise optuna.TrialPruned(reason)
+
+
+def _beats(objective: Objective, theirs: float, ours: float) -> bool:
+    """Whether a value is at least as good as ours, by FIDELITY_MARGIN for measured objectives to minimize."""
+    if objective.direction == "maximize":
+        return theirs >= ours
+    return theirs * (1 + FIDELITY_MARGIN) <= ours if objective.measured else theirs <= ours
 
 
 def _mean_sparsity(plan: Any, arch: Architecture) -> float:

@@ -8,13 +8,16 @@ every study tries first. ``SPACES`` finds a space by name:
 - ``guided``: one sampled weight budget, spent per layer by the allocator on the
   measured layer sensitivities (GPTQ, calibrated);
 - ``prune``: the ``direct`` precision groups with a structured cut (blocks, heads, MLP
-  width) and Wanda or SparseGPT pruning (unstructured with OWL ratios, 2:4, 4:8).
+  width) and Wanda or SparseGPT pruning (unstructured with OWL ratios, 2:4, 4:8);
+- ``distill``: the ``direct`` precision groups with a structured cut whose student is
+  distilled for a sampled step budget (``compression.trained`` keeps trained students).
 """
 
 from __future__ import annotations
 
 from llmtailor.errors import UserError
 from llmtailor.spaces.base import SearchSpace
+from llmtailor.spaces.distill import DistillSpace
 from llmtailor.spaces.grouped import GroupedSpace, by_depth_segment, by_layer, by_part
 from llmtailor.spaces.guided import GuidedSpace
 from llmtailor.spaces.pruning import PruningSpace
@@ -25,6 +28,7 @@ SPACES: dict[str, SearchSpace] = {
     "direct": GroupedSpace("direct", by_depth_segment(3), by_part, method="gptq"),
     "guided": GuidedSpace(),
     "prune": PruningSpace(),
+    "distill": DistillSpace(),
 }
 
 

@@ -18,6 +18,7 @@ class SearchSpace(ABC):
     calibrated: bool = False  # its plans use GPTQ: the search collects calibration statistics first
     needs_sensitivity: bool = False  # it allocates bits by measured layer sensitivity (see with_sensitivity)
     needs_blocks: bool = False  # it cuts and prunes by measured block scores (see with_blocks)
+    distills: bool = False  # its plans may distill their students: the search trains them (compression.trained)
 
     @abstractmethod
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:

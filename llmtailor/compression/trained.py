@@ -1,0 +1,187 @@
+"""Trained students: a distilled student is trained once and kept, for every trial and process that needs it.
+
+Distillation is the dear step of a plan (minutes to hours where a quantization takes
+seconds), and many plans share a student: the same structured cut and recipe under
+different precisions and sparsities. A trained student is therefore keyed by what
+determines its weights and nothing else: the teacher, the training text (the
+calibration windows, whose key also fixes the importance that chose the cut), the
+student's structure, the distillation recipe, for quantization-aware training the
+precision each layer learns (bits and group; a QAT run trains on the RTN grid whatever
+method quantizes it afterwards), the seed and the batch size. Precision and sparsity
+are applied to the trained student afterwards, as to any cut model.
+
+Each entry is a folder that ``save_pretrained`` wrote, so a trained student reloads as
+a plain Hugging Face model (``AutoModelForCausalLM.from_pretrained``), plus
+``training.json`` with its steps, seconds and loss curve. Entries are written to a
+temporary folder and renamed into place; a process that finds the folder already there
+(another worker finished first) keeps the one there. An entry that does not load is
+deleted and trained again.
+
+The teacher's targets (``distill.TeacherTargets``) are made lazily per (temperature,
+top k, hidden states) from the calibration windows cut into ``WINDOW_TOKENS`` pieces
+(more, shorter sequences per step: the measured recipe of ``bench_distill.py``), and
+cached by ``distill.load_or_compute_targets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtailor.arch import Architecture
+from llmtailor.compression import distill
+from llmtailor.plan import CompressionPlan, Distillation, LayerPrecision, PlanError
+
+WINDOW_TOKENS = 128
+BATCH_SIZE = 4
+
+
+@dataclass
+class Record:
+    """How a trained student was made: steps, seconds of training, its loss curve, and whether this call trained
+    it (False: it came from the cache, and ``seconds`` is what training it took when it was made)."""
+
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    trained_now: bool = False
+
+
+def qat_grid(plan: CompressionPlan, arch: Architecture, chosen: Any = None) -> tuple[dict, dict]:
+    """The grid each quantized layer of a kept block learns in quantization-aware training (RTN's, at the plan's
+    bits and group), by teacher layer name and by the cut model's module name; empty unless the recipe asks for
+    QAT."""
+    if not plan.student.distillation.qat:
+        return {}, {}
+    kept = plan.student.layers
+    by_teacher, by_module = {}, {}
+    for lin in arch.linears:
+        precision = plan.precision_of(lin.name)
+        if lin.block is None or precision.bits >= 16 or (kept is not None and lin.block not in kept):
+            continue
+        by_teacher[lin.name] = LayerPrecision(precision.bits, precision.group_size)
+        by_module[lin.name if chosen is None else chosen.module_name(lin.name, arch)] = by_teacher[lin.name]
+    return by_teacher, by_module
+
+
+class TrainedStudents:
+    """Distilled students of one teacher on one training text, trained on demand and kept in ``folder``."""
+
+    def __init__(self, teacher: Any, windows: Callable[[], torch.Tensor], text_key: str, cache: Path | None,
+                 device: str | torch.device = "cpu", seed: int = 0, progress: bool = False) -> None:
+        """`windows` makes the training windows (called once, when targets are first needed); `text_key` names
+        the teacher and those windows (a calibration key digests both); `cache` is the cache folder (students
+        in ``students/``, targets in ``teacher/``), None to keep nothing on disk."""
+        self.teacher, self.windows, self.text_key, self.cache = teacher, windows, text_key, cache
+        self.folder = None if cache is None else cache / "students"
+        self.device, self.seed, self.progress = device, seed, progress
+        self._targets: dict[tuple[float, int, bool], distill.TeacherTargets] = {}
+        self.last: Record | None = None  # how the student of the latest `trained` call was made
+
+    def key(self, plan: CompressionPlan, arch: Architecture) -> str:
+        """The cache key of the plan's trained student (see the module docstring for what it holds)."""
+        student = plan.student
+        qat, _ = qat_grid(plan, arch)
+        described = {"text": self.text_key, "window_tokens": WINDOW_TOKENS,
+                     "layers": student.layers, "heads": sorted(student.heads.items()),
+                     "mlp_width": sorted(student.mlp_width.items()), "recipe": student.distillation.to_dict(),
+                     "qat": sorted((name, p.bits, p.group_size) for name, p in qat.items()), "seed": self.seed,
+                     "batch": BATCH_SIZE}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+    def has(self, plan: CompressionPlan, arch: Architecture) -> bool:
+        """Whether the plan's student is already trained and kept."""
+        return self.folder is not None and (self.folder / self.key(plan, arch) / "training.json").is_file()
+
+    def targets(self, recipe: Distillation) -> distill.TeacherTargets:
+        """The teacher's targets for this recipe, made once per (temperature, k, hidden states)."""
+        wanted = (recipe.temperature, recipe.top_k, bool(recipe.hidden_weight))
+        if wanted not in self._targets:
+            windows = self.windows()
+            if windows.shape[1] % WINDOW_TOKENS:
+                raise PlanError(f"the training windows ({windows.shape[1]} tokens) must be a multiple of "
+                                f"{WINDOW_TOKENS} tokens long")
+            pieces = windows.reshape(-1, WINDOW_TOKENS)
+            key = f"{self.text_key}-w{WINDOW_TOKENS}"
+            if self.cache is None:
+                made = distill.teacher_targets(self.teacher, pieces, *wanted[:2], self.device, hidden=wanted[2])
+            else:
+                made = distill.load_or_compute_targets(self.teacher, pieces, *wanted[:2], key, self.cache,
+                                                       self.device, hidden=wanted[2])
+            self._targets[wanted] = made
+        return self._targets[wanted]
+
+    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None) -> Any:
+        """The plan's student trained from `cut_model` (the teacher cut by `chosen`, a ``structure.Cut``, or an
+        uncut copy; changed in place when trained now), or from the cache when kept."""
+        recipe = plan.student.distillation
+        qat, qat_modules = qat_grid(plan, arch, chosen)
+        if recipe.qat and not qat:
+            raise PlanError("quantization-aware training needs quantized layers: give some layer bits < 16, "
+                            "or set qat to false")
+        key = self.key(plan, arch)
+        kept = self._load(key, cut_model)
+        if kept is not None:
+            return kept
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=recipe.steps, desc="distillation", unit="step", leave=False)
+
+        def progress(step: int, loss: float) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+        try:
+            run = distill.distill(cut_model, self.targets(recipe), recipe, device=self.device, seed=self.seed,
+                                  batch_size=BATCH_SIZE, progress=progress, qat_precision=qat_modules or None)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.last = Record(run.steps, run.seconds, run.losses, trained_now=True)
+        self._store(key, cut_model)
+        return cut_model
+
+    def _load(self, key: str, like: Any) -> Any:
+        if self.folder is None:
+            return None
+        path = self.folder / key
+        if not (path / "training.json").is_file():
+            return None
+        from transformers import AutoModelForCausalLM
+
+        try:
+            record = json.loads((path / "training.json").read_text())
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=next(like.parameters()).dtype)
+        except Exception:  # a damaged entry: train it again
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        self.last = Record(record["steps"], record["seconds"], record["losses"])
+        return model.to(next(like.parameters()).device).eval().requires_grad_(False)
+
+    def _store(self, key: str, model: Any) -> None:
+        if self.folder is None or self.last is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / f".{key}.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            model.save_pretrained(staging)
+            (staging / "training.json").write_text(json.dumps(
+                {"steps": self.last.steps, "seconds": self.last.seconds, "losses": self.last.losses}))
+            os.rename(staging, self.folder / key)
+        except OSError:  # another process kept the same student first: theirs stays
+            if not (self.folder / key / "training.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
