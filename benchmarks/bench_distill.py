@@ -38,7 +38,7 @@ from llmtailor import compression, models, text
 from llmtailor.compression import calibration, distill, structure
 from llmtailor.compression.calibration import CalibrationSpec
 from llmtailor.compression.layer_cache import model_fingerprint
-from llmtailor.evaluators import quality
+from llmtailor.evaluators import cost, quality, tasks
 from llmtailor.plan import CompressionPlan, Distillation, LayerPrecision, Student
 from llmtailor.spaces.base import layer_precision
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--torch-device", default="cpu")
     parser.add_argument("--model", default=None, help="the teacher (default: the default model)")
     parser.add_argument("--licences", default=LICENCES, help="folder of the other-domain evaluation text")
+    parser.add_argument("--items", type=int, default=0, help="pydoc_cloze items for accuracy (0: no accuracy)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -93,20 +94,32 @@ def main() -> None:
     domains = {"pydoc": quality.Reference(teacher.model, tok, splits.evaluation, args.eval_windows, 256),
                "licences": quality.Reference(teacher.model, tok, text.load_documents(args.licences), args.eval_windows, 256)}
 
-    def measure(student_name: str, training: str, steps: int, model, trained=None) -> None:
+    task = tasks.resolve_tasks(["pydoc_cloze"], splits.task, args.items, models.cache_dir()) if args.items else None
+
+    def measure(student_name: str, training: str, steps: int, model, trained=None, bits: int = 16) -> None:
+        small = arch_mod.from_model(model)
+        stored = CompressionPlan(precision={lin.name: LayerPrecision(bits, 128) for lin in small.linears
+                                            if lin.block is not None and bits < 16})
         row = {"student": student_name, "training": training, "steps": steps,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+               "weight_mb": cost.weight_bytes(stored, small) / 1e6,  # stored bytes, float16 where not quantized
                "train_s": trained.seconds if trained else 0.0,
                "first_loss": trained.losses[0] if trained else None, "last_loss": trained.losses[-1] if trained else None}
         for name, ref in domains.items():
             q = quality.measure(model, ref)
             row[f"kl_{name}"], row[f"perplexity_{name}"] = q.kl, q.perplexity
+        if task:
+            row["accuracy_pydoc_cloze"] = tasks.accuracy(model, tok, task)["pydoc_cloze"]
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         args.out.parent.mkdir(exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
 
     measure("teacher", "-", 0, teacher.model)
+    if "qat" in args.trainings.split(","):  # the uniformly quantized teacher, for the same-bytes comparison
+        for method in ("rtn", "gptq"):
+            measure("teacher", f"4-bit g128 {method.upper()}", 0,
+                    quantized(teacher.model, arch, method, windows, args.torch_device, stats), bits=4)
     shapes = {"24 of 30 blocks": Student(layers=structure.blocks_to_keep(scores.blocks, 24)),
               "18 of 30 blocks": Student(layers=structure.blocks_to_keep(scores.blocks, 18)),
               "MLP 75%": Student(mlp_width={b: arch.intermediate_size * 3 // 4 for b in range(arch.num_layers)})}
@@ -137,27 +150,31 @@ def main() -> None:
             if "qat" in wanted and index == 0 and kind in ("kd", "qat") and steps == budgets[-1]:
                 for method in ("rtn", "gptq"):
                     measure(name, f"{labels[kind]}, then 4-bit g128 {method.upper()}", steps,
-                            quantized(student, small, method, windows, args.torch_device), trained)
+                            quantized(student, small, method, windows, args.torch_device), trained, bits=4)
     print(table(results))
 
 
-def quantized(student, small, method: str, windows, device: str):
+def quantized(student, small, method: str, windows, device: str, stats=None):
     """The student with every block linear at 4 bits, group 128, by RTN or GPTQ (statistics of its own inputs)."""
     plan = CompressionPlan(precision={lin.name: layer_precision(4, 128, method, lin, small)
                                       for lin in small.linears if lin.block is not None})
-    stats = calibration.collect(student, small, windows, device) if method == "gptq" else None
+    if method == "gptq" and stats is None:
+        stats = calibration.collect(student, small, windows, device)
     return compression.apply(plan, student, small, stats)
 
 
 def table(results: dict) -> str:
     lines = [f"Machine: {results['machine']}. Date: {results['date']}. Training text: {results['training_text']}; "
              f"batch {results['batch']}, peak learning rate {results['learning_rate']}.", "",
-             "| student | training | steps | params (M) | train s | KL pydoc | ppl pydoc | KL licences | ppl licences |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| student | training | steps | params (M) | weights MB | train s | KL pydoc | ppl pydoc | KL licences "
+             "| ppl licences | accuracy pydoc_cloze |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
-        lines.append(f"| {r['student']} | {r['training']} | {r['steps']} | {r['params_m']:.1f} | {r['train_s']:.0f} | "
-                     f"{r['kl_pydoc']:.3f} | {r['perplexity_pydoc']:.2f} | {r['kl_licences']:.3f} | "
-                     f"{r['perplexity_licences']:.2f} |")
+        accuracy = f"{r['accuracy_pydoc_cloze']:.3f}" if "accuracy_pydoc_cloze" in r else "–"
+        weights = f"{r['weight_mb']:.0f}" if "weight_mb" in r else "–"
+        lines.append(f"| {r['student']} | {r['training']} | {r['steps']} | {r['params_m']:.1f} | {weights} | "
+                     f"{r['train_s']:.0f} | {r['kl_pydoc']:.3f} | {r['perplexity_pydoc']:.2f} | {r['kl_licences']:.3f} | "
+                     f"{r['perplexity_licences']:.2f} | {accuracy} |")
     return "\n".join(lines)
 
 

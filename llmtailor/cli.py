@@ -13,6 +13,7 @@ from pathlib import Path
 from llmtailor.errors import UserError
 
 EPILOG = "Sizes use decimal units (8GB = 8e9 bytes); GiB/MiB are binary."
+CHILD_FLAG = "--worker-child"  # hidden: run as one of the quiet processes a --workers parent starts
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,9 +36,11 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--space", default="coarse", help="search space: coarse (default), per-layer (RTN), direct "
                         "(coarse groups, GPTQ), guided (a sampled weight budget spent per layer by measured "
-                        "sensitivity, GPTQ), prune (direct with structured cuts and Wanda/SparseGPT pruning) or distill "
-                        "(direct with structured cuts whose students are distilled for a sampled step budget)")
-    parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
+                        "sensitivity, GPTQ); the joint space's presets quant (direct), prune (with structured cuts "
+                        "and Wanda/SparseGPT pruning), distill (with structured cuts whose students are distilled), "
+                        "joint (all of it), joint-guided (joint with guided precision); or a YAML file naming a "
+                        "preset and the choices it changes")
+    parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe, gp or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
                         help="comma-separated: kl, perplexity, accuracy, memory, latency, energy, train_steps, "
                         "train_seconds")
@@ -47,6 +50,10 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
     parser.add_argument("--eval-windows", type=int, default=4, help="held-out windows for KL and perplexity")
     parser.add_argument("--window-tokens", type=int, default=256, help="tokens per evaluation window")
     parser.add_argument("--text", default="pydoc", help="text source: pydoc, a .txt/.jsonl file, or hf:NAME:SPLIT")
+    parser.add_argument("--eval-text", nargs="+", metavar="SOURCE", help="text sources whose held-out evaluation "
+                        "splits KL and perplexity are measured on, each reported (default: the --text source)")
+    parser.add_argument("--quality-text", metavar="SOURCE", help="the --eval-text source the kl and perplexity "
+                        "objectives use (default: the mean over them)")
     parser.add_argument("--calibration", help="text source whose calibration split calibrates GPTQ (default: the "
                         "--text source; its evaluation split is never calibrated on)")
     parser.add_argument("--calibration-windows", type=int, default=128, help="512-token calibration windows")
@@ -54,8 +61,12 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
                         "(default), cuda, cuda:N or mps")
     _workload_options(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines "
-                        "(default: SQLite in the study's results folder)")
+    parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines: "
+                        "sqlite:///path/study.db, postgresql+psycopg2://user@host/db, or Optuna's journal file "
+                        "journal:///absolute/path/study.log (default: SQLite in the study's results folder)")
+    parser.add_argument("--workers", type=int, default=1, help="processes measuring the study at once, on this "
+                        "machine (default: 1); more machines: run the same command on each with one --storage")
+    parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -147,7 +158,8 @@ def _config(args: argparse.Namespace):
         eval_windows=args.eval_windows, window_tokens=args.window_tokens, text=args.text,
         workload=workload, seed=args.seed,
         trust_remote_code=args.trust_remote_code, torch_device=args.torch_device, calibration=args.calibration,
-        calibration_windows=args.calibration_windows,
+        calibration_windows=args.calibration_windows, eval_texts=tuple(args.eval_text or ()),
+        quality_text=args.quality_text,
     )
 
 
@@ -171,11 +183,26 @@ def _search(args: argparse.Namespace) -> int:
 
     from llmtailor import report, search
     from llmtailor.hw_profiles import format_size
+    from llmtailor.search.workers import Workers
 
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     _quiet_libraries()
     setup = search.prepare(_config(args))
-    study = search.run(setup, progress=not args.no_progress)
+    if args.worker_child:  # one of the --workers processes a parent started: it only measures
+        search.run(setup, progress=False)
+        return 0
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    child_argv = [*args.argv, "--workers=1", "--no-progress", CHILD_FLAG] if args.workers > 1 else []
+    with Workers(child_argv, args.workers, log) as workers:
+        study = search.run(setup, progress=not args.no_progress, log=log)
+        failures = workers.wait()
     paths = report.write(study, setup.results_path)
+    for failure in failures:
+        print(f"llmtailor: error: {failure}", file=sys.stderr)
+    if failures:
+        print(f"Finished trials are kept in the study; run the same command to go on. Report: {paths['html']}")
+        return 1
     front = search.front(study, setup.objectives)
     budget = format_size(setup.profile.usable_memory_bytes)
     if front.empty:
@@ -206,13 +233,16 @@ def _report(args: argparse.Namespace) -> int:
     import optuna
 
     from llmtailor import files, report
-    from llmtailor.search.storage import open_storage, redact
+    from llmtailor.search.storage import check_url, local_file, open_storage, redact
 
     folder = Path(args.results) / args.study
     if args.storage is None and not (folder / "study.db").is_file():
         raise UserError(f"no study {args.study!r} in {args.results}/: run `llmtailor fit` or `sweep` first, "
                         "or give --storage")
     url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    check_url(url)
+    if local_file(url) is not None and not local_file(url).is_file():  # opening it would create an empty one
+        raise UserError(f"storage {redact(url)} does not exist: give the --storage the study was run with")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
     if args.study not in optuna.get_all_study_names(storage):
@@ -301,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(_join_negative_values(argv, parser))
+        argv = _join_negative_values(argv, parser)
+        args = parser.parse_args(argv)
+        args.argv = argv  # what --workers starts its child processes with
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"llmtailor: error: {exc}", file=sys.stderr)

@@ -69,6 +69,22 @@ def split(source: str = DEFAULT_SOURCE) -> TextSplits:
     return TextSplits(source, tuple(buckets[0] + buckets[1]), tuple(buckets[2]), tuple(buckets[3]))
 
 
+def check_disjoint(calibration: tuple[str, ...] | list[str], calibration_source: str,
+                   evaluation: dict[str, tuple[str, ...]]) -> None:
+    """Raise UserError when a calibration document is also an evaluation document of some source (two sources
+    that share text: a method fitted on it would be scored on what it fitted)."""
+    seen = {_digest(d) for d in calibration}
+    for source, documents in evaluation.items():
+        shared = sum(1 for d in documents if _digest(d) in seen)
+        if shared:
+            raise UserError(f"the calibration text ({calibration_source}) and the evaluation text {source} share "
+                            f"{shared} documents: calibrate on another source, or evaluate on another")
+
+
+def _digest(document: str) -> str:
+    return hashlib.sha256(" ".join(document.split()).encode()).hexdigest()
+
+
 def _hub_documents(source: str) -> list[str]:
     parts = source[3:].split(":")
     if len(parts) < 2 or not all(parts):

@@ -49,6 +49,16 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
     for name, text in yamls.items():
         (folder / name).write_text(text)
     (folder / "notes.txt").write_text("not a model")
+    (folder / "space-unknown-key.yaml").write_text("preset: prune\ncolour: red\n")
+    import json
+
+    from llmtailor import text
+
+    # A source that holds pydoc's evaluation documents, reformatted (an exact copy would land in the same split):
+    # calibrating on it would score what was fitted.
+    with (folder / "pydoc-copy.jsonl").open("w") as out:
+        for document in text.split("pydoc").evaluation:
+            out.write(json.dumps({"text": document.replace("\n", " \n")}) + "\n")
     (folder / "short.txt").write_text(SMALL_TEXT)
     (folder / "empty-model").mkdir(exist_ok=True)
     (folder / "not-gguf.gguf").write_bytes(b"this is not a GGUF file at all" * 10)
@@ -146,6 +156,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("unknown objective", [*FIT, "--objectives", "kl,beauty"], r"unknown objective"),
     ("unknown space", [*FIT, "--space", "everything"], r"unknown search space"),
     ("unknown sampler", [*FIT, "--sampler", "astrology"], r"unknown sampler 'astrology'"),
+    ("space file with an unknown key", [*FIT, "--space", "{in}/space-unknown-key.yaml"],
+     r"space file .*: unknown key\(s\) colour"),
+    ("space file missing", [*FIT, "--space", "{in}/no-such-space.yaml"], r"space file .* does not exist"),
+    ("evaluation text named twice", [*FIT, "--eval-text", "pydoc", "pydoc"], r"--eval-text names a source twice"),
+    ("quality text not evaluated", [*FIT, "--eval-text", "pydoc", "--quality-text", "{in}/short.txt"],
+     r"--quality-text .* is not among the evaluation texts"),
+    ("calibration text that is evaluation text", [*FIT, "--space", "direct", "--calibration", "{in}/pydoc-copy.jsonl"],
+     r"the calibration text .* and the evaluation text pydoc share \d+ documents"),
     ("torch device that is not one", [*FIT, "--torch-device", "gpu"], r"--torch-device 'gpu' is not a torch device"),
     ("torch device this machine lacks", [*FIT, "--torch-device", "cuda:99"], r"--torch-device cuda:99: this machine has"),
     ("calibration text missing", [*FIT, "--space", "guided", "--calibration", "/nonexistent.txt"],

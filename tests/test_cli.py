@@ -65,11 +65,11 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, tmp_pa
     calls = {"n": 0}
     real = quality.measure
 
-    def flaky(model, reference):
+    def flaky(model, reference, windows=slice(None)):
         calls["n"] += 1
         if calls["n"] == 1:
             raise FloatingPointError("the compressed model's outputs are not finite (NaN or inf)")
-        return real(model, reference)
+        return real(model, reference, windows)
 
     monkeypatch.setattr(quality, "measure", flaky)
     args = cli.build_parser().parse_args(["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "4",
@@ -94,10 +94,10 @@ def test_an_interrupted_trial_is_not_counted_and_is_redone(tiny_model_dir, tmp_p
     real = quality.measure
     interrupt = {"armed": True}
 
-    def ctrl_c_once(model, reference):
+    def ctrl_c_once(model, reference, windows=slice(None)):
         if interrupt.pop("armed", False):
             raise KeyboardInterrupt
-        return real(model, reference)
+        return real(model, reference, windows)
 
     monkeypatch.setattr(quality, "measure", ctrl_c_once)
     args = cli.build_parser().parse_args(["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "3",
@@ -199,11 +199,15 @@ def test_a_study_stored_before_later_fields_existed_still_resumes(tiny_model_dir
 
 def test_a_distill_search_trains_each_student_once_ranks_short_runs_first_and_records_the_training(
         tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from llmtailor.spaces import distill as distill_space
+    import dataclasses
+
+    from llmtailor import spaces
+    from llmtailor.spaces.joint import PRESETS, JointSpace
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
-    monkeypatch.setattr(distill_space, "DISTILL_STEPS", (0, 4, 8))
+    monkeypatch.setitem(spaces.SPACES, "distill",
+                        JointSpace("distill", dataclasses.replace(PRESETS["distill"], distill_steps=(0, 4, 8))))
     argv = ["fit", tiny_model_dir, "--memory", "2MB", "--trials", 9, "--results", tmp_path, "--space", "distill",
             "--calibration-windows", 2, "--tasks", "none", "--objectives", "kl,memory,train_seconds", *FAST]
     code, _, err = run([*argv, "--study", "first"], capsys)
@@ -238,3 +242,56 @@ def test_a_distill_search_trains_each_student_once_ranks_short_runs_first_and_re
     third = optuna.load_study(study_name="third", storage=f"sqlite:///{tmp_path / 'third' / 'study.db'}")
     assert sorted(p.name for p in (cache / "students").iterdir()) == kept
     assert all(t.user_attrs["train_seconds_spent"] == 0 for t in third.trials if t.user_attrs.get("fidelity"))
+
+
+def test_quality_is_measured_and_reported_on_each_evaluation_text(tiny_model_dir, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    words = "river stone lantern orchard violin harbour meadow copper thistle beacon".split()
+    other.write_text("\n\n".join(" ".join(words[(i + j) % 10] for j in range(60)) + "." for i in range(40)))
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 3, "--results", tmp_path, "--tasks", "none",
+            "--eval-text", "pydoc", other, *FAST]
+    code, _, err = run([*argv, "--study", "mean"], capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="mean", storage=f"sqlite:///{tmp_path / 'mean' / 'study.db'}")
+    measured = [t for t in study.trials if t.user_attrs.get("status") == "evaluated"]
+    assert measured
+    for t in measured:
+        by_text = t.user_attrs["kl_by_text"]
+        assert set(by_text) == {"pydoc", str(other)} and set(t.user_attrs["perplexity_by_text"]) == set(by_text)
+        assert t.user_attrs["kl"] == pytest.approx(sum(by_text.values()) / 2)
+    html = (tmp_path / "mean" / "report.html").read_text()
+    assert "kl_by_text" in html and f"each of pydoc, {other} (objectives on their mean" in html
+    code, _, err = run([*argv, "--study", "named", "--quality-text", other], capsys)
+    assert code == 0, err
+    named = optuna.load_study(study_name="named", storage=f"sqlite:///{tmp_path / 'named' / 'study.db'}")
+    for t in named.trials:
+        if t.user_attrs.get("status") == "evaluated":
+            assert t.user_attrs["kl"] == t.user_attrs["kl_by_text"][str(other)] and t.values[0] == t.user_attrs["kl"]
+    # The same study with other evaluation texts does not resume: its scores would not compare.
+    code, _, err = run([*argv[:-len(FAST) - 3], "--eval-text", "pydoc", *FAST, "--study", "named"], capsys)
+    assert code == 2 and "eval texts" in err
+
+
+def test_cheap_before_dear_stops_far_behind_plans_at_a_slice_and_gives_accuracy_only_to_the_front(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study_mod, "SLICE_MARGIN", 0.0)  # on the tiny model few plans are far behind: stop any behind
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 8, "--results", tmp_path, "--study", "stages",
+            *FAST[:-5], "--eval-windows", 4, "--window-tokens", 64, "--no-progress"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="stages", storage=f"sqlite:///{tmp_path / 'stages' / 'study.db'}")
+    measured = [t for t in study.trials if t.user_attrs.get("status") == "evaluated"]
+    stages = {t.user_attrs["stage"] for t in measured}
+    assert "kl_slice" in stages and "accuracy" in stages, stages
+    for t in measured:
+        a = t.user_attrs
+        assert ("accuracy" in a) == (a["stage"] == "accuracy") and set(a["stage_seconds"]) >= {"apply", "kl_slice"}
+        assert a["eval_tokens"] == (64 if a["stage"] == "kl_slice" else 256)
+        if a["stage"] == "kl_slice":
+            ahead = study.trials[a["stopped_by"]]
+            assert ahead.values[0] <= t.values[0] and all(x <= y for x, y in zip(ahead.values[1:], t.values[1:], strict=True))
+        if a["stage"] == "accuracy":
+            assert 0 < a["accuracy_ci95"] < 0.5
+    front = csv.DictReader((tmp_path / "stages" / "front.csv").open())
+    assert all(row["accuracy"] for row in front)  # every plan on the front was measured in full, with accuracy
+    assert "stopped after KL on a slice" in (tmp_path / "stages" / "report.html").read_text()

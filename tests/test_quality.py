@@ -96,3 +96,14 @@ def test_bad_jsonl_text(tmp_path):
 def test_default_model_location_is_found_without_importing_its_package():
     path = models.default_model_path()
     assert path.name == models.DEFAULT_MODEL_FILE and path.stat().st_size > 50_000_000
+
+
+def test_slices_of_the_windows_combine_into_the_whole_measurement(tiny, reference):
+    plan = CompressionPlan(precision={lin.name: LayerPrecision(4, 32) for lin in stored_layers(tiny.arch)})
+    model = compression.apply(plan, tiny.model, tiny.arch)
+    whole = quality.measure(model, reference)
+    parts = [quality.measure(model, reference, slice(0, 1)), quality.measure(model, reference, slice(1, None))]
+    assert parts[0].tokens < whole.tokens
+    joined = quality.combined(parts)
+    assert joined.tokens == whole.tokens and joined.window_nll == pytest.approx(whole.window_nll)
+    assert joined.kl == pytest.approx(whole.kl, rel=1e-6) and joined.perplexity == pytest.approx(whole.perplexity)

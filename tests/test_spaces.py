@@ -6,9 +6,11 @@ from llmtailor.errors import UserError
 from llmtailor.evaluators.cost import weight_bytes
 
 
-@pytest.mark.parametrize("name", ["coarse", "per-layer", "distill"])
+@pytest.mark.parametrize("name", ["coarse", "per-layer", "quant", "prune", "distill", "joint", "joint-guided"])
 def test_sampled_plans_are_valid_and_never_smaller_than_the_smallest(tiny, name):
     space = spaces.get(name)
+    if space.needs_sensitivity:  # damage that grows as bits fall, the same for every layer
+        space = space.with_sensitivity(type("Sensitivity", (), {"damage": lambda self, layer, option: 1 / len(option)})())
     smallest = weight_bytes(space.smallest(tiny.arch), tiny.arch)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(30):
@@ -96,8 +98,6 @@ def test_direct_space_quantizes_with_gptq_and_rtn_spaces_do_not(tiny):
 
 
 def test_the_distill_space_distills_only_cut_students_for_a_sampled_budget(tiny):
-    from llmtailor.spaces.distill import DISTILL_STEPS
-
     space, study = spaces.get("distill"), optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     budgets = set()
     for _ in range(40):
@@ -108,4 +108,52 @@ def test_the_distill_space_distills_only_cut_students_for_a_sampled_budget(tiny)
         assert not plan.sparsity
         budgets.add(plan.student.distillation.steps)
         study.tell(trial, 0.0)
-    assert budgets == set(DISTILL_STEPS) and space.distills
+    assert budgets == set(space.choices.distill_steps) and space.distills
+
+
+def test_a_users_yaml_narrows_a_preset_and_bad_files_are_one_line_errors(tiny, tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: prune\nbits: [8, 4]\nprune_patterns: [dense, '2:4']\ncut_blocks: 0.0\n")
+    space = spaces.get(str(path))
+    assert space.name == "prune+mine" and space.choices.bits == (8, 4) and space.choices.cut_blocks == (0.0,)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        plan = space.sample(trial, tiny.arch)
+        assert {p.bits for p in plan.precision.values()} <= {8, 4} and plan.student.layers is None
+        assert {s.pattern for s in plan.sparsity.values()} <= {"2:4"}
+        assert "cut_blocks" not in trial.params  # one value: fixed, not sampled
+        study.tell(trial, 0.0)
+    for params in space.baselines(tiny.arch):  # only baselines the choices can express
+        assert all(v in (8, 4) for k, v in params.items() if k.startswith("bits_") or k == "embed_bits")
+    for content, message in [("colour: red\n", "unknown key.*colour"), ("preset: tiny\n", "unknown preset"),
+                             ("bits: [5]\n", "bits"), ("prune_ratios: [1.5]\n", "prune_ratios"),
+                             ("precision: exact\n", "precision"), ("- 1\n", "expected a mapping"),
+                             ("bits: [\n", "cannot read")]:
+        path.write_text(content)
+        with pytest.raises(UserError, match=message) as raised:
+            spaces.get(str(path))
+        assert "\n" not in str(raised.value)
+    with pytest.raises(UserError, match="does not exist"):
+        spaces.get(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random"])
+def test_every_sampler_draws_from_the_joint_space_with_constraints_and_several_objectives(tiny, sampler):
+    import warnings
+
+    from llmtailor.search.study import SAMPLERS
+
+    space = spaces.get("joint")
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=SAMPLERS[sampler](0))
+    for params in space.baselines(tiny.arch):
+        study.enqueue_trial(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for _ in range(14):
+            trial = study.ask()
+            plan = space.sample(trial, tiny.arch)
+            size = weight_bytes(plan, tiny.arch)
+            trial.set_constraint("over_budget", size - 200_000)
+            study.tell(trial, [size, float(len(plan.sparsity))])
+    assert len({t.params.get("prune_pattern") for t in study.trials}) > 1

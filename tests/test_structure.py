@@ -109,7 +109,7 @@ def test_a_plan_cuts_then_prunes_and_quantizes_and_packs_to_the_cost_models_byte
 
 
 def _prune_params(space, arch, **chosen):
-    params = {**space.precision.uniform_precision(arch, 4, 32), "cut_blocks": 0.0, "cut_heads": 0.0,
+    params = {**space.direct.uniform_precision(arch, 4, 32), "cut_blocks": 0.0, "cut_heads": 0.0,
               "cut_mlp": 0.0, "prune_pattern": "dense"}
     return {**params, **chosen}
 

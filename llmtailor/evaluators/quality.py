@@ -79,10 +79,12 @@ def log_probs(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(model: Any, reference: Reference) -> Quality:
-    """KL to the teacher and perplexity of the model on the reference windows."""
+def measure(model: Any, reference: Reference, windows: slice = slice(None)) -> Quality:
+    """KL to the teacher and perplexity of the model on the reference windows (or a slice of them, a cheap first
+    look; ``combined`` joins the parts of one pass)."""
     kl_total, entropy_total, window_nll = 0.0, 0.0, []
-    for window, teacher in zip(reference.input_ids, reference.teacher_logprobs, strict=True):
+    input_ids = reference.input_ids[windows]
+    for window, teacher in zip(input_ids, reference.teacher_logprobs[windows], strict=True):
         student = log_probs(model, window[None])[0]
         teacher = teacher.to(student.device)
         kl_total += (teacher.exp() * (teacher - student)).sum().item()
@@ -91,5 +93,14 @@ def measure(model: Any, reference: Reference) -> Quality:
     nll = sum(window_nll) / len(window_nll)  # every window predicts the same number of tokens
     if not math.isfinite(kl_total) or not math.isfinite(nll):
         raise FloatingPointError("the compressed model's outputs are not finite (NaN or inf)")
-    return Quality(kl=kl_total / reference.tokens, perplexity=math.exp(nll), tokens=reference.tokens,
-                   entropy=entropy_total / reference.tokens, window_nll=tuple(window_nll))
+    tokens = input_ids.numel()
+    return Quality(kl=kl_total / tokens, perplexity=math.exp(nll), tokens=tokens, entropy=entropy_total / tokens,
+                   window_nll=tuple(window_nll))
+
+
+def combined(parts: list[Quality]) -> Quality:
+    """One Quality from measurements of disjoint window slices of one reference (as if measured at once)."""
+    tokens = sum(p.tokens for p in parts)
+    window_nll = tuple(n for p in parts for n in p.window_nll)
+    return Quality(kl=sum(p.kl * p.tokens for p in parts) / tokens, perplexity=math.exp(sum(window_nll) / len(window_nll)),
+                   tokens=tokens, entropy=sum(p.entropy * p.tokens for p in parts) / tokens, window_nll=window_nll)

@@ -61,6 +61,29 @@ def write(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def _stages(trials: Any) -> str:
+    """How far cheap-before-dear measured the trials, and the accuracy's confidence interval."""
+    stages = trials["stage"].value_counts().to_dict()
+    if not stages:
+        return ""
+    names = {"kl_slice": "stopped after KL on a slice of the evaluation windows (far behind the front)",
+             "kl": "measured on every window", "accuracy": "reached the front and got lm-eval accuracy"}
+    text = "Measured trials: " + "; ".join(f"{stages[k]} {v}" for k, v in names.items() if k in stages) + "."
+    ci = trials["accuracy_ci95"].dropna()
+    if len(ci):
+        text += f" Accuracy's 95% confidence half-width: ±{ci.median():.3f} (median over the trials that have it)."
+    return text
+
+
+def _evaluation_texts(info: dict) -> str:
+    """The evaluation texts as the report names them, and which one the objectives use."""
+    texts = info.get("eval_texts") or [info["text"]]
+    if len(texts) == 1:
+        return texts[0]
+    used = f"objectives on {info['quality_text']}" if info.get("quality_text") else "objectives on their mean"
+    return f"each of {', '.join(texts)} ({used}; per text in kl_by_text and ppl_by_text)"
+
+
 def _latency_check(device: dict[str, Any]) -> str:
     from llmtailor.hw_profiles import DeviceProfile, validation
 
@@ -112,6 +135,7 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
         best_html = f"<h2>Best plan (trial {best})</h2><pre>{escape(plan)}</pre>"
     hidden = ("status", "budget_mb", "fits") + (() if trials["distill_steps"].fillna(0).any()
                                                  else pareto.DISTILLATION_COLUMNS)
+    hidden += () if trials["kl_by_text"].notna().any() else pareto.BY_TEXT_COLUMNS
     columns = [c for c in pareto.COLUMNS if c not in hidden]
     workload = info["workload"]
     calibrated = (f"; GPTQ calibrated on {escape(info['calibration_text'])} (held apart from the evaluation text)"
@@ -123,11 +147,13 @@ def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFr
 <h1>llmtailor report: {escape(name)}</h1>
 <p class="sub">{escape(info["model_name"])} on {escape(device["description"])} — budget {escape(format_size(device["usable_memory_bytes"]))},
 context {workload["context_length"]}, batch {workload["batch_size"]}, prompt {workload["prompt_length"]};
-objectives: {escape(", ".join(info["objectives"]))}; quality measured on {info["eval_tokens"]} held-out tokens of {escape(info["text"])}
+objectives: {escape(", ".join(info["objectives"]))}; quality measured on {info["eval_tokens"]} held-out tokens
+of {escape(_evaluation_texts(info))}
 and {tasks}{calibrated}.</p>
 <p>{len(trials)} trials: {statuses.get("evaluated", 0)} measured, {over} over budget (rejected by the cost model before
 any weight was touched), {statuses.get("duplicate", 0)} repeated plans (result copied, not measured again),
-{statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.</p>
+{statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.
+{escape(_stages(trials))}</p>
 <div class="plots">{"".join(plots)}</div>
 <h2>Pareto front</h2>
 <p class="sub">Memory, prefill_s and decode_ms_per_token are the cost model's predictions for this device; how far its

@@ -14,6 +14,9 @@ when it joined, so a resumed run does not replay the first run's draws); a plan
 already measured in the study is not measured again (its result is copied, see
 ``status``); and a process stops measuring once the study holds the asked total, so
 the total is overshot by at most the trials already running when it was reached.
+``--workers N`` starts such processes on one machine (``search.workers``); storages
+and their heartbeats are in ``search.storage``. After each measured trial the
+hypervolume of the feasible front so far is stored on the study (``search.hypervolume``).
 
 Every finished trial carries a ``status`` user attribute:
 ``evaluated`` (measured), ``failed`` (an error in a method; ``fail_reason`` says which),
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -47,6 +51,7 @@ from llmtailor.errors import UserError
 from llmtailor.evaluators import cost, quality
 from llmtailor.evaluators import tasks as lm_tasks
 from llmtailor.hw_profiles import DeviceProfile, format_size
+from llmtailor.search import hypervolume
 from llmtailor.search import objectives as objectives_mod
 from llmtailor.search import storage as storage_mod
 from llmtailor.search.objectives import Objective
@@ -55,14 +60,16 @@ SAMPLERS = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=20),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    # Gaussian-process Bayesian optimization; reads the trials' set_constraint values (constrained EI).
+    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
 }
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 COUNTED = ("evaluated", "failed")  # statuses that count toward --trials
 STUDY_ATTR = "llmtailor"
 MAX_REJECTIONS_PER_TRIAL = 100
 # Attributes a duplicate trial copies from the measured trial of the same plan.
-MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy", "fidelity", "distill_steps", "train_seconds",
-                  "train_loss", "plan")
+MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy", "accuracy_ci95", "fidelity", "distill_steps",
+                  "train_seconds", "train_loss", "plan", "kl_by_text", "perplexity_by_text", "stage")
 # Distillation fidelity: a student is first trained for 1/FIDELITY_DIVISOR of its budget; it gets the whole budget
 # unless a measured trial at no higher predicted cost is already better than it by more than FIDELITY_MARGIN on
 # every measured objective to minimize (KL, perplexity: its value times 1 + margin still below the short run's).
@@ -70,6 +77,12 @@ MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy", "fidelity", "di
 # front point would stay dominated after its full budget.
 FIDELITY_DIVISOR = 4
 FIDELITY_MARGIN = 1.0
+# Evaluation fidelity: KL on the first 1/SLICE_SHARE of the evaluation windows (at least one) first; a plan whose
+# slice KL is 1 + SLICE_MARGIN times that of a measured trial at no higher cost stops there. Per-window KL of one
+# plan varies by tens of percent across windows, so the margin leaves what noise could explain to the full
+# measurement.
+SLICE_SHARE = 4
+SLICE_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,12 @@ class SearchConfig:
     torch_device: str = "cpu"  # where the teacher runs: calibration, GPTQ and evaluation
     calibration: str | None = None  # text source whose calibration split calibrates GPTQ (None: the --text source)
     calibration_windows: int = calibration_mod.CalibrationSpec.windows
+    eval_texts: tuple[str, ...] = ()  # sources whose evaluation splits KL and perplexity are measured on (): --text
+    quality_text: str | None = None  # the one of them the kl/perplexity objectives use (None: their mean)
+
+    def evaluation_sources(self) -> tuple[str, ...]:
+        """Where KL and perplexity are measured: the --eval-text sources, or the --text source."""
+        return self.eval_texts or (self.text,)
 
     def calibration_spec(self) -> calibration_mod.CalibrationSpec:
         """The calibration of calibrated spaces (GPTQ): the default recipe on the chosen text."""
@@ -117,6 +136,7 @@ class Setup:
     results_path: Path
     storage_url: str
     splits: text.TextSplits
+    evaluation: dict[str, tuple[str, ...]] = field(default_factory=dict)  # evaluation documents by source
 
     def fingerprint(self) -> dict[str, Any]:
         """What a study was made for; a resumed study must match it."""
@@ -125,6 +145,11 @@ class Setup:
                     "workload": asdict(c.workload), "space": c.space, "objectives": list(c.objectives),
                     "tasks": list(c.tasks), "task_items": c.task_items, "text": c.text,
                     "eval_tokens": c.eval_windows * c.window_tokens, "arch": self.arch.to_dict()}
+        choices = spaces.describe(self.space)
+        if choices is not None:
+            made_for["space_choices"] = choices
+        if c.eval_texts:  # (studies made before several evaluation texts keep their fingerprint)
+            made_for["eval_texts"], made_for["quality_text"] = list(c.eval_texts), c.quality_text
         if self.space.calibrated:
             made_for["calibration"] = asdict(c.calibration_spec())
             made_for["calibration_text"] = c.calibration_spec().describe()
@@ -168,12 +193,21 @@ def prepare(config: SearchConfig) -> Setup:
     files.check_writable_folder(config.results_dir, "results folder")
     splits = text.split(config.text)
     lm_tasks.check_tasks(list(config.tasks), splits.task, config.task_items)
+    sources = config.evaluation_sources()
+    if len(set(sources)) != len(sources):
+        raise UserError(f"--eval-text names a source twice: {list(sources)}")
+    if config.quality_text is not None and config.quality_text not in sources:
+        raise UserError(f"--quality-text {config.quality_text!r} is not among the evaluation texts {list(sources)}")
+    evaluation = {source: text.split(source).evaluation for source in sources}
     arch, model_name = models.load_architecture(config.model, trust_remote_code=config.trust_remote_code)
     tokenizer = models.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    quality.evaluation_ids(tokenizer, splits.evaluation, config.window_tokens)
+    for documents in evaluation.values():
+        quality.evaluation_ids(tokenizer, documents, config.window_tokens)
     if space.calibrated:  # the calibration text exists and fills a window (the evaluation text never calibrates)
         spec = config.calibration_spec()
-        calibration_mod.calibration_windows(tokenizer, text.split(spec.source).calibration, 1, spec.window_tokens)
+        calibrating = text.split(spec.source).calibration
+        calibration_mod.calibration_windows(tokenizer, calibrating, 1, spec.window_tokens)
+        text.check_disjoint(calibrating, spec.source, evaluation)
     smallest = cost.estimate(space.smallest(arch), arch, profile, config.workload)
     if not smallest.fits:
         m = smallest.memory
@@ -186,14 +220,15 @@ def prepare(config: SearchConfig) -> Setup:
     study_name = study_name or slug(f"{model_name}-{profile.name}")
     results_path = Path(config.results_dir) / study_name
     storage_url = config.storage or f"sqlite:///{(results_path / 'study.db').resolve()}"
-    if config.storage is not None and storage_mod.sqlite_path(storage_url) is None:
-        storage_mod.open_storage(storage_url)  # a database server: reachable, and the login works
-    return Setup(config, profile, arch, model_name, space, objectives, study_name, results_path, storage_url, splits)
+    if config.storage is not None:
+        storage_mod.check_opens(storage_url)  # a database server is reachable, an existing journal is one
+    return Setup(config, profile, arch, model_name, space, objectives, study_name, results_path, storage_url, splits,
+                 evaluation)
 
 
 def _load_existing(setup: Setup) -> optuna.Study | None:
     """The study if the storage already holds it; creates no file when it does not."""
-    database = storage_mod.sqlite_path(setup.storage_url)
+    database = storage_mod.local_file(setup.storage_url)
     if database is not None and not database.is_file():
         return None
     storage = storage_mod.open_storage(setup.storage_url)
@@ -224,6 +259,11 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
     wanted = setup.fingerprint()
     differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text", "calibration")
                if _with_later_fields(k, made_for.get(k)) != wanted.get(k)]
+    if "space_choices" in made_for and made_for["space_choices"] != wanted.get("space_choices"):
+        differs.append("space choices")  # (studies made before choices were stored resume by the space's name)
+    for key in ("eval_texts", "quality_text"):
+        if made_for.get(key) != wanted.get(key):
+            differs.append(key.replace("_", " "))
     if differs:
         hint = ""
         if "device" in differs and (made_for.get("device") or {}).get("name") == wanted["device"]["name"]:
@@ -236,7 +276,7 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
 def _create(setup: Setup) -> tuple[optuna.Study, bool]:
     """Create the study with its fingerprint and baselines, or load it if another process just made it;
     say whether this call made it."""
-    database = storage_mod.sqlite_path(setup.storage_url)
+    database = storage_mod.local_file(setup.storage_url)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
     storage = storage_mod.open_storage(setup.storage_url)
@@ -310,9 +350,12 @@ class TrialEvaluator:
                 self.students = trained.TrainedStudents(
                     teacher.model, lambda: spec.make_windows(teacher.model, teacher.tokenizer, device, progress),
                     made.key, models.cache_dir(), device, progress=progress)
-        log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of {c.text} ...")
-        self.reference = quality.Reference(self.teacher.model, self.teacher.tokenizer, setup.splits.evaluation,
-                                           c.eval_windows, c.window_tokens)
+        log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of "
+            f"{', '.join(c.evaluation_sources())} ...")
+        evaluation = setup.evaluation or {c.text: setup.splits.evaluation}
+        self.references = {source: quality.Reference(self.teacher.model, self.teacher.tokenizer, documents,
+                                                     c.eval_windows, c.window_tokens)
+                           for source, documents in evaluation.items()}
         self.tasks = lm_tasks.resolve_tasks(list(c.tasks), setup.splits.task, c.task_items, models.cache_dir())
         if self.tasks:
             lm_tasks.task_manager()
@@ -364,23 +407,83 @@ class TrialEvaluator:
                 trial.set_user_attr(key, value)
         return objectives_mod.values(s.objectives, attrs)
 
-    def _measure(self, plan: Any) -> dict[str, Any]:
-        """Apply the plan (training its student if it distills one) and measure KL, perplexity and accuracy."""
+    def _measure(self, plan: Any, trial: optuna.Trial, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Apply the plan (training its student if it distills one) and measure it, cheap before dear: KL and
+        perplexity on the first SLICE_SHARE of the evaluation windows; a plan far behind the front there (a
+        measured trial at no higher cost beats it by SLICE_MARGIN) stops at ``stage: kl_slice``; the others are
+        measured on every window (``stage: kl``), and lm-eval accuracy runs only for a plan that is then on the
+        front of the measured trials (``stage: accuracy``). Seconds per stage in ``stage_seconds``."""
         from llmtailor import compression
+
+        clock = time.perf_counter()
+        seconds: dict[str, float] = {}
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[stage] = seconds.get(stage, 0.0) + now - clock
+            clock = now
 
         model = compression.apply(plan, self.teacher.model, self.setup.arch, self.calibration, self.layer_cache,
                                   self.importance, self.students)
-        q = quality.measure(model, self.reference)
-        accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks) if self.tasks else {}
+        lap("apply")
+        first = max(1, self.setup.config.eval_windows // SLICE_SHARE)
+        parts = {source: [quality.measure(model, reference, slice(0, first))]
+                 for source, reference in self.references.items()}
+        measured = self._quality(parts, plan)
+        lap("kl_slice")
+        stage, behind = "kl_slice", None
+        if any(len(r.input_ids) > first for r in self.references.values()):
+            behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}),
+                                      SLICE_MARGIN)
+        if behind is None:
+            for source, reference in self.references.items():
+                if len(reference.input_ids) > first:
+                    parts[source].append(quality.measure(model, reference, slice(first, None)))
+            measured, stage = self._quality(parts, plan), "kl"
+            lap("kl")
+            if self.tasks and self._on_front(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured})):
+                accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks)
+                mean, items = sum(accuracy.values()) / len(accuracy), self.setup.config.task_items * len(accuracy)
+                measured.update(accuracy=mean, accuracy_ci95=1.96 * math.sqrt(max(mean * (1 - mean), 0.0) / items),
+                                **{f"accuracy_{k}": v for k, v in accuracy.items()})
+                stage = "accuracy"
+                lap("accuracy")
         del model
-        measured = {"kl": q.kl, "perplexity": q.perplexity, "eval_tokens": q.tokens,
-                    "accuracy": sum(accuracy.values()) / len(accuracy) if accuracy else None,
-                    **{f"accuracy_{k}": v for k, v in accuracy.items()}}
+        measured.update(stage=stage, stage_seconds={k: round(v, 3) for k, v in seconds.items()})
+        if behind is not None:
+            measured["stopped_by"] = behind
+        return measured
+
+    def _quality(self, parts: dict[str, list], plan: Any) -> dict[str, Any]:
+        """KL and perplexity (the named text's, or the mean over the texts) from measured window slices."""
+        by_text = {source: quality.combined(qs) for source, qs in parts.items()}
+        named = self.setup.config.quality_text
+        kl = by_text[named].kl if named else sum(q.kl for q in by_text.values()) / len(by_text)
+        perplexity = by_text[named].perplexity if named else sum(q.perplexity for q in by_text.values()) / len(by_text)
+        measured = {"kl": kl, "perplexity": perplexity, "eval_tokens": sum(q.tokens for q in by_text.values())}
+        if len(by_text) > 1:
+            measured["kl_by_text"] = {source: q.kl for source, q in by_text.items()}
+            measured["perplexity_by_text"] = {source: q.perplexity for source, q in by_text.items()}
         if plan.student.distillation.steps:
             record = self.students.last
             measured.update(distill_steps=record.steps, train_seconds=record.seconds, train_loss=record.losses[-1],
                             train_seconds_spent=record.seconds if record.trained_now else 0.0)
         return measured
+
+    def _on_front(self, trial: optuna.Trial, values: list[float]) -> bool:
+        """Whether no measured trial dominates these values on the objectives other than accuracy."""
+        objectives = self.setup.objectives
+        kept = [i for i, o in enumerate(objectives) if o.name != "accuracy"]
+        signs = [1.0 if objectives[i].direction == "minimize" else -1.0 for i in kept]
+        ours = [values[i] * sign for i, sign in zip(kept, signs, strict=True)]
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if status(other) not in ("evaluated", "duplicate") or other.values is None:
+                continue
+            theirs = [other.values[i] * sign for i, sign in zip(kept, signs, strict=True)]
+            if all(t <= o for t, o in zip(theirs, ours, strict=True)) and theirs != ours:
+                return False
+        return True
 
     def _measure_with_fidelity(self, trial: optuna.Trial, plan: Any, attrs: dict[str, Any]) -> dict[str, Any]:
         """Measure the plan; a student not yet trained is first trained for a fraction of its budget and stops
@@ -388,28 +491,31 @@ class TrialEvaluator:
         shorter plan it measured (``plan``, ``distill_steps``) and ``fidelity: short``."""
         recipe = plan.student.distillation
         if not recipe.steps:
-            return self._measure(plan)
+            return self._measure(plan, trial, attrs)
         spent = 0.0
         short_steps = max(1, recipe.steps // FIDELITY_DIVISOR)
         if short_steps < recipe.steps and not self.students.has(plan, self.setup.arch):
             short = dataclasses.replace(plan, student=dataclasses.replace(
                 plan.student, distillation=dataclasses.replace(recipe, steps=short_steps)))
-            measured = self._measure(short)
+            measured = self._measure(short, trial, attrs)
             spent = measured["train_seconds_spent"]
-            behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}))
+            behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}),
+                                      FIDELITY_MARGIN)
             if behind is not None:
                 return {**measured, "fidelity": "short", "plan": short.to_json(), "stopped_by": behind}
-        measured = self._measure(plan)
+        measured = self._measure(plan, trial, attrs)
         return {**measured, "fidelity": "full", "train_seconds_spent": spent + measured["train_seconds_spent"]}
 
-    def _far_behind(self, trial: optuna.Trial, values: list[float]) -> int | None:
-        """The number of a measured trial at no higher predicted cost that beats `values` by FIDELITY_MARGIN on
-        every measured objective to minimize (and is no worse on the others), or None."""
+    def _far_behind(self, trial: optuna.Trial, values: list[float], margin: float) -> int | None:
+        """The number of a measured trial at no higher predicted cost that beats `values` by `margin` on every
+        measured objective to minimize (and is no worse on the others), or None. Trials stopped early count too:
+        their values are real measurements of a real plan."""
         objectives = self.setup.objectives
         for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if status(other) not in ("evaluated", "duplicate") or other.values is None:
                 continue
-            if all(_beats(o, theirs, ours) for o, theirs, ours in zip(objectives, other.values, values, strict=True)):
+            if all(_beats(o, theirs, ours, margin) for o, theirs, ours in zip(objectives, other.values, values,
+                                                                              strict=True)):
                 return other.number
         return None
 
@@ -440,11 +546,11 @@ class TrialEvaluator:
         raise optuna.TrialPruned(reason)
 
 
-def _beats(objective: Objective, theirs: float, ours: float) -> bool:
-    """Whether a value is at least as good as ours, by FIDELITY_MARGIN for measured objectives to minimize."""
+def _beats(objective: Objective, theirs: float, ours: float, margin: float) -> bool:
+    """Whether a value is at least as good as ours, by `margin` (relative) for measured objectives to minimize."""
     if objective.direction == "maximize":
         return theirs >= ours
-    return theirs * (1 + FIDELITY_MARGIN) <= ours if objective.measured else theirs <= ours
+    return theirs * (1 + margin) <= ours if objective.measured else theirs <= ours
 
 
 def _mean_sparsity(plan: Any, arch: Architecture) -> float:
@@ -474,7 +580,7 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
             return study
     evaluator = TrialEvaluator(setup, log, progress)
     # What this run creates, so that a failure before the first trial can remove it again.
-    database = storage_mod.sqlite_path(setup.storage_url)
+    database = storage_mod.local_file(setup.storage_url)
     new_paths = [p for p in (files.first_missing(setup.results_path), files.first_missing(database)) if p is not None]
     created_study = False
     if study is None:
@@ -501,12 +607,17 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
     done = measured(study)
     bar = tqdm(total=total, initial=done, desc="measured plans", unit="plan", disable=not progress, file=sys.stderr)
     limit = len(study.trials) + MAX_REJECTIONS_PER_TRIAL * total
+    bounds = hypervolume.fixed_reference(study, setup.objectives, setup.arch, setup.profile, setup.config.workload)
 
     def stop_when_done(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal done
         # Recount from storage (other processes may share the study) only after a measured trial:
         # a rejection takes milliseconds, and reading every trial after each would dominate it.
-        if status(trial) in (*COUNTED, "skipped"):
+        if status(trial) in COUNTED:
+            finished = study_.get_trials(deepcopy=False, states=FINISHED)
+            done = sum(1 for t in finished if _counts(t))
+            hypervolume.record(study_, trial.number, done, finished, setup.objectives, bounds)
+        elif status(trial) == "skipped":
             done = measured(study_)
         bar.n = done
         bar.set_postfix_str(f"{trial.number + 1} sampled")
@@ -527,6 +638,13 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
                 done = measured(study)
                 if done >= total or evaluator.stop:
                     break
+            except UnboundLocalError as exc:
+                # Optuna 5.0's _run_trial turns a Ctrl-C while it records a finished trial into this (its `finally`
+                # reads a result the interrupted call never set): give the interrupt back. The trial, if left
+                # RUNNING, is failed by heartbeat and redone.
+                if isinstance(exc.__context__, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                raise
     finally:
         bar.close()
     if done < total:

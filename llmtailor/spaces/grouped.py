@@ -52,8 +52,10 @@ Grouping = Callable[[Linear, Architecture], str]
 class GroupedSpace(SearchSpace):
     """Bits and sparsity per group of layers, one group size, and the embedding's bits."""
 
-    def __init__(self, name: str, bits_grouping: Grouping, sparsity_grouping: Grouping, method: str = "rtn") -> None:
+    def __init__(self, name: str, bits_grouping: Grouping, sparsity_grouping: Grouping, method: str = "rtn",
+                 bits: tuple[int, ...] = BITS, group_sizes: tuple[int, ...] = GROUP_SIZES) -> None:
         self.name = name
+        self.bits, self.group_sizes = bits, group_sizes
         self.bits_grouping = bits_grouping
         self.sparsity_grouping = sparsity_grouping
         self.method = method
@@ -72,10 +74,10 @@ class GroupedSpace(SearchSpace):
 
     def sample_precision(self, trial: Any, arch: Architecture) -> dict[str, Any]:
         """The trial's precision parameters: the group size, the embedding's bits and each bits group's."""
-        params = {"group_size": trial.suggest_categorical("group_size", GROUP_SIZES),
-                  "embed_bits": trial.suggest_categorical("embed_bits", BITS)}
+        params = {"group_size": trial.suggest_categorical("group_size", self.group_sizes),
+                  "embed_bits": trial.suggest_categorical("embed_bits", self.bits)}
         for key in self.keys(self.bits_grouping, arch):
-            params[f"bits_{key}"] = trial.suggest_categorical(f"bits_{key}", BITS)
+            params[f"bits_{key}"] = trial.suggest_categorical(f"bits_{key}", self.bits)
         return params
 
     def precision(self, params: dict[str, Any], arch: Architecture) -> dict[str, LayerPrecision]:
@@ -100,10 +102,10 @@ class GroupedSpace(SearchSpace):
 
     def smallest(self, arch: Architecture) -> CompressionPlan:
         # Fewest bits and the highest sparsity are the smallest per layer at every shape and group size.
-        params: dict[str, Any] = {"embed_bits": min(BITS)}
-        params.update({f"bits_{k}": min(BITS) for k in self.keys(self.bits_grouping, arch)})
+        params: dict[str, Any] = {"embed_bits": min(self.bits)}
+        params.update({f"bits_{k}": min(self.bits) for k in self.keys(self.bits_grouping, arch)})
         params.update({f"sparsity_{k}": max(SPARSITY) for k in self.keys(self.sparsity_grouping, arch)})
-        candidates = [self.plan({**params, "group_size": g}, arch) for g in GROUP_SIZES]
+        candidates = [self.plan({**params, "group_size": g}, arch) for g in self.group_sizes]
         return min(candidates, key=lambda p: weight_bytes(p, arch))
 
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
