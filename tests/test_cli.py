@@ -295,3 +295,20 @@ def test_cheap_before_dear_stops_far_behind_plans_at_a_slice_and_gives_accuracy_
     front = csv.DictReader((tmp_path / "stages" / "front.csv").open())
     assert all(row["accuracy"] for row in front)  # every plan on the front was measured in full, with accuracy
     assert "stopped after KL on a slice" in (tmp_path / "stages" / "report.html").read_text()
+
+
+def test_a_joint_guided_search_allocates_bits_and_cuts_prunes_and_distills(tiny_model_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "space.yaml"  # joint-guided with short distillation budgets
+    space.write_text("preset: joint\nprecision: guided\ndistill_steps: [0, 8]\n")
+    argv = ["fit", tiny_model_dir, "--memory", "2MB", "--trials", 9, "--results", tmp_path, "--space", space,
+            "--calibration-windows", 2, "--tasks", "none", "--study", "jg", *FAST]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="jg", storage=f"sqlite:///{tmp_path / 'jg' / 'study.db'}")
+    plans = [json.loads(t.user_attrs["plan"]) for t in study.trials if t.user_attrs.get("status") == "evaluated"]
+    assert all("weight_budget" in t.params for t in study.trials)
+    assert any(p.get("sparsity") for p in plans) and any(p.get("student", {}).get("layers") for p in plans)
+    assert any(p.get("student", {}).get("distillation", {}).get("steps") for p in plans)
+    assert study.user_attrs["llmtailor"]["space_choices"]["precision"] == "guided"

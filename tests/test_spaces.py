@@ -157,3 +157,11 @@ def test_every_sampler_draws_from_the_joint_space_with_constraints_and_several_o
             trial.set_constraint("over_budget", size - 200_000)
             study.tell(trial, [size, float(len(plan.sparsity))])
     assert len({t.params.get("prune_pattern") for t in study.trials}) > 1
+
+
+def test_joint_guided_asks_the_sensitivities_the_guided_space_asks(tiny):
+    joint, guided = spaces.get("joint-guided"), spaces.get("guided")
+    assert joint.needs_sensitivity and joint.layers(tiny.arch) == guided.layers(tiny.arch)
+    for lin in joint.layers(tiny.arch):
+        assert joint.options(lin, tiny.arch) == guided.options(lin, tiny.arch)
+        assert joint.anchor(lin, tiny.arch) == guided.anchor(lin, tiny.arch)

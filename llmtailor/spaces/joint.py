@@ -156,8 +156,10 @@ class JointSpace(SearchSpace):
     def with_sensitivity(self, sensitivity: Any) -> JointSpace:
         return JointSpace(self.name, self.choices, self.scores, sensitivity) if self.needs_sensitivity else self
 
-    # What search.sensitivity measures for a guided space.
-    layers, options, anchor = GuidedSpace.layers, GuidedSpace.options, GuidedSpace.anchor
+    # What search.sensitivity measures for a guided space: the guided space's layers, options and anchor.
+    layers = staticmethod(GuidedSpace.layers)
+    options = staticmethod(GuidedSpace.options)
+    anchor = staticmethod(GuidedSpace.anchor)
 
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
         c = self.choices
