@@ -38,6 +38,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -473,17 +474,13 @@ class TrialEvaluator:
 
     def _on_front(self, trial: optuna.Trial, values: list[float]) -> bool:
         """Whether no measured trial dominates these values on the objectives other than accuracy."""
+        from llmtailor.search.pareto import _dominates  # pareto imports this module
+
         objectives = self.setup.objectives
         kept = [i for i, o in enumerate(objectives) if o.name != "accuracy"]
         signs = [1.0 if objectives[i].direction == "minimize" else -1.0 for i in kept]
-        ours = [values[i] * sign for i, sign in zip(kept, signs, strict=True)]
-        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if status(other) not in ("evaluated", "duplicate") or other.values is None:
-                continue
-            theirs = [other.values[i] * sign for i, sign in zip(kept, signs, strict=True)]
-            if all(t <= o for t, o in zip(theirs, ours, strict=True)) and theirs != ours:
-                return False
-        return True
+        ours = [values[i] for i in kept]
+        return not any(_dominates([theirs[i] for i in kept], ours, signs) for _, theirs in _measured_values(trial))
 
     def _measure_with_fidelity(self, trial: optuna.Trial, plan: Any, attrs: dict[str, Any]) -> dict[str, Any]:
         """Measure the plan; a student not yet trained is first trained for a fraction of its budget and stops
@@ -511,12 +508,10 @@ class TrialEvaluator:
         measured objective to minimize (and is no worse on the others), or None. Trials stopped early count too:
         their values are real measurements of a real plan."""
         objectives = self.setup.objectives
-        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if status(other) not in ("evaluated", "duplicate") or other.values is None:
-                continue
-            if all(_beats(o, theirs, ours, margin) for o, theirs, ours in zip(objectives, other.values, values,
+        for number, measured in _measured_values(trial):
+            if all(_beats(o, theirs, ours, margin) for o, theirs, ours in zip(objectives, measured, values,
                                                                               strict=True)):
-                return other.number
+                return number
         return None
 
     def _reuse_or_skip(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
@@ -544,6 +539,13 @@ class TrialEvaluator:
         trial.set_user_attr("status", "skipped")
         trial.set_user_attr("skip_reason", reason)
         raise optuna.TrialPruned(reason)
+
+
+def _measured_values(trial: optuna.Trial) -> Iterator[tuple[int, list[float]]]:
+    """(number, objective values) of every measured trial of the study so far (duplicates copy a measurement)."""
+    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if status(other) in ("evaluated", "duplicate") and other.values is not None:
+            yield other.number, other.values
 
 
 def _beats(objective: Objective, theirs: float, ours: float, margin: float) -> bool:
