@@ -61,6 +61,9 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
                         "(default), cuda, cuda:N or mps")
     _workload_options(parser)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-stop-early", action="store_true", help="measure every plan that fits on all "
+                        "evaluation windows and train every student its whole budget (default: a plan far behind "
+                        "the front on a quarter of the windows, or after a quarter of its training, stops there)")
     parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines: "
                         "sqlite:///path/study.db, postgresql+psycopg2://user@host/db, or Optuna's journal file "
                         "journal:///absolute/path/study.log (default: SQLite in the study's results folder)")
@@ -159,7 +162,7 @@ def _config(args: argparse.Namespace):
         workload=workload, seed=args.seed,
         trust_remote_code=args.trust_remote_code, torch_device=args.torch_device, calibration=args.calibration,
         calibration_windows=args.calibration_windows, eval_texts=tuple(args.eval_text or ()),
-        quality_text=args.quality_text,
+        quality_text=args.quality_text, stop_early=not args.no_stop_early,
     )
 
 

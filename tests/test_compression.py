@@ -80,6 +80,25 @@ def test_apply_leaves_the_teacher_alone_and_keeps_ties(tiny):
     assert (first == 0).float().mean().item() >= 0.5
 
 
+@pytest.mark.parametrize("touch_embedding", [True, False])
+def test_a_sharing_apply_copies_only_what_it_changes_and_computes_the_same(tiny, touch_embedding):
+    layers = stored_layers(tiny.arch) if touch_embedding else tiny.arch.linears[:3]
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in layers},
+                           sparsity={tiny.arch.linears[0].name: LayerSparsity(0.5)})
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    owned = compression.apply(plan, tiny.model, tiny.arch)
+    shared = compression.apply(plan, tiny.model, tiny.arch, share=True)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    teacher = dict(tiny.model.named_parameters())
+    changed = {x.name + ".weight" for x in layers}
+    for name, parameter in shared.named_parameters():
+        assert (parameter is teacher[name]) == (name not in changed), name
+    assert shared.lm_head.weight is shared.model.embed_tokens.weight
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        assert torch.equal(shared(ids).logits, owned(ids).logits)
+
+
 def test_pack_of_a_model_matches_apply(tiny):
     plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in tiny.arch.linears},
                            sparsity={tiny.arch.linears[1].name: LayerSparsity(0.5, "2:4")})
@@ -101,3 +120,28 @@ def test_pack_of_a_model_matches_apply(tiny):
 def test_plans_this_version_cannot_apply_are_refused(tiny, plan, message):
     with pytest.raises(PlanError, match=message):
         compression.apply(plan, tiny.model, tiny.arch)
+
+
+def test_a_plan_applied_in_the_teachers_tensors_computes_the_same_and_is_undone(tiny, tmp_path):
+    from llmtailor.compression import originals
+
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in stored_layers(tiny.arch)},
+                           sparsity={tiny.arch.linears[0].name: LayerSparsity(0.5)})
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    kept = originals.Originals(tiny.model, tmp_path, "tiny")
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        expected = compression.apply(plan, tiny.model, tiny.arch)(ids).logits
+        with originals.applied(plan, tiny.model, tiny.arch, kept) as model:
+            assert model.model.embed_tokens.weight is tiny.model.model.embed_tokens.weight  # written in place
+            assert torch.equal(model(ids).logits, expected)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    with pytest.raises(RuntimeError, match="measuring broke"), originals.applied(plan, tiny.model, tiny.arch, kept):
+        raise RuntimeError("measuring broke")
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    # A file cut short by a killed writer is written again, not read.
+    kept.path.write_bytes(kept.path.read_bytes()[:1000])
+    again = originals.Originals(tiny.model, tmp_path, "tiny")
+    with originals.applied(plan, tiny.model, tiny.arch, again):
+        pass
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())

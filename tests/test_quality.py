@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from llmtailor import compression, models, text
 from llmtailor.errors import UserError
@@ -107,3 +108,30 @@ def test_slices_of_the_windows_combine_into_the_whole_measurement(tiny, referenc
     joined = quality.combined(parts)
     assert joined.tokens == whole.tokens and joined.window_nll == pytest.approx(whole.window_nll)
     assert joined.kl == pytest.approx(whole.kl, rel=1e-6) and joined.perplexity == pytest.approx(whole.perplexity)
+
+
+def test_top_k_kl_is_exact_at_the_whole_vocabulary_and_zero_for_the_teacher(tiny, reference):
+    plan = CompressionPlan(precision={x.name: LayerPrecision(3, 32) for x in stored_layers(tiny.arch)})
+    model = compression.apply(plan, tiny.model, tiny.arch)
+    vocab = tiny.model.config.vocab_size
+    whole = quality.Reference.of_windows(tiny.model, reference.input_ids, top_k=vocab)
+    assert quality.measure(model, whole).kl == pytest.approx(quality.measure(model, reference).kl, rel=1e-4)
+    small = quality.Reference.of_windows(tiny.model, reference.input_ids, top_k=16)
+    assert quality.measure(tiny.model, small).kl == pytest.approx(0.0, abs=1e-5)
+    assert small.bytes < reference.bytes / 7  # (16 + 16) x 8 bytes against 512 x 4 per position
+
+
+def test_top_k_kl_estimates_the_rest_without_bias_and_coarsening_underestimates():
+    torch.manual_seed(0)
+    teacher = torch.log_softmax(2 * torch.randn(128, 512), dim=-1)
+    student = torch.log_softmax(teacher + 0.3 * torch.randn(128, 512), dim=-1)
+    exact = float((teacher.exp() * (teacher - student)).sum())
+    estimates = [quality.TopK.of(teacher, 64, seed=seed).kl(student) for seed in range(40)]
+    assert sum(estimates) / len(estimates) == pytest.approx(exact, rel=0.01)
+    assert max(estimates) - min(estimates) > 0  # the draws differ by seed
+    assert 0 < quality.TopK.of(teacher, 64, tail_samples=0).kl(student) < exact
+
+
+def test_top_k_below_one_is_refused(tiny):
+    with pytest.raises(UserError, match="top_k must be at least 1"):
+        quality.Reference(tiny.model, tiny.tokenizer, text.split("pydoc").evaluation, 2, 64, top_k=0)

@@ -147,20 +147,20 @@ def test_a_killed_process_leaves_a_trial_failed_with_its_reason(tiny_model_dir, 
     assert study_mod.measured(study) == 6
 
 
-def _nan_model(apply, *args):
+def _nan_model(apply, *args, **kwargs):
     import torch
 
-    model = apply(*args)
-    with torch.no_grad():
-        next(model.parameters()).fill_(float("nan"))
+    model = apply(*args, **kwargs)
+    norm = model.model.norm  # a new parameter: the search's model shares the ones it leaves alone with the teacher
+    norm.weight = torch.nn.Parameter(torch.full_like(norm.weight, float("nan")))
     return model
 
 
-def _raises(apply, *args):
+def _raises(apply, *args, **kwargs):
     raise RuntimeError("a method broke")
 
 
-def _out_of_memory(apply, *args):
+def _out_of_memory(apply, *args, **kwargs):
     import torch
 
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -174,9 +174,9 @@ def test_a_fault_in_a_trial_is_recorded_and_the_sweep_goes_on(fault, reason, tin
 
     real, calls = compression.apply, []
 
-    def once(*args):
+    def once(*args, **kwargs):
         calls.append(1)
-        return fault(real, *args) if len(calls) == 2 else real(*args)
+        return fault(real, *args, **kwargs) if len(calls) == 2 else real(*args, **kwargs)
 
     monkeypatch.setattr(compression, "apply", once)
     study = run(argv(tiny_model_dir, tmp_path, "faults", 4))

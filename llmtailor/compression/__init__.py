@@ -1,7 +1,10 @@
 """Applying a CompressionPlan to a model: structure, then distillation, then sparsity, then precision.
 
 ``apply`` returns a copy of the teacher whose weights are what the compressed model
-computes with (dequantized, pruned weights in float32), for measuring quality.
+computes with (dequantized, pruned weights in float32), for measuring quality. With
+``share=True`` (the search) the copy holds new tensors only for the layers the plan
+changes and shares every other tensor with the teacher, so a trial does not copy the
+whole teacher (its memory and seconds): such a model is for reading only.
 Calibrated methods (GPTQ) take each layer's input statistics from a
 ``CalibrationStats`` (``compression.calibration``), collected on the teacher.
 ``pack`` returns the stored form of every compressed layer (bit-packed codes, scales,
@@ -12,6 +15,7 @@ Weights of 16 bits are left as loaded; their stored form is float16.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,14 +142,22 @@ def _touched(plan: CompressionPlan, arch: Architecture) -> list[str]:
     ]
 
 
-def _structured(plan: CompressionPlan, teacher: Any, arch: Architecture, importance: Any):
-    """A copy of the teacher with the plan's structured cut made, and the cut (None when the plan makes none)."""
+def sharing_copy(model: Any) -> Any:
+    """A copy of the model's modules that shares its parameter and buffer tensors (no weight bytes copied).
+    Replacing a parameter of the copy leaves the original alone; changing one in place changes both."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _structured(plan: CompressionPlan, teacher: Any, arch: Architecture, importance: Any, share: bool = False):
+    """A copy of the teacher with the plan's structured cut made, and the cut (None when the plan makes none).
+    ``share``: the copy shares the tensors the cut leaves whole with the teacher."""
     if not cuts(plan):
-        return copy.deepcopy(teacher), None
+        return (sharing_copy(teacher) if share else copy.deepcopy(teacher)), None
     from llmtailor.compression import structure  # structure imports sequential, which imports this module
 
     chosen = structure.choose(arch, plan.student, importance)
-    return structure.cut(teacher, arch, chosen), chosen
+    return structure.cut(teacher, arch, chosen, share=share), chosen
 
 
 def _check_students(plan: CompressionPlan, students: Any) -> None:
@@ -155,13 +167,14 @@ def _check_students(plan: CompressionPlan, students: Any) -> None:
 
 
 def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None,
-                cache: LayerCache | None, importance: Any, students: Any = None):
+                cache: LayerCache | None, importance: Any, students: Any = None, share: bool = False):
     """The cut (and trained) model, the cut (or None), and for each layer the plan compresses: (teacher name,
-    module, result). A trained student's layers are cached under its training key: their weights are its own."""
+    module, result). A trained student's layers are cached under its training key: their weights are its own.
+    ``share``: untouched tensors are the teacher's (never for a student to train: training changes them in place)."""
     plan.validate(arch)
     check_supported(plan, calibration is not None, arch, importance is not None)
     _check_students(plan, students)
-    model, chosen = _structured(plan, teacher, arch, importance)
+    model, chosen = _structured(plan, teacher, arch, importance, share and not plan.student.distillation.steps)
     trained = None
     if plan.student.distillation.steps:  # the cut student trained (``compression.trained``)
         model = students.trained(plan, model, arch, chosen)
@@ -185,16 +198,33 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
 
 
 def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
-          cache: LayerCache | None = None, importance: Any = None, students: Any = None) -> Any:
+          cache: LayerCache | None = None, importance: Any = None, students: Any = None, share: bool = False,
+          in_place: tuple[Callable[[Any], bool], list] | None = None) -> Any:
     """A compressed copy of the teacher (the teacher is left unchanged): structured cut (by ``importance``,
     from ``structure.importance``), distillation of the cut student (by ``students``, a
     ``compression.trained.TrainedStudents``; how it was made is then in ``students.last``), then sparsity and
     precision; solved layers come from the cache when it holds them (a layer whose shape a cut changed is cached
-    under what the cut kept of it). GPTQ's statistics stay the teacher's inputs for a trained student too."""
-    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students)
+    under what the cut kept of it). GPTQ's statistics stay the teacher's inputs for a trained student too.
+    ``share=True``: the model shares the tensors the plan leaves unchanged with the teacher (see the module doc).
+    ``in_place`` = (is_teachers, written): a compressed weight whose parameter is_teachers is written into it, and
+    the parameter appended to written (``compression.originals.applied`` restores them)."""
+    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students, share)
+    # old parameter's id -> (old, new); the old one is held so that its id is not reused while this runs
+    replaced: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     with torch.no_grad():
         for _, module, (compressed, _, _) in layers:
-            module.weight.data.copy_(compressed.to(module.weight.dtype))
+            old = module.weight
+            if in_place is not None and in_place[0](old):
+                in_place[1].append(old)
+                old.data.copy_(compressed.to(old.dtype))
+                continue
+            # A new tensor, never a write into the old one: it may be the teacher's.
+            module.weight = torch.nn.Parameter(compressed.to(old.dtype), old.requires_grad)
+            replaced[id(old)] = (old, module.weight)
+    for module in model.modules():  # a tied weight (the embedding and the output head) is one parameter in two places
+        for name, parameter in module._parameters.items():
+            if parameter is not None and id(parameter) in replaced and replaced[id(parameter)][0] is parameter:
+                module._parameters[name] = replaced[id(parameter)][1]
     return model
 
 

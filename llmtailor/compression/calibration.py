@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +103,36 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return float(torch.einsum("oi,ij,oj->", delta, hessian.to(weight.device).double(), delta))
 
 
+class StoredHessians(Mapping):
+    """The H matrices of a statistics file, each read from it when asked and not kept: a search with a warm
+    per-layer cache never reads them, and SmolLM2-135M's take 404 MB of memory that a sweep would otherwise hold."""
+
+    def __init__(self, path: Path, keys: list[str]) -> None:
+        self.path, self._keys = path, keys
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class CalibrationStats:
     """H = XᵀX / n per distinct layer input, and which layer reads which input."""
 
-    def __init__(self, hessians: dict[str, torch.Tensor], input_of: dict[str, str], tokens: int) -> None:
-        self.hessians = hessians  # input key -> [in, in] float32
+    def __init__(self, hessians: Mapping[str, torch.Tensor], input_of: dict[str, str], tokens: int) -> None:
+        self.hessians = hessians  # input key -> [in, in] float32 (in memory, or StoredHessians)
         self.input_of = input_of  # layer name -> input key
         self.tokens = tokens
+        self._diagonals: dict[str, torch.Tensor] = {}  # small, and read by every trial that prunes with Wanda
 
     def hessian(self, layer: str) -> torch.Tensor:
         """The second-moment matrix of the layer's inputs."""
@@ -119,7 +142,10 @@ class CalibrationStats:
 
     def diagonal(self, layer: str) -> torch.Tensor:
         """Mean squared value of each input feature (the diagonal of H): what Wanda weighs by."""
-        return torch.diagonal(self.hessian(layer))
+        key = self.input_of.get(layer)
+        if key not in self._diagonals:
+            self._diagonals[key] = torch.diagonal(self.hessian(layer)).clone()
+        return self._diagonals[key]
 
     def save(self, path: Path) -> None:
         """Write atomically as safetensors, with the layer map and token count in its metadata."""
@@ -131,13 +157,13 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: Path) -> CalibrationStats:
-        """Read statistics written by save."""
+        """Statistics written by save, whose matrices stay in the file until asked for (``StoredHessians``)."""
         from safetensors import safe_open
 
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "pt") as f:  # (opening checks the header against the file's size)
             meta = f.metadata()
-            hessians = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        return cls(hessians, json.loads(meta["input_of"]), int(meta["tokens"]))
+            keys = list(f.keys())
+        return cls(StoredHessians(Path(path), keys), json.loads(meta["input_of"]), int(meta["tokens"]))
 
 
 def _layers(model: Any, arch: Architecture) -> dict[str, torch.nn.Module]:
@@ -220,7 +246,7 @@ def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor | Call
             path.unlink(missing_ok=True)
     stats = collect(model, arch, windows() if callable(windows) else windows, device, progress)
     stats.save(path)
-    return stats
+    return CalibrationStats.load(path)  # (the matrices leave memory)
 
 
 @torch.no_grad()

@@ -208,10 +208,16 @@ def _columns(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cut(model: Any, arch: Architecture, chosen: Cut) -> Any:
-    """A smaller copy of `model` holding only what `chosen` keeps, with its config updated to match."""
+def cut(model: Any, arch: Architecture, chosen: Cut, share: bool = False) -> Any:
+    """A smaller copy of `model` holding only what `chosen` keeps, with its config updated to match. ``share``: the
+    tensors the cut leaves whole are `model`'s own (``compression.sharing_copy``), for reading only."""
     per_group = arch.num_heads // arch.num_kv_heads
-    small = copy.deepcopy(model)
+    if share:
+        from llmtailor.compression import sharing_copy
+
+        small = sharing_copy(model)
+    else:
+        small = copy.deepcopy(model)
     blocks = decoder_blocks(small, arch)
     for index in chosen.blocks:
         attention, mlp = blocks[index].self_attn, blocks[index].mlp

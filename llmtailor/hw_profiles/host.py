@@ -221,6 +221,11 @@ def peak_resident_bytes() -> int:
     return peak
 
 
+def resident_bytes(peak: bool = False) -> int | None:
+    """This process's resident memory now (VmRSS), or its peak so far (VmHWM); None where /proc is not readable."""
+    return _proc_kib("/proc/self/status", "VmHWM" if peak else "VmRSS")
+
+
 def runtime_bytes() -> int:
     """Peak resident memory of a fresh Python process that imports PyTorch and a transformers model class (which
     loads transformers' modeling code, about half of it): the runtime's own memory before any weights load."""

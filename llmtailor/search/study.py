@@ -51,7 +51,7 @@ from llmtailor.compression import calibration as calibration_mod
 from llmtailor.errors import UserError
 from llmtailor.evaluators import cost, quality
 from llmtailor.evaluators import tasks as lm_tasks
-from llmtailor.hw_profiles import DeviceProfile, format_size
+from llmtailor.hw_profiles import DeviceProfile, format_size, host
 from llmtailor.search import hypervolume
 from llmtailor.search import objectives as objectives_mod
 from llmtailor.search import storage as storage_mod
@@ -113,6 +113,7 @@ class SearchConfig:
     calibration_windows: int = calibration_mod.CalibrationSpec.windows
     eval_texts: tuple[str, ...] = ()  # sources whose evaluation splits KL and perplexity are measured on (): --text
     quality_text: str | None = None  # the one of them the kl/perplexity objectives use (None: their mean)
+    stop_early: bool = True  # cheap before dear: stop a plan far behind the front at the slice or short training
 
     def evaluation_sources(self) -> tuple[str, ...]:
         """Where KL and perplexity are measured: the --eval-text sources, or the --text source."""
@@ -351,11 +352,15 @@ class TrialEvaluator:
                 self.students = trained.TrainedStudents(
                     teacher.model, lambda: spec.make_windows(teacher.model, teacher.tokenizer, device, progress),
                     made.key, models.cache_dir(), device, progress=progress)
+        from llmtailor.compression import layer_cache, originals
+
+        fingerprint = self.layer_cache.model if self.layer_cache else layer_cache.model_fingerprint(self.teacher.model)
+        self.originals = originals.Originals(self.teacher.model, models.cache_dir() / "teacher_weights", fingerprint)
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of "
             f"{', '.join(c.evaluation_sources())} ...")
         evaluation = setup.evaluation or {c.text: setup.splits.evaluation}
         self.references = {source: quality.Reference(self.teacher.model, self.teacher.tokenizer, documents,
-                                                     c.eval_windows, c.window_tokens)
+                                                     c.eval_windows, c.window_tokens, quality.SEARCH_TOP_K)
                            for source, documents in evaluation.items()}
         self.tasks = lm_tasks.resolve_tasks(list(c.tasks), setup.splits.task, c.task_items, models.cache_dir())
         if self.tasks:
@@ -403,6 +408,9 @@ class TrialEvaluator:
             if attrs.get("status") != "duplicate":
                 attrs.update(self._measure_with_fidelity(trial, plan, attrs), status="evaluated")
         attrs["seconds"] = time.perf_counter() - started
+        # This process's memory after the trial (it should not grow over a long sweep) and its peak so far.
+        attrs["rss_bytes"] = host.resident_bytes()
+        attrs["peak_rss_bytes"] = host.resident_bytes(peak=True)
         for key, value in attrs.items():
             if value is not None:
                 trial.set_user_attr(key, value)
@@ -414,7 +422,7 @@ class TrialEvaluator:
         measured trial at no higher cost beats it by SLICE_MARGIN) stops at ``stage: kl_slice``; the others are
         measured on every window (``stage: kl``), and lm-eval accuracy runs only for a plan that is then on the
         front of the measured trials (``stage: accuracy``). Seconds per stage in ``stage_seconds``."""
-        from llmtailor import compression
+        from llmtailor.compression import originals
 
         clock = time.perf_counter()
         seconds: dict[str, float] = {}
@@ -425,16 +433,27 @@ class TrialEvaluator:
             seconds[stage] = seconds.get(stage, 0.0) + now - clock
             clock = now
 
-        model = compression.apply(plan, self.teacher.model, self.setup.arch, self.calibration, self.layer_cache,
-                                  self.importance, self.students)
-        lap("apply")
+        misses = self.layer_cache.misses if self.layer_cache is not None else 0
+        with originals.applied(plan, self.teacher.model, self.setup.arch, self.originals, calibration=self.calibration,
+                               cache=self.layer_cache, importance=self.importance, students=self.students) as model:
+            lap("apply")
+            measured = self._measure_applied(model, plan, trial, attrs, lap)
+        lap("restore")
+        measured.update(stage_seconds={k: round(v, 3) for k, v in seconds.items()})
+        if self.layer_cache is not None:  # layers solved now (GPTQ, SparseGPT): 0 when the cache was warm for it
+            measured["layer_cache_misses"] = self.layer_cache.misses - misses
+        return measured
+
+    def _measure_applied(self, model: Any, plan: Any, trial: optuna.Trial, attrs: dict[str, Any],
+                         lap: Any) -> dict[str, Any]:
+        """The stages after the plan is applied (see ``_measure``)."""
         first = max(1, self.setup.config.eval_windows // SLICE_SHARE)
         parts = {source: [quality.measure(model, reference, slice(0, first))]
                  for source, reference in self.references.items()}
         measured = self._quality(parts, plan)
         lap("kl_slice")
         stage, behind = "kl_slice", None
-        if any(len(r.input_ids) > first for r in self.references.values()):
+        if self.setup.config.stop_early and any(len(r.input_ids) > first for r in self.references.values()):
             behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}),
                                       SLICE_MARGIN)
         if behind is None:
@@ -450,8 +469,7 @@ class TrialEvaluator:
                                 **{f"accuracy_{k}": v for k, v in accuracy.items()})
                 stage = "accuracy"
                 lap("accuracy")
-        del model
-        measured.update(stage=stage, stage_seconds={k: round(v, 3) for k, v in seconds.items()})
+        measured["stage"] = stage
         if behind is not None:
             measured["stopped_by"] = behind
         return measured
@@ -491,7 +509,7 @@ class TrialEvaluator:
             return self._measure(plan, trial, attrs)
         spent = 0.0
         short_steps = max(1, recipe.steps // FIDELITY_DIVISOR)
-        if short_steps < recipe.steps and not self.students.has(plan, self.setup.arch):
+        if self.setup.config.stop_early and short_steps < recipe.steps and not self.students.has(plan, self.setup.arch):
             short = dataclasses.replace(plan, student=dataclasses.replace(
                 plan.student, distillation=dataclasses.replace(recipe, steps=short_steps)))
             measured = self._measure(short, trial, attrs)

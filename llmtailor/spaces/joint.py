@@ -260,14 +260,15 @@ class JointSpace(SearchSpace):
 
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
         """The uniform plans this space can express, tried first: dense; 8-bit and 4-bit g128 GPTQ; 50%
-        SparseGPT; 2:4 SparseGPT; a 20% depth cut (undistilled, and distilled at the largest budget); 4-bit with
-        50% SparseGPT."""
+        SparseGPT (Wanda where the space offers only Wanda); 2:4 likewise; a 20% depth cut (undistilled, and
+        distilled at the largest budget); 4-bit with 50% pruning."""
         c = self.choices
+        method = "sparsegpt" if "sparsegpt" in c.prune_methods else c.prune_methods[0]
         uncut = {"cut_blocks": 0.0, "cut_heads": 0.0, "cut_mlp": 0.0, "prune_pattern": "dense"}
-        half = {"prune_pattern": "unstructured", "prune_ratio": 0.5, "owl": False, "prune_method": "sparsegpt"}
+        half = {"prune_pattern": "unstructured", "prune_ratio": 0.5, "owl": False, "prune_method": method}
         depth = {**uncut, "cut_blocks": 0.2}
         wanted = [((16, 128, 16), uncut), ((8, 0, 8), uncut), ((4, 128, 8), uncut), ((16, 128, 16), {**uncut, **half}),
-                  ((16, 128, 16), {**uncut, "prune_pattern": "2:4", "prune_method": "sparsegpt"}),
+                  ((16, 128, 16), {**uncut, "prune_pattern": "2:4", "prune_method": method}),
                   ((16, 128, 16), {**depth, "distill_steps": 0}),
                   ((16, 128, 16), {**depth, "distill_steps": max(c.distill_steps)}),
                   ((4, 128, 8), {**uncut, **half})]

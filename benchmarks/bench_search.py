@@ -1,0 +1,250 @@
+"""Samplers, cheap before dear, and guided against direct precision, on the default model (issue 18).
+
+Each run is one `llmtailor fit` study in its own process (so its peak memory is its
+own): `--memory 160MB`, the joint space of benchmarks/spaces/search-{direct,guided}.yaml
+(GPTQ per group of layers or by a guided weight budget, Wanda pruning, depth cuts; why
+narrower than the `joint` preset: that file), `--trials N` measured plans, objectives
+KL, memory and latency, no lm-eval (accuracy is no objective here and would only add
+seconds to plans on the front), with cheap before dear on (`early`) or off (`full`,
+`--no-stop-early`). Runs are resumable: a study already at N measured trials is read,
+not rerun, so the grid can be filled over several sessions.
+
+From the studies, over each study's first N measured trials:
+- hypervolume in a stated box: KL / 1 nat (a plan at 1 nat/token or worse is no use),
+  memory / the budget, decode latency / (1.1 x the uncompressed model's), from 0;
+- whether each uniform baseline (the enqueued trials) is dominated by a sampled plan,
+  and whether the front holds a sampled plan that no baseline dominates;
+- median seconds per measured trial and per stage, and the share stopped per stage;
+- a trial's time against one teacher forward pass over the same evaluation tokens,
+  for trials whose layers all came from the warm per-layer cache;
+- peak resident memory of each sweep against the teacher's float32 size.
+
+    python benchmarks/bench_search.py [--trials 60] [--seeds 0 1 2] [--samplers tpe nsga2 gp random]
+        [--spaces direct guided] [--modes early full] [--report-only]
+
+Writes benchmarks/results/bench_search.json, benchmarks/results/bench_search_front.svg
+and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import optuna  # noqa: E402
+import torch  # noqa: E402
+
+from llmtailor import models, text  # noqa: E402
+from llmtailor.evaluators import quality  # noqa: E402
+from llmtailor.report import svg  # noqa: E402
+from llmtailor.search import hypervolume  # noqa: E402
+from llmtailor.search.objectives import get as get_objectives  # noqa: E402
+from llmtailor.search.pareto import _dominates  # noqa: E402
+from llmtailor.search.study import device_profile, status  # noqa: E402
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "bench_search.json"
+PLOT = HERE / "results" / "bench_search_front.svg"
+MEMORY = "160MB"
+KL_BOUND = 1.0  # nats/token: the hypervolume box's KL side
+EVAL_WINDOWS, WINDOW_TOKENS = 4, 256
+
+
+def study_name(space: str, sampler: str, mode: str, seed: int) -> str:
+    return f"{space}-{sampler}-{mode}-s{seed}"
+
+
+def run_one(folder: Path, space: str, sampler: str, mode: str, seed: int, trials: int) -> float:
+    """Run (or resume) one study in a fresh process; its wall seconds."""
+    command = [str(Path(sys.executable).parent / "llmtailor"), "fit", "--memory", MEMORY, "--trials", str(trials),
+               "--study", study_name(space, sampler, mode, seed), "--results", str(folder),
+               "--space", str(HERE / "spaces" / f"search-{space}.yaml"), "--sampler", sampler, "--seed", str(seed),
+               "--tasks", "none", "--eval-windows", str(EVAL_WINDOWS), "--window-tokens", str(WINDOW_TOKENS),
+               "--no-progress"]
+    if mode == "full":
+        command.append("--no-stop-early")
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def load(folder: Path, name: str) -> optuna.Study | None:
+    database = folder / name / "study.db"
+    if not database.is_file():
+        return None
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{database}")
+
+
+def first_measured(study: optuna.Study, trials: int) -> list[optuna.trial.FrozenTrial]:
+    """The study's first `trials` measured trials (evaluated or failed), by number."""
+    counted = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+               and status(t) in ("evaluated", "failed")]
+    return counted[:trials]
+
+
+def analyse(study: optuna.Study, trials: int, objectives, bounds) -> dict:
+    measured = first_measured(study, trials)
+    points = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE and status(t) == "evaluated"
+              and all(v <= 0 for v in t.constraints.values())]
+    signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
+    baselines = [t for t in points if "fixed_params" in t.system_attrs]
+    sampled = [t for t in points if "fixed_params" not in t.system_attrs]
+    dominated = [any(_dominates(s.values, b.values, signs) for s in sampled) for b in baselines]
+    mixed = [s for s in sampled if not any(_dominates(b.values, s.values, signs) for b in baselines)]
+    front = [t for t in points if not any(_dominates(o.values, t.values, signs) for o in points)]
+    stages = [t.user_attrs.get("stage", "kl") for t in points]
+    stage_seconds: dict[str, list[float]] = {}
+    for t in points:
+        for stage, seconds in t.user_attrs.get("stage_seconds", {}).items():
+            stage_seconds.setdefault(stage, []).append(seconds)
+    warm = [t.user_attrs["seconds"] for t in points if t.user_attrs.get("layer_cache_misses", 1) == 0]
+    return {
+        "measured": len(measured), "feasible_measured": len(points),
+        "hypervolume": hypervolume.of(points, objectives, bounds),
+        "baselines": len(baselines), "baselines_dominated_by_sampled": sum(dominated),
+        "sampled_not_dominated_by_a_baseline": len(mixed),
+        "sampled_on_front_not_dominated_by_a_baseline": sum(1 for s in mixed if s in front),
+        "share_stopped_at_kl_slice": stages.count("kl_slice") / max(1, len(stages)),
+        "median_trial_seconds": statistics.median(t.user_attrs["seconds"] for t in points) if points else None,
+        "median_warm_trial_seconds": statistics.median(warm) if warm else None, "warm_trials": len(warm),
+        "median_stage_seconds": {k: statistics.median(v) for k, v in stage_seconds.items()},
+        "peak_rss_bytes": max((t.user_attrs.get("peak_rss_bytes", 0) for t in points), default=0),
+        "front": [[t.values, t.number, "fixed_params" in t.system_attrs] for t in front],
+    }
+
+
+def teacher_facts() -> dict:
+    """One forward pass of the teacher over the evaluation tokens (median of 3) and its float32 size."""
+    teacher = models.load(None)
+    torch.set_num_threads(os.cpu_count() or 1)
+    reference = quality.Reference(teacher.model, teacher.tokenizer, text.split("pydoc").evaluation, EVAL_WINDOWS,
+                                  WINDOW_TOKENS)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for window in reference.input_ids:
+            quality.log_probs(teacher.model, window[None])
+        times.append(time.perf_counter() - started)
+    params = sum(p.numel() for p in teacher.model.parameters())
+    return {"forward_seconds": statistics.median(times), "eval_tokens": reference.tokens,
+            "teacher_float32_bytes": 4 * params, "arch": teacher.arch}
+
+
+def plot(best: dict, objectives) -> str:
+    """Memory against KL: the best study's front, its other points, and the baselines marked."""
+    kl, memory = [o.name for o in objectives].index("kl"), [o.name for o in objectives].index("memory")
+    front = [(v[memory] / 1e6, v[kl], f"trial {n}{' (baseline)' if base else ''}") for v, n, base in best["front"]]
+    baselines = [(x, y, label) for x, y, label in front if "baseline" in label]
+    body = svg.scatter(baselines, sorted(front), x_label="predicted memory (MB)", y_label="KL to the teacher (nats/token)",
+                       title=f"front of {best['study']} (grey: uniform baselines on it)")
+    style = ("<style>text{font:11px sans-serif}.axis{stroke:#333}.front{stroke:#1f77b4;fill:none}"
+             "circle{fill:#1f77b4}</style>")
+    return body.replace(">", ">" + style, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "gp", "random"])
+    parser.add_argument("--spaces", nargs="+", default=["direct", "guided"])
+    parser.add_argument("--modes", nargs="+", default=["early", "full"])
+    parser.add_argument("--folder", default=str(models.cache_dir() / "bench_search"), help="where the studies live")
+    parser.add_argument("--report-only", action="store_true", help="analyse the studies there, run nothing")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = Path(args.folder)
+    wall = {}
+    # Seed-major: a grid stopped part-way has every sampler at the first seeds.
+    grid = [(space, sampler, mode, seed) for seed in args.seeds for space in args.spaces for mode in args.modes
+            for sampler in args.samplers]
+    if not args.report_only:
+        for space, sampler, mode, seed in grid:
+            name = study_name(space, sampler, mode, seed)
+            wall[name] = run_one(folder, space, sampler, mode, seed, args.trials)
+            print(f"{name}: {wall[name]:.0f} s", flush=True)
+    facts = teacher_facts()
+    arch = facts.pop("arch")
+    objectives = get_objectives(("kl", "memory", "latency"))
+    profile = device_profile(None, MEMORY)
+    from llmtailor.evaluators.cost import Workload
+
+    bounds = {**hypervolume.reference(objectives, arch, profile, Workload()), "kl": KL_BOUND}
+    runs = {}
+    for space, sampler, mode, seed in grid:
+        name = study_name(space, sampler, mode, seed)
+        study = load(folder, name)
+        if study is None or len(first_measured(study, args.trials)) < args.trials:
+            continue
+        runs[name] = {"space": space, "sampler": sampler, "mode": mode, "seed": seed, **analyse(study, args.trials,
+                                                                                                objectives, bounds)}
+        if name in wall:
+            runs[name]["wall_seconds_this_call"] = wall[name]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs.values():
+        groups.setdefault((run["space"], run["sampler"], run["mode"]), []).append(run)
+    summary = []
+    for (space, sampler, mode), members in sorted(groups.items()):
+        hvs = [m["hypervolume"] for m in members]
+        random_hvs = [m["hypervolume"] for m in groups.get((space, "random", mode), [])]
+        summary.append({
+            "space": space, "sampler": sampler, "mode": mode, "seeds": len(members),
+            "hypervolume_mean": statistics.mean(hvs), "hypervolume_sd": statistics.stdev(hvs) if len(hvs) > 1 else 0.0,
+            "vs_random": statistics.mean(hvs) / statistics.mean(random_hvs) if random_hvs else None,
+            "baselines_dominated_by_sampled_mean": statistics.mean(m["baselines_dominated_by_sampled"] for m in members),
+            "baselines": members[0]["baselines"],
+            "runs_with_a_mixed_plan_no_baseline_dominates": sum(1 for m in members
+                                                                if m["sampled_on_front_not_dominated_by_a_baseline"]),
+            "median_trial_seconds": statistics.median(m["median_trial_seconds"] for m in members),
+            "share_stopped_at_kl_slice": statistics.mean(m["share_stopped_at_kl_slice"] for m in members),
+            "peak_rss_bytes_max": max(m["peak_rss_bytes"] for m in members)})
+    warm = [m["median_warm_trial_seconds"] for m in runs.values() if m["median_warm_trial_seconds"] is not None]
+    result = {
+        "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+        "model": "SmolLM2-135M-Instruct", "budget": MEMORY, "trials_per_run": args.trials,
+        "evaluation": f"pydoc evaluation split, {EVAL_WINDOWS} x {WINDOW_TOKENS} tokens",
+        "calibration": "pydoc calibration split, 128 x 512 tokens",
+        "hypervolume_box": {"kl_nats": KL_BOUND, "memory_bytes": bounds["memory"],
+                            "latency_s_per_token": bounds["latency"]},
+        "teacher_forward_seconds_over_eval_tokens": facts["forward_seconds"],
+        "teacher_float32_bytes": facts["teacher_float32_bytes"],
+        "median_warm_trial_seconds": statistics.median(warm) if warm else None,
+        "warm_trial_over_forward": statistics.median(warm) / facts["forward_seconds"] if warm else None,
+        "peak_rss_over_teacher_float32": max((r["peak_rss_bytes"] for r in runs.values()), default=0)
+        / facts["teacher_float32_bytes"],
+        "summary": summary, "runs": runs}
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    if runs:
+        best = max(runs.items(), key=lambda item: item[1]["hypervolume"])
+        PLOT.write_text(plot({**best[1], "study": best[0]}, objectives))
+    print(f"teacher forward over {facts['eval_tokens']} tokens: {facts['forward_seconds']:.2f} s; "
+          f"median warm trial {result['median_warm_trial_seconds']} s; peak RSS / fp32 teacher "
+          f"{result['peak_rss_over_teacher_float32']:.2f}")
+    print("| space | sampler | stop early | seeds | hypervolume | x random | baselines dominated | "
+          "runs with a mixed plan no baseline dominates | median s/trial | stopped at slice | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        ratio = "" if s["vs_random"] is None else f"{s['vs_random']:.2f}"
+        print(f"| {s['space']} | {s['sampler']} | {s['mode'] == 'early'} | {s['seeds']} | "
+              f"{s['hypervolume_mean']:.4f} ± {s['hypervolume_sd']:.4f} | {ratio} | "
+              f"{s['baselines_dominated_by_sampled_mean']:.1f} of {s['baselines']} | "
+              f"{s['runs_with_a_mixed_plan_no_baseline_dominates']} of {s['seeds']} | {s['median_trial_seconds']:.1f} | "
+              f"{s['share_stopped_at_kl_slice']:.0%} | {s['peak_rss_bytes_max'] / 1e6:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
