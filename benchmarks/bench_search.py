@@ -169,8 +169,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = Path(args.folder)
     wall = {}
-    # Seed-major: a grid stopped part-way has every sampler at the first seeds.
-    grid = [(space, sampler, mode, seed) for seed in args.seeds for space in args.spaces for mode in args.modes
+    # By space and mode, then seed: a grid stopped part-way has every sampler at every seed of the first settings.
+    grid = [(space, sampler, mode, seed) for space in args.spaces for mode in args.modes for seed in args.seeds
             for sampler in args.samplers]
     if not args.report_only:
         for space, sampler, mode, seed in grid:

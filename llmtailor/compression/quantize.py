@@ -38,10 +38,23 @@ class QuantizedWeight:
     symmetric: bool
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 weights these codes stand for."""
+        """The float32 weights these codes stand for (made a block of rows at a time, so that a large layer, such
+        as a 262k-token embedding, needs no float32 temporaries of its whole size besides the result)."""
         out, width = self.codes.shape
         expand = lambda t: t.float().repeat_interleave(self.group_size, dim=1)[:, :width]  # noqa: E731
-        return (self.codes.float() - expand(self.zeros)) * expand(self.scales)
+        result = torch.empty(out, width, device=self.codes.device)
+        for rows in row_blocks(out, width):
+            result[rows] = (self.codes[rows].float() - expand(self.zeros[rows])) * expand(self.scales[rows])
+        return result
+
+
+BLOCK_ELEMENTS = 1 << 22  # rows of a large layer are processed this many weights at a time (16 MB in float32)
+
+
+def row_blocks(rows: int, width: int) -> list[slice]:
+    """Slices of about BLOCK_ELEMENTS weights each over the rows of a [rows, width] matrix."""
+    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _grouped(weight: torch.Tensor, size: int) -> torch.Tensor:
@@ -80,10 +93,15 @@ def rtn(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor |
     """Round each weight to the nearest point of its group's grid (needs no calibration)."""
     bits, (out, width) = precision.bits, weight.shape
     size = _group_width(width, precision)
-    groups = _grouped(weight.float(), size)
-    scale, zero = grid(groups, bits, precision.symmetric)
-    codes = _round(groups, scale[..., None], zero[..., None], bits).reshape(out, -1)[:, :width]
-    return QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), bits, size, precision.symmetric)
+    codes, scales, zeros = [], [], []
+    for rows in row_blocks(out, width):  # each row is quantized alone: blocks only bound the temporaries
+        groups = _grouped(weight[rows].float(), size)
+        scale, zero = grid(groups, bits, precision.symmetric)
+        codes.append(_round(groups, scale[..., None], zero[..., None], bits).reshape(len(groups), -1)[:, :width]
+                     .to(torch.uint8))
+        scales.append(scale.half())
+        zeros.append(zero.to(torch.uint8))
+    return QuantizedWeight(torch.cat(codes), torch.cat(scales), torch.cat(zeros), bits, size, precision.symmetric)
 
 
 def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor | None = None,

@@ -20,12 +20,14 @@ benchmarks/bench_reference.py. ``top_k=None`` keeps the exact distributions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from llmtailor.compression.quantize import row_blocks
 from llmtailor.errors import UserError
 
 
@@ -65,7 +67,15 @@ class TopK:
 
     @classmethod
     def of(cls, logprobs: torch.Tensor, k: int, tail_samples: int | None = None, seed: int = 0) -> TopK:
-        """The top `k` of [tokens, vocab] log-probabilities and `tail_samples` (default k) draws from the rest."""
+        """The top `k` of [tokens, vocab] log-probabilities and `tail_samples` (default k) draws from the rest
+        (a block of positions at a time, which bounds the temporaries of a large vocabulary)."""
+        generator = torch.Generator(device=logprobs.device).manual_seed(seed)
+        parts = [cls._of(logprobs[rows], k, tail_samples, generator)
+                 for rows in row_blocks(logprobs.shape[0], logprobs.shape[1])]
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
+
+    @classmethod
+    def _of(cls, logprobs: torch.Tensor, k: int, tail_samples: int | None, generator: torch.Generator) -> TopK:
         values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
         samples = k if tail_samples is None else tail_samples
         empty = torch.zeros(values.shape[0], 0)
@@ -78,7 +88,6 @@ class TopK:
         empty_rest = ~torch.isfinite(rest) | (weights.sum(dim=1) == 0)  # (float32 can round the rest to nothing)
         rest = rest.masked_fill(empty_rest, -math.inf)
         weights[empty_rest] = 1.0  # any draw: its weight P_rest is 0
-        generator = torch.Generator(device=logprobs.device).manual_seed(seed)
         drawn = torch.multinomial(weights, samples, replacement=True, generator=generator)
         return cls(values, indices.int(), rest, logprobs.gather(1, drawn), drawn.int())
 
@@ -162,8 +171,13 @@ def model_device(model: Any) -> torch.device:
 @torch.no_grad()
 def log_probs(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities in float32, [batch, tokens, vocab], on the model's device."""
-    logits = model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
-    return torch.log_softmax(logits.float(), dim=-1)
+    logits = model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits.float()
+    # Normalized in place, a block of positions at a time: at a 262k vocabulary one 256-token window's logits are
+    # 268 MB. (log_softmax per row, not logits - logsumexp: that rounds differently enough to drown a KL of 1e-8.)
+    flat = logits.view(-1, logits.shape[-1])
+    for rows in row_blocks(*flat.shape):
+        flat[rows] = torch.log_softmax(flat[rows], dim=-1)
+    return logits
 
 
 @torch.no_grad()
@@ -179,7 +193,8 @@ def measure(model: Any, reference: Reference, windows: slice = slice(None)) -> Q
         else:
             teacher = teacher.to(student.device)
             kl_total += (teacher.exp() * (teacher - student)).sum().item()
-        entropy_total -= (student.exp() * student).sum().item()
+        for rows in row_blocks(*student.shape):  # (no whole-window temporaries: see log_probs)
+            entropy_total -= float((student[rows].exp() * student[rows]).sum())
         window_nll.append(-student[:-1].gather(1, window[1:, None].to(student.device)).mean().item())
     nll = sum(window_nll) / len(window_nll)  # every window predicts the same number of tokens
     if not math.isfinite(kl_total) or not math.isfinite(nll):

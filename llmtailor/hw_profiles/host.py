@@ -221,6 +221,25 @@ def peak_resident_bytes() -> int:
     return peak
 
 
+LARGE_BLOCK_BYTES = 16 << 20
+
+
+def return_large_blocks_to_the_os() -> bool:
+    """Make glibc serve every allocation of LARGE_BLOCK_BYTES or more by its own mapping, returned to the OS when
+    freed. By default glibc raises that threshold after large blocks are freed and then keeps later ones in its heap,
+    so a sweep's resident memory would stay at the largest temporaries it ever made (a 262k-token window's logits,
+    a dequantized embedding). Activations of a forward pass stay smaller than this and are unaffected. False where
+    the C library has no mallopt (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, LARGE_BLOCK_BYTES))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def resident_bytes(peak: bool = False) -> int | None:
     """This process's resident memory now (VmRSS), or its peak so far (VmHWM); None where /proc is not readable."""
     return _proc_kib("/proc/self/status", "VmHWM" if peak else "VmRSS")

@@ -332,6 +332,7 @@ class TrialEvaluator:
     def __init__(self, setup: Setup, log: Any = print, progress: bool = False) -> None:
         c = setup.config
         self.setup = setup
+        host.return_large_blocks_to_the_os()  # (a sweep's memory is then what it holds, not its largest temporaries)
         log(f"loading {setup.model_name} ...")
         self.teacher = models.load(c.model, trust_remote_code=c.trust_remote_code, log=log)
         self.teacher.model.to(models.torch_device(c.torch_device))
