@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from llmtailor.errors import UserError
 
@@ -182,16 +184,43 @@ def _quiet_libraries() -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from llmtailor import search
+    from llmtailor.search import storage
+
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    _quiet_libraries()
+    setup = search.prepare(_config(args))
+    if args.workers > 1 and storage.in_memory(setup.storage_url):
+        raise UserError(f"--workers {args.workers} needs a storage every process opens: {setup.storage_url} is in "
+                        "one process's memory; give a database file, a server or a journal file")
+    with _sigterm_as_ctrl_c():
+        return _run_search(args, setup)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """A stop request (SIGTERM, as from systemd, Kubernetes or `kill`) ends the running trial as Ctrl-C does, and a
+    --workers parent passes it on to its children: nothing finished is lost, and the same command resumes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread may set handlers)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_search(args: argparse.Namespace, setup: Any) -> int:
     import pandas as pd
 
     from llmtailor import report, search
     from llmtailor.hw_profiles import format_size
     from llmtailor.search.workers import Workers
 
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    _quiet_libraries()
-    setup = search.prepare(_config(args))
     if args.worker_child:  # one of the --workers processes a parent started: it only measures
         search.run(setup, progress=False)
         return 0
@@ -223,9 +252,11 @@ def _search(args: argparse.Namespace) -> int:
     print(f"  KL to teacher {best['kl']:.4f}, perplexity {best['perplexity']:.2f}, accuracy {accuracy} (on "
           f"{c.eval_windows * c.window_tokens} held-out tokens of {c.text}"
           + (f"; GPTQ calibrated on {c.calibration_spec().describe()})" if setup.space.calibrated else ")"))
+    found = int((front["origin"] == "sampled").sum())
     print(f"  why: the lowest KL among the {len(front)} Pareto-optimal plans that fit; the others trade quality "
-          f"for less memory or latency:\n")
-    shown = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "params_m", "bits_per_weight", "sparsity",
+          f"for less memory or latency. {found} of them were found by the search (no uniform baseline dominates "
+          f"them), {len(front) - found} are uniform baselines:\n")
+    shown = ["trial", "origin", "kl", "perplexity", "accuracy", "memory_mb", "params_m", "bits_per_weight", "sparsity",
              "decode_ms_per_token"]
     print(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\nReport: {paths['html']}  Front: {paths['front']}")

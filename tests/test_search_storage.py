@@ -286,3 +286,26 @@ def test_ctrl_c_in_the_parent_stops_its_workers(tiny_model_dir, tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
     assert study_mod.measured(load(url, "stopped")) < 500
+
+
+def test_sigterm_stops_a_workers_sweep_like_ctrl_c_and_the_same_command_resumes(tiny_model_dir, tmp_path):
+    url = f"journal://{tmp_path / 'study.log'}"
+    command = [sys.executable, "-m", "llmtailor.cli", *argv(tiny_model_dir, tmp_path / "results", "term", 40,
+                                                            "--storage", url, "--workers", "2")]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    wait_for(lambda: len(workers_of(url, "term")) == 2)  # both processes are measuring
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130 and "interrupted" in err, err
+    wait_for(lambda: not any(t.state == optuna.trial.TrialState.RUNNING for t in load(url, "term").trials), 60)
+    study = load(url, "term")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING], "a child was left running"
+    assert 0 < study_mod.measured(study) < 40
+    assert cli.main(argv(tiny_model_dir, tmp_path / "results", "term", 40, "--storage", url)) == 0
+    assert study_mod.measured(load(url, "term")) == 40
+
+
+def test_workers_on_an_in_memory_database_are_refused(tiny_model_dir, tmp_path, capsys):
+    code = cli.main(argv(tiny_model_dir, tmp_path, "mem", 4, "--storage", "sqlite://", "--workers", "2"))
+    assert code == 2 and "in one process's memory" in capsys.readouterr().err

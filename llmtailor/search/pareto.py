@@ -13,7 +13,7 @@ from llmtailor.search import objectives as objectives_mod
 from llmtailor.search.objectives import Objective
 from llmtailor.search.study import STUDY_ATTR, status
 
-COLUMNS = ["trial", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "params_m",
+COLUMNS = ["trial", "origin", "kl", "perplexity", "accuracy", "memory_mb", "budget_mb", "fits", "params_m",
            "bits_per_weight", "sparsity", "distill_steps", "train_s", "fidelity", "kl_by_text", "ppl_by_text", "prefill_s",
            "decode_ms_per_token",
            "energy_mj_per_token", "seconds", "status"]
@@ -48,6 +48,7 @@ def row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     mb = lambda key: a[key] / 1e6 if key in a else None  # noqa: E731
     return {
         "trial": trial.number,
+        "origin": origin(trial),
         "kl": a.get("kl"),
         "perplexity": a.get("perplexity"),
         "accuracy": a.get("accuracy"),
@@ -68,6 +69,11 @@ def row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "seconds": a.get("seconds"),
         "status": status(trial),
     }
+
+
+def origin(trial: optuna.trial.FrozenTrial) -> str:
+    """'baseline' for a uniform plan the study enqueued before sampling, 'sampled' for a plan the sampler chose."""
+    return "baseline" if "fixed_params" in trial.system_attrs else "sampled"
 
 
 def objectives_of(study: optuna.Study) -> list[Objective]:

@@ -117,6 +117,16 @@ def check_url(url: str) -> None:
                         f"not installed: `pip install {package}`, or {EXAMPLES}") from None
 
 
+def in_memory(url: str) -> bool:
+    """Whether the URL names an SQLite database in the process's memory (which no other process can open)."""
+    from sqlalchemy.engine import make_url
+
+    if is_journal(url):
+        return False
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
 def _record_died(storage: optuna.storages.BaseStorage, trial_ids: list[int], grace_period: int) -> None:
     """Write why each trial is failed, while it is still RUNNING (a finished trial's attributes are frozen)."""
     for trial_id in trial_ids:
