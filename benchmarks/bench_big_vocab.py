@@ -74,9 +74,10 @@ def main() -> None:
               "command": " ".join(command[1:]).replace(tmp, "TMP"), "params": params, "vocabulary": 262144,
               "float32_bytes": 4 * params, "measured_trials": len(measured), "seconds": seconds,
               "peak_rss_bytes": peak, "peak_over_float32": peak / (4 * params),
-              "rss_after_each_trial_bytes": [t.user_attrs["rss_bytes"] for t in measured]}
+              "rss_after_each_trial_bytes": [t.user_attrs["rss_bytes"] for t in measured],
+              "peak_after_each_trial_bytes": [t.user_attrs["peak_rss_bytes"] for t in measured]}
     OUT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_after_each_trial_bytes"}, indent=1))
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -212,3 +212,18 @@ def test_windows_sampled_from_the_model_are_seeded_and_shaped(tiny):
     assert first.shape == (5, 12) and torch.equal(first, again) and not torch.equal(first, other)
     assert int(first.max()) < len(tiny.tokenizer)
     assert not set(first[:, 0].tolist()) & set(tiny.tokenizer.all_special_ids)
+
+
+def test_gptq_of_a_large_layer_solved_a_block_of_rows_at_a_time_matches_one_solve(monkeypatch):
+    from llmtailor.compression import quantize
+
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(96, 64), torch.randn(512, 64)
+    hessian = inputs.T @ inputs / 512
+    precision = LayerPrecision(4, 32, method="gptq")
+    whole = quantize.gptq(weight, precision, hessian)
+    monkeypatch.setattr(quantize, "GPTQ_ROW_BLOCK_ELEMENTS", 40 * 64)  # blocks of 40, 40 and 16 rows
+    blocked = quantize.gptq(weight, precision, hessian)
+    assert (blocked.codes == whole.codes).float().mean() > 0.999
+    assert blocked.codes.shape == whole.codes.shape and blocked.scales.shape == whole.scales.shape
+    assert torch.allclose(blocked.dequantize(), whole.dequantize(), atol=1e-3)

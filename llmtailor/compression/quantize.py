@@ -124,10 +124,24 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
         raise ValueError("gptq needs the layer's calibration statistics (H = XᵀX/n)")
     size = _group_width(weight.shape[1], precision)
     layout = Grid(precision.bits, size, precision.symmetric, static=precision.act_order or size == weight.shape[1])
-    swept = sweep(weight, hessian, damp=precision.damp, shrink=precision.shrink, act_order=precision.act_order,
-                  grid=layout, keep=mask, block_size=block_size)
-    return QuantizedWeight(swept.values.cpu().to(torch.uint8), swept.scales.cpu().half(),
-                           swept.zeros.cpu().to(torch.uint8), precision.bits, size, precision.symmetric)
+    parts = []
+    # Each row is solved on its own (its error spreads over its own later columns, by H's inverse, which all rows
+    # share), so a layer larger than GPTQ_ROW_BLOCK_ELEMENTS, such as a 262k-token embedding, is solved a block of
+    # rows at a time: its float32 working copies would otherwise be twice the layer's size on top of it.
+    step = weight.shape[0] if weight.numel() <= GPTQ_ROW_BLOCK_ELEMENTS else GPTQ_ROW_BLOCK_ELEMENTS // weight.shape[1]
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        parts.append(sweep(weight[rows], hessian, damp=precision.damp, shrink=precision.shrink,
+                           act_order=precision.act_order, grid=layout, keep=None if mask is None else mask[rows],
+                           block_size=block_size))
+    return QuantizedWeight(torch.cat([p.values.cpu().to(torch.uint8) for p in parts]),
+                           torch.cat([p.scales.cpu().half() for p in parts]),
+                           torch.cat([p.zeros.cpu().to(torch.uint8) for p in parts]), precision.bits, size,
+                           precision.symmetric)
+
+
+# Above this many weights (SmolLM2-135M's largest layer, its embedding, has 28M) GPTQ solves blocks of rows.
+GPTQ_ROW_BLOCK_ELEMENTS = 1 << 25
 
 
 Quantizer = Callable[..., QuantizedWeight]
