@@ -124,6 +124,7 @@ def analyse(study: optuna.Study, trials: int, objectives, bounds) -> dict:
         "median_stage_seconds": {k: statistics.median(v) for k, v in stage_seconds.items()},
         "peak_rss_bytes": max((t.user_attrs.get("peak_rss_bytes", 0) for t in points), default=0),
         "front": [[t.values, t.number, "fixed_params" in t.system_attrs] for t in front],
+        "baseline_points": [[b.values, b.number] for b in baselines],
     }
 
 
@@ -148,11 +149,11 @@ def plot(best: dict, objectives) -> str:
     """Memory against KL: the best study's front, its other points, and the baselines marked."""
     kl, memory = [o.name for o in objectives].index("kl"), [o.name for o in objectives].index("memory")
     front = [(v[memory] / 1e6, v[kl], f"trial {n}{' (baseline)' if base else ''}") for v, n, base in best["front"]]
-    baselines = [(x, y, label) for x, y, label in front if "baseline" in label]
+    baselines = [(v[memory] / 1e6, v[kl], f"baseline, trial {n}") for v, n in best["baseline_points"]]
     body = svg.scatter(baselines, sorted(front), x_label="predicted memory (MB)", y_label="KL to the teacher (nats/token)",
-                       title=f"front of {best['study']} (grey: uniform baselines on it)")
-    style = ("<style>text{font:11px sans-serif}.axis{stroke:#333}.front{stroke:#1f77b4;fill:none}"
-             "circle{fill:#1f77b4}</style>")
+                       title=f"{best['study']}: front (blue; KL, memory, latency) and uniform baselines (grey)")
+    style = ("<style>text{font:11px sans-serif}.axis{stroke:#333}.trial{fill:#999}.front{fill:#1f77b4}"
+             ".front-line{stroke:#1f77b4;fill:none}</style>")
     return body.replace(">", ">" + style, 1)
 
 
