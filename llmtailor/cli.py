@@ -42,7 +42,8 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
                         "and Wanda/SparseGPT pruning), distill (with structured cuts whose students are distilled), "
                         "joint (all of it), joint-guided (joint with guided precision); or a YAML file naming a "
                         "preset and the choices it changes")
-    parser.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe, gp or random")
+    parser.add_argument("--sampler", default="tpe", help="tpe (default: the largest hypervolume per trial with GP, "
+                        "at less memory and time; benchmarks/BENCHMARKS.md), gp, nsga2 or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
                         help="comma-separated: kl, perplexity, accuracy, memory, latency, energy, train_steps, "
                         "train_seconds")

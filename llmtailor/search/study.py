@@ -98,7 +98,7 @@ class SearchConfig:
     results_dir: str = "results"
     storage: str | None = None
     space: str = "coarse"
-    sampler: str = "nsga2"
+    sampler: str = "tpe"  # chosen by benchmarks/bench_search.py (BENCHMARKS.md)
     objectives: tuple[str, ...] = objectives_mod.DEFAULT_OBJECTIVES
     tasks: tuple[str, ...] = ("pydoc_cloze",)  # empty: no lm-eval accuracy
     task_items: int = 24
