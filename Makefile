@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llmtailor fit --memory 160MB --trials 16 --study demo
+	$(BIN)/llmtailor fit --memory 160MB --trials 32 --study demo
 
 test: $(STAMP)
 	$(BIN)/ruff check llmtailor tests benchmarks

@@ -255,8 +255,8 @@ def _run_search(args: argparse.Namespace, setup: Any) -> int:
           + (f"; GPTQ calibrated on {c.calibration_spec().describe()})" if setup.space.calibrated else ")"))
     found = int((front["origin"] == "sampled").sum())
     print(f"  why: the lowest KL among the {len(front)} Pareto-optimal plans that fit; the others trade quality "
-          f"for less memory or latency. {found} of them were found by the search (no uniform baseline dominates "
-          f"them), {len(front) - found} are uniform baselines:\n")
+          f"for less memory or latency. Found by the search (no uniform baseline dominates them): {found}; uniform "
+          f"baselines: {len(front) - found}.\n")
     shown = ["trial", "origin", "kl", "perplexity", "accuracy", "memory_mb", "params_m", "bits_per_weight", "sparsity",
              "decode_ms_per_token"]
     print(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
