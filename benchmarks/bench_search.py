@@ -154,7 +154,7 @@ def plot(best: dict, objectives) -> str:
                        title=f"{best['study']}: front (blue; KL, memory, latency) and uniform baselines (grey)")
     style = ("<style>text{font:11px sans-serif}.axis{stroke:#333}.trial{fill:#999}.front{fill:#1f77b4}"
              ".front-line{stroke:#1f77b4;fill:none}</style>")
-    return body.replace(">", ">" + style, 1)
+    return body.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1).replace(">", ">" + style, 1)
 
 
 def main() -> None:
