@@ -41,13 +41,14 @@ class Originals:
             tensors = {name: p.detach().cpu().contiguous() for name, p in teacher.named_parameters()}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             files.write_with(self.path, lambda staging: save_file(tensors, staging))
+        self._offsets = _tensor_offsets(self.path)
 
     def _readable(self) -> bool:
         try:
-            self._offsets = _tensor_offsets(self.path)
+            offsets = _tensor_offsets(self.path)
         except (OSError, ValueError):  # missing, or damaged by a killed writer: write it again
             return False
-        return set(self._offsets) == set(self.names.values())
+        return set(offsets) == set(self.names.values())
 
     def owns(self, parameter: torch.nn.Parameter) -> bool:
         """Whether the parameter is one of the teacher's own."""
@@ -57,8 +58,6 @@ class Originals:
     def restore(self, parameters: list[torch.nn.Parameter]) -> None:
         """Write the teacher's values back into these parameters of the teacher, read from the file straight into
         their memory (not mapped: a mapped file's pages would count in the process's resident memory)."""
-        if not hasattr(self, "_offsets"):
-            self._offsets = _tensor_offsets(self.path)
         with open(self.path, "rb", buffering=0) as f:
             for parameter in parameters:
                 begin, end = self._offsets[self.names[id(parameter)]]

@@ -51,9 +51,9 @@ class QuantizedWeight:
 BLOCK_ELEMENTS = 1 << 22  # rows of a large layer are processed this many weights at a time (16 MB in float32)
 
 
-def row_blocks(rows: int, width: int) -> list[slice]:
-    """Slices of about BLOCK_ELEMENTS weights each over the rows of a [rows, width] matrix."""
-    step = max(1, BLOCK_ELEMENTS // max(1, width))
+def row_blocks(rows: int, width: int, elements: int = BLOCK_ELEMENTS) -> list[slice]:
+    """Slices of about `elements` weights each over the rows of a [rows, width] matrix (one, when it holds fewer)."""
+    step = max(1, elements // max(1, width))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -128,9 +128,7 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
     # Each row is solved on its own (its error spreads over its own later columns, by H's inverse, which all rows
     # share), so a layer larger than GPTQ_ROW_BLOCK_ELEMENTS, such as a 262k-token embedding, is solved a block of
     # rows at a time: its float32 working copies would otherwise be twice the layer's size on top of it.
-    step = weight.shape[0] if weight.numel() <= GPTQ_ROW_BLOCK_ELEMENTS else GPTQ_ROW_BLOCK_ELEMENTS // weight.shape[1]
-    for start in range(0, weight.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in row_blocks(*weight.shape, GPTQ_ROW_BLOCK_ELEMENTS):
         parts.append(sweep(weight[rows], hessian, damp=precision.damp, shrink=precision.shrink,
                            act_order=precision.act_order, grid=layout, keep=None if mask is None else mask[rows],
                            block_size=block_size))

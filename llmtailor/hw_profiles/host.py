@@ -215,7 +215,7 @@ def _proc_kib(path: str, key: str) -> int | None:
 def peak_resident_bytes() -> int:
     """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: on Linux that survives fork
     and exec, so a child started by a large process reports the parent's size."""
-    peak = _proc_kib("/proc/self/status", "VmHWM")
+    peak = resident_bytes(peak=True)
     if peak is None:
         raise OSError("no VmHWM in /proc/self/status")
     return peak
