@@ -18,8 +18,12 @@ KV cache, the median over `--repeats` runs; memory = the process's peak resident
 change speed, so cuts keep the first ones (no calibration needed).
 
 Per phase: mean absolute percentage error and Kendall's tau-b between predicted and
-measured. Writes benchmarks/results/bench_cost_validation.json, and the errors into
-the host profile's folder (`host/validation.json`), where reports read them.
+measured, twice: from the stored host profile (as a user's search predicts), and with each
+pass predicted from a host profile measured right before it (`host.measure`, about a
+minute), which separates the cost model's own error from the drift of this virtual
+machine's speed (a fifth over minutes) between a calibration and a measurement.
+Writes benchmarks/results/bench_cost_validation.json, and the errors into the host
+profile's folder (`host/validation.json`), where reports read them.
 """
 
 from __future__ import annotations
@@ -177,6 +181,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="passes over all variants, each variant in a fresh "
                         "process per pass; the median over passes is kept (this VM's speed drifts by 20%% over minutes)")
     parser.add_argument("--only", help="variant names separated by ; (default: all)")
+    parser.add_argument("--no-calibrate-each-pass", dest="calibrate_each_pass", action="store_false",
+                        help="only predict from the stored host profile (by default each pass is also predicted from "
+                        "a host profile measured right before it, which separates the model's error from the drift "
+                        "of this machine's speed between calibration and measurement)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process's entry
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_cost_validation.json")
     args = parser.parse_args()
@@ -198,7 +206,12 @@ def main() -> None:
     del loaded
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT.parent)}
     passes = {v.name: [] for v in chosen}
-    for _ in range(args.rounds):
+    window_profiles = []
+    for round_ in range(args.rounds):
+        if args.calibrate_each_pass:  # this VM's speed drifts: a profile measured right before the pass it predicts
+            path = folder / f"profile-{round_}.yaml"
+            host.write_profile(host.measure(), path)
+            window_profiles.append(hw_profiles.load(str(path)))
         for i, v in enumerate(chosen):
             done = subprocess.run([sys.executable, __file__, "--measure", str(folder / f"{i}.pt"), "--prompt",
                                    str(args.prompt), "--steps", str(args.steps), "--repeats", str(args.repeats)],
@@ -216,6 +229,15 @@ def main() -> None:
                      "predicted_decode_s_per_token": predicted.latency.decode_s_per_token,
                      "predicted_memory_bytes": predicted.memory.total,
                      "measured_decode_s_per_token_passes": [p["decode_s_per_token"] for p in passes[v.name]]})
+        if window_profiles:  # each pass against the profile measured just before it; medians over passes
+            for phase, (pick, key) in {"prefill_s": (lambda e: e.latency.prefill_s, "prefill_s"),
+                                       "decode_s_per_token": (lambda e: e.latency.decode_s_per_token,
+                                                              "decode_s_per_token"),
+                                       "memory_bytes": (lambda e: e.memory.total, "peak_rss_bytes")}.items():
+                predictions = [pick(cost.estimate(plan_of(v, arch), arch, wp, workload)) for wp in window_profiles]
+                rows[-1][f"window_predicted_{phase}"] = statistics.median(predictions)
+                rows[-1][f"window_error_{phase}"] = statistics.median(
+                    (p - m[key]) / m[key] for p, m in zip(predictions, passes[v.name], strict=True))
         r = rows[-1]
         print(f"{v.name}: prefill {r['measured_prefill_s'] * 1e3:.1f} ms (predicted {r['predicted_prefill_s'] * 1e3:.1f}),"
               f" decode {r['measured_decode_s_per_token'] * 1e3:.2f} ms/token "
@@ -230,9 +252,15 @@ def main() -> None:
         m = [r[f"measured_{measured_key}"] for r in rows]
         summary[f"{phase}_mape_percent"] = mape(p, m)
         summary[f"{phase}_kendall_tau"] = kendall_tau(p, m)
+        if window_profiles:
+            summary[f"{phase}_window_mape_percent"] = 100 * statistics.mean(abs(r[f"window_error_{predicted_key}"])
+                                                                            for r in rows)
+            summary[f"{phase}_window_kendall_tau"] = kendall_tau([r[f"window_predicted_{predicted_key}"]
+                                                                  for r in rows], m)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}, "
                "2 threads pinned", "host_profile": profile.to_dict(), "prompt_tokens": args.prompt,
-               "decode_steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, **summary, "rows": rows}
+               "decode_steps": args.steps, "repeats": args.repeats, "rounds": args.rounds,
+               "window_profiles": [wp.to_dict() for wp in window_profiles], **summary, "rows": rows}
     if not args.only:
         args.out.parent.mkdir(exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
@@ -251,9 +279,22 @@ def table(results: dict) -> str:
         lines.append(f"| {r['variant']} | {r['measured_prefill_s'] * 1e3:.1f} ({r['predicted_prefill_s'] * 1e3:.1f}) | "
                      f"{r['measured_decode_s_per_token'] * 1e3:.2f} ({r['predicted_decode_s_per_token'] * 1e3:.2f}) | "
                      f"{r['measured_peak_rss_bytes'] / 2**20:.0f} ({r['predicted_memory_bytes'] / 2**20:.0f}) |")
-    lines += ["", "| phase | MAPE % | Kendall tau |", "|---|---:|---:|"]
+    window = "prefill_window_mape_percent" in results
+    if window:
+        lines += ["", "Each pass predicted from a host profile measured right before it (median over passes):", "",
+                  "| variant | prefill ms (predicted, error) | decode ms/token (predicted, error) |", "|---|---:|---:|"]
+        for r in results["rows"]:
+            lines.append(f"| {r['variant']} | {r['measured_prefill_s'] * 1e3:.1f} "
+                         f"({r['window_predicted_prefill_s'] * 1e3:.1f}, {100 * r['window_error_prefill_s']:+.0f}%) | "
+                         f"{r['measured_decode_s_per_token'] * 1e3:.2f} ({r['window_predicted_decode_s_per_token'] * 1e3:.2f}, "
+                         f"{100 * r['window_error_decode_s_per_token']:+.0f}%) |")
+    lines += ["", "| phase | MAPE % (stored profile) | Kendall tau | MAPE % (profile of the pass) | Kendall tau |" if window
+              else "| phase | MAPE % | Kendall tau |", "|---|---:|---:|---:|---:|" if window else "|---|---:|---:|"]
     for phase in ("prefill", "decode", "memory"):
-        lines.append(f"| {phase} | {results[f'{phase}_mape_percent']:.1f} | {results[f'{phase}_kendall_tau']:.2f} |")
+        extra = f" {results[f'{phase}_window_mape_percent']:.1f} | {results[f'{phase}_window_kendall_tau']:.2f} |" \
+            if window else ""
+        lines.append(f"| {phase} | {results[f'{phase}_mape_percent']:.1f} | {results[f'{phase}_kendall_tau']:.2f} |"
+                     + extra)
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@ From the studies, over each study's first N measured trials:
 - median seconds per measured trial and per stage, and the share stopped per stage;
 - a trial's time against one teacher forward pass over the same evaluation tokens,
   for trials whose layers all came from the warm per-layer cache;
-- peak resident memory of each sweep against the teacher's float32 size.
+- peak resident memory of each sweep against the teacher's float32 size;
+- cheap before dear at equal seconds: each pair of runs (stop early on and off, same
+  space, sampler and seed) compared at the trial seconds the quicker one spent.
 
     python benchmarks/bench_search.py [--trials 60] [--seeds 0 1 2] [--samplers tpe nsga2 gp random]
         [--spaces direct guided] [--modes early full] [--report-only]
@@ -96,8 +98,24 @@ def first_measured(study: optuna.Study, trials: int) -> list[optuna.trial.Frozen
     return counted[:trials]
 
 
+def spent_seconds(study: optuna.Study, measured: list[optuna.trial.FrozenTrial]) -> dict[int, float]:
+    """Per measured trial, the trial seconds the study had spent when it finished: the summed durations of every
+    finished trial up to it (skipped, duplicate and rejected ones included; a resumed run's pause is not)."""
+    last = measured[-1].number if measured else -1
+    spent, out, wanted = 0.0, {}, {t.number for t in measured}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.number > last:
+            break
+        if t.datetime_start and t.datetime_complete:
+            spent += (t.datetime_complete - t.datetime_start).total_seconds()
+        if t.number in wanted:
+            out[t.number] = spent
+    return out
+
+
 def analyse(study: optuna.Study, trials: int, objectives, bounds) -> dict:
     measured = first_measured(study, trials)
+    spent = spent_seconds(study, measured)
     points = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE and status(t) == "evaluated"
               and all(v <= 0 for v in t.constraints.values())]
     signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
@@ -123,6 +141,9 @@ def analyse(study: optuna.Study, trials: int, objectives, bounds) -> dict:
         "median_warm_trial_seconds": statistics.median(warm) if warm else None, "warm_trials": len(warm),
         "median_stage_seconds": {k: statistics.median(v) for k, v in stage_seconds.items()},
         "peak_rss_bytes": max((t.user_attrs.get("peak_rss_bytes", 0) for t in points), default=0),
+        "spent_seconds": max(spent.values(), default=0.0),
+        "hypervolume_by_seconds": [[spent[t.number], hypervolume.of([p for p in points if spent[p.number] <= spent[t.number]],
+                                                                    objectives, bounds)] for t in points],
         "front": [[t.values, t.number, "fixed_params" in t.system_attrs] for t in front],
         "baseline_points": [[b.values, b.number] for b in baselines],
     }
@@ -213,6 +234,21 @@ def main() -> None:
             "median_trial_seconds": statistics.median(m["median_trial_seconds"] for m in members),
             "share_stopped_at_kl_slice": statistics.mean(m["share_stopped_at_kl_slice"] for m in members),
             "peak_rss_bytes_max": max(m["peak_rss_bytes"] for m in members)})
+    # Cheap before dear at equal seconds: each (space, sampler, seed) pair of runs compared at the trial seconds the
+    # quicker of the two spent on its N measured trials.
+    equal_seconds = []
+    for run in runs.values():
+        if run["mode"] != "early":
+            continue
+        full = runs.get(study_name(run["space"], run["sampler"], "full", run["seed"]))
+        if full is None:
+            continue
+        budget = min(run["spent_seconds"], full["spent_seconds"])
+        at = {mode: max((hv for seconds, hv in r["hypervolume_by_seconds"] if seconds <= budget), default=0.0)
+              for mode, r in (("early", run), ("full", full))}
+        equal_seconds.append({"space": run["space"], "sampler": run["sampler"], "seed": run["seed"],
+                              "seconds": budget, "hypervolume_early": at["early"], "hypervolume_full": at["full"],
+                              "spent_seconds_early": run["spent_seconds"], "spent_seconds_full": full["spent_seconds"]})
     warm = [m["median_warm_trial_seconds"] for m in runs.values() if m["median_warm_trial_seconds"] is not None]
     result = {
         "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
@@ -227,7 +263,7 @@ def main() -> None:
         "warm_trial_over_forward": statistics.median(warm) / facts["forward_seconds"] if warm else None,
         "peak_rss_over_teacher_float32": max((r["peak_rss_bytes"] for r in runs.values()), default=0)
         / facts["teacher_float32_bytes"],
-        "summary": summary, "runs": runs}
+        "summary": summary, "equal_seconds": equal_seconds, "runs": runs}
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     if runs:
         best = max(runs.items(), key=lambda item: item[1]["hypervolume"])
@@ -245,6 +281,13 @@ def main() -> None:
               f"{s['baselines_dominated_by_sampled_mean']:.1f} of {s['baselines']} | "
               f"{s['runs_with_a_mixed_plan_no_baseline_dominates']} of {s['seeds']} | {s['median_trial_seconds']:.1f} | "
               f"{s['share_stopped_at_kl_slice']:.0%} | {s['peak_rss_bytes_max'] / 1e6:.0f} MB |")
+    print("\nCheap before dear at equal trial seconds (the quicker run's total):\n")
+    print("| space | sampler | seed | seconds | hypervolume, stop early | hypervolume, full | early / full |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for e in sorted(equal_seconds, key=lambda e: (e["space"], e["sampler"], e["seed"])):
+        ratio = e["hypervolume_early"] / e["hypervolume_full"] if e["hypervolume_full"] else float("nan")
+        print(f"| {e['space']} | {e['sampler']} | {e['seed']} | {e['seconds']:.0f} | {e['hypervolume_early']:.4f} | "
+              f"{e['hypervolume_full']:.4f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

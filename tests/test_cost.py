@@ -68,6 +68,39 @@ def test_roofline_by_hand():
     assert roofline.total_seconds([memory_bound, compute_bound], p, blocks=10) == pytest.approx(4.201)
     slow_fp32 = dataclasses.replace(p, bandwidth_efficiency_by_precision={"fp32": 0.25})
     assert roofline.seconds(memory_bound, slow_fp32) == pytest.approx(0.4)
+    # An operation's own rates: a kernel's peak (derated like the rest), a reached read rate (not derated).
+    kernel = roofline.Operation(flops=1e12, bytes=1.0, precision="fp32", tflops=0.5)  # 1e12 / (0.5e12 * 0.25) = 8 s
+    assert roofline.seconds(kernel, p) == pytest.approx(8.0)
+    own_read = roofline.Operation(flops=1e6, bytes=1e9, precision="fp32", read_gbps=2.0)  # 1e9 / 2e9 = 0.5 s
+    assert roofline.seconds(own_read, p) == pytest.approx(0.5)
+
+
+def test_a_prompt_head_rate_and_weight_only_kernel_rates_price_prefill_only(tiny):
+    arch = tiny.arch  # tied embeddings: the head reads the embedding matrix
+    w = cost.Workload(256, 1, 64)
+    base = hw_profiles.DeviceProfile("d", "d", 10**9, 10**9, 10.0, {"fp32": 1.0, "fp16": 2.0}, 5.0,
+                                     kernels=frozenset({"int8_weight_only"}))
+    head_bytes = arch.vocab_size * arch.hidden_size * 2
+    slow_head = dataclasses.replace(base, prompt_head_read_gbps={"fp16": {f"{arch.vocab_size}x{arch.hidden_size}": 0.01,
+                                                                          "100000x4096": 50.0}})
+    dense = CompressionPlan()
+    before, after = cost.latency(dense, arch, base, w), cost.latency(dense, arch, slow_head, w)
+    assert after.decode_s_per_token == before.decode_s_per_token
+    head_before = max(head_bytes / (10e9 * 0.7), 2.0 * arch.vocab_size * arch.hidden_size / (2e12 * 0.5))
+    assert after.prefill_s - before.prefill_s == pytest.approx(head_bytes / 0.01e9 - head_before)
+    int8 = CompressionPlan(precision={x.name: LayerPrecision(8, 0, symmetric=True) for x in arch.linears})
+    slow_kernel = dataclasses.replace(base, weight_only_tflops={"int8": 1e-3})
+    fused, slowed = cost.latency(int8, arch, base, w), cost.latency(int8, arch, slow_kernel, w)
+    flops = 2.0 * w.prompt_length * sum(x.params for x in arch.linears)
+    assert slowed.prefill_s - fused.prefill_s == pytest.approx(flops / (1e9 * 0.5) - flops / (2e12 * 0.5), rel=1e-3)
+    # A dequantized (unfused) layer and a dense plan do not use the kernel's rate.
+    assert cost.latency(dense, arch, slow_kernel, w).prefill_s == before.prefill_s
+    # Elementwise work: tokens x (hidden + MLP width) per block, at the profile's time per value, in prefill only.
+    elementwise = dataclasses.replace(base, prefill_ns_per_value={"fp16": 2.0})
+    priced = cost.latency(dense, arch, elementwise, w)
+    values = arch.num_layers * w.prompt_length * (arch.hidden_size + arch.intermediate_size)
+    assert priced.prefill_s - before.prefill_s == pytest.approx(values * 2e-9)
+    assert priced.decode_s_per_token == before.decode_s_per_token
 
 
 def test_sparsity_speeds_up_only_with_a_kernel(tiny):
@@ -156,6 +189,12 @@ GOOD = Path(hw_profiles.PROFILE_DIR / "raspberry-pi-5-8gb.yaml").read_text()
     (lambda t: t + "\nbandwidth_efficiency_by_precision: {fp8: 0.5}\n", "bandwidth_efficiency_by_precision maps"),
     (lambda t: t + "\nbandwidth_efficiency_by_precision: {fp32: 1.5}\n", "shares in \\(0, 1\\]"),
     (lambda t: t.replace("usable_memory: 7.25GiB", "usable_memory: 9GiB"), "larger than memory"),
+    (lambda t: t + "\nweight_only_tflops: {int3: 0.5}\n", "weight_only_tflops maps"),
+    (lambda t: t + "\nprefill_ns_per_value: {fp32: -1}\n", "prefill_ns_per_value maps .* non-negative"),
+    (lambda t: t + "\nprompt_head_read_gbps: {fp16: {49152x576: 0}}\n", "prompt_head_read_gbps.fp16 maps"),
+    (lambda t: t + "\nprompt_head_read_gbps: {fp16: {wide: 1}}\n", "prompt_head_read_gbps.fp16 maps"),
+    (lambda t: t + "\nprompt_head_read_gbps: {fp16: 1}\n", "mappings of head shapes"),
+    (lambda t: t + "\nprompt_head_read_gbps: [1, 2]\n", "prompt_head_read_gbps must be a dict"),
     (lambda t: t.replace("int8_activations]", "warp_drive]"), "unknown kernels"),
     (lambda t: t + "\n  : : [\n", "not valid YAML"),
     (lambda t: "- just\n- a list\n", "mapping"),
@@ -187,6 +226,9 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     monkeypatch.setattr(host, "measure", lambda: real_measure(probe_bytes=32 << 20))
     monkeypatch.setattr(host, "matmul_tflops", lambda dtype: 0.05 if dtype == torch.float32 else 0.02)
     monkeypatch.setattr(host, "int8_dynamic_tflops", lambda: 0.08)
+    monkeypatch.setattr(host, "weight_only_tflops", lambda bits: 0.03 if bits == 8 else 0.0)  # no int4 kernel
+    monkeypatch.setattr(host, "prompt_head_read_gbps", lambda dtype, vocab, width, repeats:
+                        5.0 if dtype == torch.float32 else width / 1000)
     monkeypatch.setattr(host, "FIT_WIDTHS", (64, 128))
     monkeypatch.setattr(host, "runtime_bytes", lambda: 300 << 20)
     assert cli.main(["devices", "--calibrate"]) == 0
@@ -195,6 +237,10 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     assert profile.peak_tflops["int8"] > 0 and profile.memory_bandwidth_gbps > 0.1
     assert 0 < profile.peak_tflops["fp32"] < 1000 and 0 < profile.peak_tflops["fp16"] < 1000
     assert "int8_activations" in profile.kernels
+    assert profile.prompt_head_read_gbps["fp16"]["49152x576"] == 0.576 and "fp32" not in profile.prompt_head_read_gbps
+    assert profile.prompt_head_gbps("fp16", 49152, 600) == 0.576  # the nearest measured shape
+    assert profile.prompt_head_gbps("fp16", 150000, 1500) == 1.536 and profile.prompt_head_gbps("fp32", 10, 10) is None
+    assert set(profile.weight_only_tflops) == {"int8"} and profile.weight_only_tflops["int8"] <= 0.03
     assert 0 < profile.usable_memory_bytes <= profile.memory_bytes and profile.layer_overhead_us >= 0
     assert 0 < profile.bandwidth_efficiency <= 1  # measured: one-token matmuls against the read probe
     budget = hw_profiles.from_memory("8GB")  # --memory alone now runs at this machine's speeds
@@ -214,21 +260,29 @@ def test_the_read_probe_and_matmul_measure_something_plausible():
     assert fitted["decode_read_gbps"] > 0 and fitted["block_overhead_us"] >= 0 and fitted["fp32_prefill_tflops"] > 0
     assert 1e-4 < host.matmul_tflops(torch.float32, 64, 128, 256, repeats=2) < 1000
     assert 1e-4 < host.int8_dynamic_tflops(64, 128, 256, repeats=2) < 1000  # this build has a quantized engine
+    for bits in (8, 4):  # this build has both fused CPU weight-only kernels
+        assert 1e-4 < host.weight_only_tflops(bits, 16, 128, 256, repeats=2) < 1000
+    assert 0.01 < host.prompt_head_read_gbps(torch.bfloat16, 4096, 256, 16, repeats=2) < 5000
     assert 50 << 20 < host.runtime_bytes() < 4 << 30  # python, torch and transformers take some memory
 
 
 def test_the_decoder_fit_recovers_known_figures():
     from llmtailor.hw_profiles import host
 
-    # Timings made from 15 / 20 GB/s, 100 us per block, 0.2 / 0.8 TFLOPS: the fit gives them back.
-    timings = [host.DecoderTiming(dtype, blocks, size, flops, flops / rate + blocks * 1e-4, size / read + blocks * 1e-4)
-               for dtype, rate, read in (("float32", 0.2e12, 15e9), ("bfloat16", 0.8e12, 20e9))
-               for blocks, size, flops in ((24, 300e6, 2e10), (6, 400e6, 3e10), (2, 350e6, 2.5e10))]
+    # Timings made from 15 / 20 GB/s, 100 us per block, 0.2 / 0.8 TFLOPS, 0 / 3 ns per elementwise value: the fit
+    # gives them back.
+    timings = [host.DecoderTiming(dtype, blocks, size, flops, flops / rate + values * ns * 1e-9 + blocks * 1e-4,
+                                  size / read + blocks * 1e-4, values)
+               for dtype, rate, read, ns in (("float32", 0.2e12, 15e9, 0.0), ("bfloat16", 0.8e12, 20e9, 3.0))
+               for blocks, size, flops, values in ((24, 300e6, 2e10, 6e6), (6, 400e6, 3e10, 3e6),
+                                                   (2, 350e6, 2.5e10, 1e6))]
     fitted = host.fit_decoders(timings)
     assert fitted["fp32_decode_read_gbps"] == pytest.approx(15.0) and fitted["bf16_decode_read_gbps"] == pytest.approx(20.0)
     assert 15.0 < fitted["decode_read_gbps"] < 20.0
     assert fitted["block_overhead_us"] == pytest.approx(100.0)
     assert fitted["fp32_prefill_tflops"] == pytest.approx(0.2) and fitted["bf16_prefill_tflops"] == pytest.approx(0.8)
+    assert fitted["fp32_prefill_ns_per_value"] == pytest.approx(0.0, abs=1e-9)
+    assert fitted["bf16_prefill_ns_per_value"] == pytest.approx(3.0)
 
 
 def test_the_decoder_fit_never_gives_a_negative_rate_or_overhead():

@@ -217,13 +217,16 @@ def _has_kernel(precision: LayerPrecision, profile: DeviceProfile) -> bool:
 
 
 def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfile, tokens: int,
-                       workload: Workload) -> list[Operation]:
+                       workload: Workload, prompt_head: bool = False) -> list[Operation]:
     """A matmul of `tokens` rows through one layer, with the bytes the device really reads for it.
 
     Without a sparse kernel the runtime multiplies the dense form. Without a fused low-bit
     kernel it first expands the weights to the dense width, once per forward pass: it reads
     the codes and scales and writes the dense copy (about two operations per weight), and
     the matmul then reads that copy. So a weight-only format saves memory but not time there.
+    A fused weight-only kernel computes at its own rate where the profile gives one.
+    `prompt_head`: this is the head over a prompt's last position, which some runtimes read
+    at a rate of its own when it is dense (the profile's ``prompt_head_read_gbps``).
     """
     precision, sparsity = plan.precision_of(lin.name), plan.sparsity_of(lin.name)
     dense = workload.dense_bytes
@@ -236,13 +239,17 @@ def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfil
             kept_share = kept_per_row(lin.in_features, sparsity) / lin.in_features
         else:
             sparsity = LayerSparsity()
-    operations = []
+    operations, kernel_tflops = [], None
     if precision.bits < 16 and not _has_kernel(precision, profile):
         stored = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total
         operations.append(Operation(2.0 * lin.params, stored + lin.params * dense, compute))
         precision = LayerPrecision()
+    elif precision.bits < 16 and compute != "int8":  # a fused weight-only kernel
+        kernel_tflops = profile.weight_only_tflops.get("int8" if precision.bits == 8 else "int4")
+    head_gbps = profile.prompt_head_gbps(compute, lin.out_features, lin.in_features) \
+        if prompt_head and precision.bits >= 16 else None
     read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total
-    operations.append(Operation(2.0 * tokens * lin.params * kept_share, read, compute))
+    operations.append(Operation(2.0 * tokens * lin.params * kept_share, read, compute, kernel_tflops, head_gbps))
     return operations
 
 
@@ -251,7 +258,8 @@ def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, w
 
     Per phase, each layer's matmul takes max(bytes / bandwidth, FLOPs / compute) with the
     profile's efficiencies; attention adds its FLOPs (prefill, causal) or its KV-cache reads
-    (decode, at the context length); each block adds the profile's fixed overhead.
+    (decode, at the context length); each block adds the profile's fixed overhead, and prefill
+    the profile's time per value of elementwise work over the prompt's activations.
     """
     plan, arch = structured(plan, arch)
     batch, prompt, context = workload.batch_size, workload.prompt_length, workload.context_length
@@ -266,14 +274,17 @@ def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, w
         # The head runs on the last position only: generation needs no logits for the rest of the prompt.
         return [op for lin in linears
                 for op in _linear_operations(plan, lin, profile, batch * (tokens if lin.kind != "lm_head" else 1),
-                                             workload)]
+                                             workload, prompt_head=lin.kind == "lm_head" and tokens > 1)]
 
     prefill = operations(prompt)
     prefill += [Operation(4.0 * batch * attention_width * prompt * (prompt + 1) / 2, 0.0, fp)] * arch.num_layers
     decode = operations(1)
     decode += [Operation(4.0 * batch * attention_width * context, kv_per_block, fp)] * arch.num_layers
 
-    prefill_s = roofline.total_seconds(prefill, profile, arch.num_layers)
+    # Elementwise work over the prompt's activations (norms, activation function, residual adds), where measured.
+    values = arch.num_layers * batch * prompt * (arch.hidden_size + arch.intermediate_size)
+    prefill_s = roofline.total_seconds(prefill, profile, arch.num_layers) + \
+        values * profile.prefill_ns_per_value.get(fp, 0.0) * 1e-9
     decode_s = roofline.total_seconds(decode, profile, arch.num_layers)
     return LatencyEstimate(prefill_s, decode_s, decode_s * profile.power_watts)
 

@@ -10,6 +10,7 @@ are then only comparable with each other, not predictions).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ KNOWN_KERNELS = frozenset(
     {"int8_weight_only", "int4_weight_only", "int8_activations", "sparse_2_4", "sparse_unstructured"}
 )
 PRECISIONS = ("fp32", "fp16", "int8")
+WEIGHT_ONLY = ("int8", "int4")  # the fused weight-only kernels, by weight width
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -48,6 +50,30 @@ class DeviceProfile:
     bandwidth_efficiency_by_precision: dict[str, float] = field(default_factory=dict)
     compute_efficiency: float = 0.5  # share of peak compute reached in practice
     layer_overhead_us: float = 0.0  # fixed cost per decoder block per forward pass
+    # Seconds (in ns) of a prompt's elementwise work per value, per compute precision: norms, activation function,
+    # residual adds and casts over tokens x (hidden + MLP width) per block, beyond the matmuls (prefill only).
+    prefill_ns_per_value: dict[str, float] = field(default_factory=dict)
+    # Peak TFLOPS of the fused weight-only kernels (int8 | int4) when they multiply many rows (a prompt), where they
+    # differ from the dense half precision's: PyTorch's CPU ones reach under half of it. Derated by compute_efficiency.
+    weight_only_tflops: dict[str, float] = field(default_factory=dict)
+    # GB/s (reached, not derated) at which the runtime reads the dense output head for a prompt's last position, per
+    # compute precision and head shape ("VOCABxWIDTH"), where that differs from its matrix-vector rate: PyTorch's
+    # CPU half-precision matmul copies the transposed head before multiplying one row of a longer prompt (a decode
+    # step does not), at a rate that varies fivefold with the shape (cache conflicts of a strided copy).
+    prompt_head_read_gbps: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def prompt_head_gbps(self, precision: str, vocab: int, width: int) -> float | None:
+        """The prompt head's read rate for this shape: the measured shape nearest to it (in log vocabulary and log
+        width), or None where the profile gives none for this precision."""
+        by_shape = self.prompt_head_read_gbps.get(precision)
+        if not by_shape:
+            return None
+
+        def distance(shape: str) -> float:
+            v, w = (int(x) for x in shape.split("x"))
+            return math.log(v / vocab) ** 2 + math.log(w / width) ** 2
+
+        return by_shape[min(by_shape, key=distance)]
     runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +163,8 @@ _REQUIRED = {"name": str, "description": str, "memory": "size", "usable_memory":
              "memory_bandwidth_gbps": float, "peak_tflops": dict, "power_watts": float}
 _OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency": float,
              "bandwidth_efficiency_by_precision": dict,
-             "compute_efficiency": float, "layer_overhead_us": float, "runtime": str}
+             "compute_efficiency": float, "layer_overhead_us": float, "runtime": str,
+             "weight_only_tflops": dict, "prompt_head_read_gbps": dict, "prefill_ns_per_value": dict}
 
 
 def _from_yaml(data: Any, where: str) -> DeviceProfile:
@@ -181,6 +208,15 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
                 or not 0 < share <= 1:
             raise UserError(f"device profile {where}: bandwidth_efficiency_by_precision maps {PRECISIONS} to shares "
                             f"in (0, 1], got {precision}: {share!r}")
+    weight_only = _positive_rates(values.get("weight_only_tflops", {}), "weight_only_tflops", WEIGHT_ONLY, where)
+    per_value = _positive_rates(values.get("prefill_ns_per_value", {}), "prefill_ns_per_value", PRECISIONS, where,
+                                zero=True)
+    heads = values.get("prompt_head_read_gbps", {})
+    if set(heads) - set(PRECISIONS) or not all(isinstance(v, dict) for v in heads.values()):
+        raise UserError(f"device profile {where}: prompt_head_read_gbps maps {PRECISIONS} to mappings of head shapes "
+                        f"(VOCABxWIDTH) to GB/s, got {heads!r}")
+    heads = {precision: _positive_rates(by_shape, f"prompt_head_read_gbps.{precision}", _HEAD_SHAPE, where)
+             for precision, by_shape in heads.items()}
     kernels = frozenset(values.get("kernels", ()))
     if kernels - KNOWN_KERNELS:
         raise UserError(f"device profile {where}: unknown kernels {sorted(kernels - KNOWN_KERNELS)}; "
@@ -196,4 +232,22 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
         bandwidth_efficiency_by_precision={k: float(v) for k, v in by_precision.items()},
         compute_efficiency=values.get("compute_efficiency", 0.5),
         layer_overhead_us=values.get("layer_overhead_us", 0.0), runtime=values.get("runtime", ""),
+        weight_only_tflops=weight_only, prompt_head_read_gbps=heads, prefill_ns_per_value=per_value,
     )
+
+
+_HEAD_SHAPE = re.compile(r"^[1-9]\d*x[1-9]\d*$")
+
+
+def _positive_rates(rates: dict, key: str, allowed: tuple[str, ...] | re.Pattern, where: str,
+                    zero: bool = False) -> dict[str, float]:
+    """A profile's mapping of names (from `allowed`, or matching it) to positive (or, with `zero`, non-negative)
+    numbers, checked."""
+    names = allowed.pattern if isinstance(allowed, re.Pattern) else allowed
+    for name, rate in rates.items():
+        known = allowed.match(str(name)) if isinstance(allowed, re.Pattern) else name in allowed
+        if not known or isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0 or \
+                (rate == 0 and not zero):
+            kind = "non-negative" if zero else "positive"
+            raise UserError(f"device profile {where}: {key} maps {names} to {kind} numbers, got {name}: {rate!r}")
+    return {str(name): float(rate) for name, rate in rates.items()}

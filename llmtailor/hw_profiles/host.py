@@ -10,11 +10,20 @@
   the cost model's own form gives the decode read rate (weights and KV cache, as a
   share of the probe: on this kind of machine about half, where llama.cpp's kernels
   reach 84–91%), the fixed cost per block per forward pass (dispatch, attention, norms,
-  cache updates), and the rate prefill reaches per dtype. Bare matmul rates are
-  measured too (recorded in a comment), and int8 as PyTorch's dynamically quantized
-  linear layer reaches it (int8 weights, activations quantized per call), scaled by
-  what prefill reaches of the bare bfloat16 rate. A fit is a fit: the validation
-  benchmark (benchmarks/bench_cost_validation.py) checks it on a real model.
+  cache updates), and per dtype the rate prefill's matmuls reach and the time per value
+  of its elementwise work (norms, activation, residual adds, casts: tokens x (hidden +
+  MLP width) per block; it matters on narrow models). Bare matmul rates are measured
+  too (recorded in a comment), and int8 as PyTorch's dynamically quantized linear layer
+  reaches it (int8 weights, activations quantized per call), and the fused weight-only
+  int8/int4 kernels on a prompt's rows, each scaled by what prefill reaches of the bare
+  bfloat16 rate. A fit is a fit: the validation benchmark
+  (benchmarks/bench_cost_validation.py) checks it on a real model.
+- **The prompt's head**: transformers computes the logits of a prompt's last position
+  only, from a one-row slice of the hidden states; in bfloat16 PyTorch's CPU matmul then
+  copies the whole transposed head first (a decode step does not). That costs more than
+  the rest of a small model's prefill and its rate varies fivefold with the head's shape,
+  so it is measured at the head shapes of common small models (``HEAD_SHAPES``) and a
+  model is priced at the nearest.
 - **Usable memory**: what the OS reports available now; **runtime memory**: the peak
   resident memory of a fresh process that imports PyTorch and a transformers model class.
 
@@ -80,9 +89,9 @@ def matmul_tflops(dtype: Any, tokens: int = 512, inputs: int = 1024, outputs: in
     return 2 * tokens * inputs * outputs / seconds / 1e12
 
 
-def int8_dynamic_tflops(tokens: int = 512, inputs: int = 1024, outputs: int = 4096, repeats: int = 7) -> float:
-    """TFLOPS reached by PyTorch's dynamically quantized int8 linear layer at the matmul shape above, or 0 where
-    this build has no quantized engine."""
+def int8_dynamic_tflops(tokens: int = 128, inputs: int = 1024, outputs: int = 4096, repeats: int = 7) -> float:
+    """TFLOPS reached by PyTorch's dynamically quantized int8 linear layer on a prompt's rows (quantizing them on
+    each call included), or 0 where this build has no quantized engine."""
     import torch
 
     if not set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "onednn", "qnnpack"}:
@@ -97,7 +106,53 @@ def int8_dynamic_tflops(tokens: int = 512, inputs: int = 1024, outputs: int = 40
     return 2 * tokens * inputs * outputs / seconds / 1e12
 
 
-FIT_WIDTHS = (512, 1024, 2048)  # decoders of 0.1B to 1.5B parameters; the MLP is 8/3 as wide, heads 64 wide
+def weight_only_tflops(bits: int, tokens: int = 128, inputs: int = 1024, outputs: int = 4096, group: int = 128,
+                       repeats: int = 7) -> float:
+    """TFLOPS of PyTorch's fused CPU weight-only kernel (int8 per row: aten._weight_int8pack_mm; int4 in groups:
+    aten._weight_int4pack_mm_for_cpu) multiplying a prompt's rows in bfloat16, or 0 where this build lacks it."""
+    import torch
+
+    x = torch.randn(tokens, inputs).to(torch.bfloat16)
+    try:
+        if bits == 8:
+            codes = torch.randint(-128, 128, (outputs, inputs), dtype=torch.int8)
+            scales = torch.rand(outputs).to(torch.bfloat16)
+            run = lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scales)  # noqa: E731
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (outputs, inputs), dtype=torch.int32), 1)
+            scales_and_zeros = torch.rand(inputs // group, outputs, 2).to(torch.bfloat16)
+            run = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)  # noqa: E731
+        seconds = statistics.median(_timed(run, repeats))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return 0.0
+    return 2 * tokens * inputs * outputs / seconds / 1e12
+
+
+# Head shapes (vocabulary, width) of common small models, where the prompt head's rate is measured: it varies
+# fivefold with the shape here (0.3-1.5 GB/s in bfloat16), so a model whose shape is listed is priced at its own
+# measured rate and any other at the nearest. SmolLM2 135M/360M/1.7B, Qwen2.5 0.5B/1.5B, Llama-3.2 1B/3B,
+# Gemma-3 270M/1B, TinyLlama 1.1B.
+HEAD_SHAPES = ((49152, 576), (49152, 960), (49152, 2048), (151936, 896), (151936, 1536), (128256, 2048),
+               (128256, 3072), (262144, 640), (262144, 1152), (32000, 2048))
+
+
+def prompt_head_read_gbps(dtype: Any, vocab: int = 32768, width: int = 1024, prompt: int = 128,
+                          repeats: int = 7) -> float:
+    """GB/s at which transformers' head reads its weight for the last position of a prompt (`logits_to_keep=1`:
+    a one-row slice of the prompt's hidden states, `F.linear` on it, as generation runs it). In bfloat16 on a CPU
+    this copies the transposed head first; in float32 it is the matrix-vector rate."""
+    import torch
+
+    head = torch.randn(vocab, width).to(dtype)
+    hidden = torch.randn(1, prompt, width).to(dtype)
+    with torch.no_grad():
+        seconds = statistics.median(_timed(lambda: torch.nn.functional.linear(hidden[:, -1:, :], head), repeats))
+    return head.numel() * head.element_size() / seconds / 1e9
+
+
+# Six widths: fewer left the fitted time per elementwise value unstable (float32's varied 0.1-4.8 ns between runs).
+FIT_WIDTHS = (384, 512, 768, 1024, 1536, 2048)  # decoders of 0.1B to 1.5B parameters; the MLP is 8/3 as wide, heads 64 wide
 
 
 @dataclass(frozen=True)
@@ -110,6 +165,7 @@ class DecoderTiming:
     prefill_flops: float
     prefill_s: float
     decode_s: float
+    prefill_values: float = 0.0  # blocks x prompt tokens x (hidden + MLP width): the elementwise work's size
 
 
 def time_decoders(total_bytes: int = 256 << 20, prompt: int = 128, steps: int = 16, repeats: int = 3,
@@ -162,7 +218,8 @@ def _time_decoder(dtype: Any, width: int, total_bytes: int, prompt: int, steps: 
     kv = 2 * config.num_hidden_layers * kv_width * (prompt + steps // 2) * dtype.itemsize
     attention = 4.0 * width * prompt * (prompt + 1) / 2 * config.num_hidden_layers
     return DecoderTiming(str(dtype).removeprefix("torch."), config.num_hidden_layers, linear * dtype.itemsize + kv,
-                         2.0 * prompt * linear + attention, statistics.median(prefill), statistics.median(decode))
+                         2.0 * prompt * linear + attention, statistics.median(prefill), statistics.median(decode),
+                         float(config.num_hidden_layers * prompt * (width + config.intermediate_size)))
 
 
 def fit_decoders(timings: list[DecoderTiming]) -> dict[str, float]:
@@ -170,35 +227,49 @@ def fit_decoders(timings: list[DecoderTiming]) -> dict[str, float]:
 
     Decode: seconds = bytes / read rate of its dtype + blocks * overhead: one read rate per
     dtype (PyTorch's float32 matrix-vector product reaches less of the bandwidth than its
-    bfloat16 one here) and one per-block overhead. Prefill: seconds = FLOPs / rate + blocks *
-    overhead, the same overhead, one rate per dtype (attention and elementwise work in).
+    bfloat16 one here) and one per-block overhead. Prefill: seconds = FLOPs / rate + values *
+    time per value + blocks * overhead, the same overhead; per dtype a rate (attention in) and a
+    time per value of the prompt's activations (tokens x (hidden + MLP width) per block: norms,
+    activation function, residual adds, dtype casts; bfloat16's cost more than float32's here,
+    which only shows on narrow models, where this work is a larger share).
     """
     import numpy as np
 
     dtypes = sorted({t.dtype for t in timings})
     design = np.array([[t.decode_bytes * (t.dtype == d) for d in dtypes] + [t.blocks] for t in timings], dtype=float)
-    seconds = np.array([t.decode_s for t in timings])
-    # Non-negative least squares by elimination: a coefficient the data would make negative (the
-    # bytes explain none of the time when a stack sits in cache) is fixed at zero and the rest refitted.
-    active = list(range(design.shape[1]))
-    while True:
-        solved = np.linalg.lstsq(design[:, active], seconds, rcond=None)[0]
-        if solved.min() >= 0 or len(active) == 1:
-            break
-        active.pop(int(solved.argmin()))
-    coefficients = np.zeros(design.shape[1])
-    coefficients[active] = np.maximum(solved, 0)
+    coefficients = _non_negative_least_squares(design, np.array([t.decode_s for t in timings]))
     per_byte, overhead = dict(zip(dtypes, coefficients[:-1], strict=True)), float(coefficients[-1])
     figures = {"block_overhead_us": overhead * 1e6,
                "decode_read_gbps": sum(t.decode_bytes for t in timings) /
                sum(max(t.decode_s - t.blocks * overhead, 1e-9) for t in timings) / 1e9}
     for d in dtypes:
         rows = [t for t in timings if t.dtype == d]
-        compute_s = sum(max(t.prefill_s - t.blocks * overhead, 0.1 * t.prefill_s) for t in rows)
+        beyond = np.array([max(t.prefill_s - t.blocks * overhead, 0.1 * t.prefill_s) for t in rows])
+        per_flop, per_value = _non_negative_least_squares(
+            np.array([[t.prefill_flops, t.prefill_values] for t in rows]), beyond)
+        if per_flop <= 0:  # the values explained everything: price the work by FLOPs alone instead
+            per_flop, per_value = float(beyond.sum()) / sum(t.prefill_flops for t in rows), 0.0
         short = "fp32" if d == "float32" else "bf16"
-        figures[f"{short}_prefill_tflops"] = sum(t.prefill_flops for t in rows) / compute_s / 1e12
+        figures[f"{short}_prefill_tflops"] = 1 / per_flop / 1e12
+        figures[f"{short}_prefill_ns_per_value"] = per_value * 1e9
         figures[f"{short}_decode_read_gbps"] = 1 / per_byte[d] / 1e9 if per_byte[d] > 0 else math.inf
     return figures
+
+
+def _non_negative_least_squares(design: Any, target: Any) -> Any:
+    """Least squares with every coefficient >= 0, by elimination: a coefficient the data would make negative (the
+    bytes explain none of the time when a stack sits in cache) is fixed at zero and the rest refitted."""
+    import numpy as np
+
+    active = list(range(design.shape[1]))
+    while True:
+        solved = np.linalg.lstsq(design[:, active], target, rcond=None)[0]
+        if solved.min() >= 0 or len(active) == 1:
+            break
+        active.pop(int(solved.argmin()))
+    coefficients = np.zeros(design.shape[1])
+    coefficients[active] = np.maximum(solved, 0)
+    return coefficients
 
 
 def _proc_kib(path: str, key: str) -> int | None:
@@ -275,6 +346,11 @@ def measure(probe_bytes: int = PROBE_BYTES) -> dict[str, Any]:
         "fp32_tflops": matmul_tflops(torch.float32),
         "bf16_tflops": matmul_tflops(torch.bfloat16),
         "int8_dynamic_tflops": int8_dynamic_tflops(),
+        "int8_weight_only_tflops": weight_only_tflops(8), "int4_weight_only_tflops": weight_only_tflops(4),
+        # float32 reads the head at its matrix-vector rate (measured at one shape to show it); bfloat16 per shape.
+        "fp32_prompt_head_read_gbps": {"49152x576": prompt_head_read_gbps(torch.float32, 49152, 576, repeats=3)},
+        "bf16_prompt_head_read_gbps": {f"{v}x{w}": prompt_head_read_gbps(torch.bfloat16, v, w, repeats=3)
+                                       for v, w in HEAD_SHAPES},
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "available_bytes": available, "runtime_bytes": runtime_bytes(),
         "threads": torch.get_num_threads(),
@@ -286,9 +362,17 @@ def write_profile(figures: dict[str, Any], path: Path | None = None) -> Path:
     """Write the measured figures as a device profile YAML (the loader's format) and return its path."""
     path = path or profile_path()
     fp32, bf16 = figures["fp32_prefill_tflops"], figures["bf16_prefill_tflops"]
-    # int8 is a bare matmul rate; scale it by what prefill reaches of the bfloat16 matmul rate.
-    int8 = figures.get("int8_dynamic_tflops", 0.0) * min(1.0, bf16 / figures["bf16_tflops"])
+    # int8 and the weight-only kernels are bare matmul rates; scale them by what prefill reaches of the bfloat16 one.
+    reached = min(1.0, bf16 / figures["bf16_tflops"])
+    int8 = figures.get("int8_dynamic_tflops", 0.0) * reached
     rates = f"fp32: {fp32:.4g}, fp16: {bf16:.4g}" + (f", int8: {int8:.4g}" if int8 > 0 else "")
+    weight_only = ", ".join(f"{bits}: {figures[f'{bits}_weight_only_tflops'] * reached:.4g}" for bits in ("int8", "int4")
+                            if figures.get(f"{bits}_weight_only_tflops", 0) > 0)
+    # Figures a measurement may lack (older callers, builds without a kernel) are left out, not guessed.
+    bf16_heads = ", ".join(f"{shape}: {gbps:.4g}" for shape, gbps in figures.get("bf16_prompt_head_read_gbps", {}).items())
+    fp32_heads = ", ".join(f"{shape} {gbps:.1f}" for shape, gbps in figures.get("fp32_prompt_head_read_gbps", {}).items())
+    per_value = ", ".join(f"{name}: {figures[f'{short}_prefill_ns_per_value']:.4g}" for name, short
+                          in (("fp32", "fp32"), ("fp16", "bf16")) if f"{short}_prefill_ns_per_value" in figures)
     kernels = ["int8_weight_only", "int4_weight_only"] + (["int8_activations"] if int8 > 0 else [])
     text = f"""# This machine, measured by `llmtailor devices --calibrate` ({time.strftime('%Y-%m-%d %H:%M')}).
 name: {NAME}
@@ -298,7 +382,7 @@ memory: {figures['memory_bytes']}
 usable_memory: {min(figures['available_bytes'], figures['memory_bytes'])}
 # Read-only probe (maximum over a {figures['probe_bytes'] >> 20} MiB float32 buffer), median of 7.
 memory_bandwidth_gbps: {figures['read_bandwidth_gbps']:.2f}
-# What prefill reaches (FLOPs over the time beyond the per-block overhead; attention and elementwise work in),
+# What prefill's matmuls reach (FLOPs over the time beyond the per-block overhead and elementwise work, below),
 # fitted over random LLaMA decoders of width {'/'.join(map(str, FIT_WIDTHS))} at a 128-token prompt: fp32, bf16 as
 # the half precision (bare matmuls: {figures['fp32_tflops'] * 1e3:.0f} and {figures['bf16_tflops'] * 1e3:.0f} GFLOPS), and
 # int8 as PyTorch's dynamically quantized linear layer reaches it, scaled alike (absent without a quantized engine).
@@ -309,6 +393,14 @@ power_watts: {ASSUMED_WATTS}
 # weights directly (fast with bfloat16 activations; with float32 ones the int8 path is far slower on x86);
 # int8 activations through the dynamically quantized linear layer where measured above; no sparse kernels.
 kernels: [{", ".join(kernels)}]
+# Elementwise work of a prompt beyond its matmuls, per token x (hidden + MLP width) per block, from the same fit.
+prefill_ns_per_value: {{{per_value}}}
+# The weight-only kernels multiplying a 128-row prompt in bfloat16 (bare: int8 {figures.get('int8_weight_only_tflops', 0) * 1e3:.0f},
+# int4 {figures.get('int4_weight_only_tflops', 0) * 1e3:.0f} GFLOPS), scaled like int8 above.
+weight_only_tflops: {{{weight_only}}}
+# The dense head over a prompt's last position, as transformers runs it (F.linear on a one-row slice): GB/s read
+# in bfloat16, per head shape VOCABxWIDTH (float32 reads it at its matrix-vector rate: {fp32_heads} GB/s).
+prompt_head_read_gbps: {{{f"fp16: {{{bf16_heads}}}" if bf16_heads else ""}}}
 # Peak resident memory of a fresh process that imports PyTorch and a transformers model class.
 runtime_overhead: {figures['runtime_bytes']}
 # Decoding those decoders reads weights and KV cache at {figures['decode_read_gbps']:.1f} GB/s beyond a fixed cost per

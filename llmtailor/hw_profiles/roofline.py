@@ -14,6 +14,8 @@ class Operation:
     flops: float
     bytes: float
     precision: str  # fp32 | fp16 | int8
+    tflops: float | None = None  # the kernel's own peak rate where it is not the precision's (weight-only kernels)
+    read_gbps: float | None = None  # a reached read rate where the runtime's path is not the usual one
 
 
 def compute_precision(profile: DeviceProfile, int8_activations: bool, dense_dtype: str = "float16") -> str:
@@ -25,10 +27,11 @@ def compute_precision(profile: DeviceProfile, int8_activations: bool, dense_dtyp
 
 
 def seconds(op: Operation, profile: DeviceProfile) -> float:
-    """Time of one operation on the device: max(bytes / bandwidth, flops / compute), both derated."""
+    """Time of one operation on the device: max(bytes / bandwidth, flops / compute), both derated (an operation's
+    own read rate is a reached one, not derated)."""
     efficiency = profile.bandwidth_efficiency_by_precision.get(op.precision, profile.bandwidth_efficiency)
-    bandwidth = profile.memory_bandwidth_gbps * 1e9 * efficiency
-    compute = profile.peak_tflops[op.precision] * 1e12 * profile.compute_efficiency
+    bandwidth = op.read_gbps * 1e9 if op.read_gbps else profile.memory_bandwidth_gbps * 1e9 * efficiency
+    compute = (op.tflops or profile.peak_tflops[op.precision]) * 1e12 * profile.compute_efficiency
     return max(op.bytes / bandwidth, op.flops / compute)
 
 
