@@ -113,7 +113,9 @@ def spent_seconds(study: optuna.Study, measured: list[optuna.trial.FrozenTrial])
     return out
 
 
-def analyse(study: optuna.Study, trials: int, objectives, bounds) -> dict:
+def analyse(study: optuna.Study, trials: int, objectives, bounds, guided: bool = False) -> dict:
+    """Figures of one study's first `trials` measured trials. In the guided space the enqueued trials are the
+    allocator's mixed plans at the bytes of uniform plans, not uniform plans: `mixed_points` counts them in."""
     measured = first_measured(study, trials)
     spent = spent_seconds(study, measured)
     points = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE and status(t) == "evaluated"
@@ -146,6 +148,7 @@ def analyse(study: optuna.Study, trials: int, objectives, bounds) -> dict:
                                                                     objectives, bounds)] for t in points],
         "front": [[t.values, t.number, "fixed_params" in t.system_attrs] for t in front],
         "baseline_points": [[b.values, b.number] for b in baselines],
+        "mixed_points": [t.values for t in sampled] + ([b.values for b in baselines] if guided else []),
     }
 
 
@@ -212,10 +215,18 @@ def main() -> None:
         study = load(folder, name)
         if study is None or len(first_measured(study, args.trials)) < args.trials:
             continue
-        runs[name] = {"space": space, "sampler": sampler, "mode": mode, "seed": seed, **analyse(study, args.trials,
-                                                                                                objectives, bounds)}
+        runs[name] = {"space": space, "sampler": sampler, "mode": mode, "seed": seed,
+                      **analyse(study, args.trials, objectives, bounds, guided=space == "guided")}
         if name in wall:
             runs[name]["wall_seconds_this_call"] = wall[name]
+    # The uniform baselines are the direct space's enqueued plans (int8, 4-bit g128 GPTQ, 4-bit + 50% Wanda, 2:4, a
+    # depth cut: the same plans and measurements in every direct run). A run weakly dominates one when one of its
+    # mixed plans is no worse on every objective.
+    uniform = {tuple(v): n for r in runs.values() if r["space"] == "direct" for v, n in r["baseline_points"]}
+    for run in runs.values():
+        run["uniform_baselines_weakly_dominated"] = sum(
+            1 for u in uniform if any(all(a <= b for a, b in zip(p, u, strict=True)) for p in run["mixed_points"]))
+        run["uniform_baselines"] = len(uniform)
     groups: dict[tuple, list[dict]] = {}
     for run in runs.values():
         groups.setdefault((run["space"], run["sampler"], run["mode"]), []).append(run)
@@ -228,6 +239,9 @@ def main() -> None:
             "hypervolume_mean": statistics.mean(hvs), "hypervolume_sd": statistics.stdev(hvs) if len(hvs) > 1 else 0.0,
             "vs_random": statistics.mean(hvs) / statistics.mean(random_hvs) if random_hvs else None,
             "baselines_dominated_by_sampled_mean": statistics.mean(m["baselines_dominated_by_sampled"] for m in members),
+            "uniform_baselines_weakly_dominated_mean": statistics.mean(m["uniform_baselines_weakly_dominated"]
+                                                                       for m in members),
+            "uniform_baselines": members[0]["uniform_baselines"],
             "baselines": members[0]["baselines"],
             "runs_with_a_mixed_plan_no_baseline_dominates": sum(1 for m in members
                                                                 if m["sampled_on_front_not_dominated_by_a_baseline"]),
@@ -271,14 +285,16 @@ def main() -> None:
     print(f"teacher forward over {facts['eval_tokens']} tokens: {facts['forward_seconds']:.2f} s; "
           f"median warm trial {result['median_warm_trial_seconds']} s; peak RSS / fp32 teacher "
           f"{result['peak_rss_over_teacher_float32']:.2f}")
-    print("| space | sampler | stop early | seeds | hypervolume | x random | baselines dominated | "
-          "runs with a mixed plan no baseline dominates | median s/trial | stopped at slice | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| space | sampler | stop early | seeds | hypervolume | x random | enqueued dominated | uniform baselines "
+          "weakly dominated | runs with a mixed plan no baseline dominates | median s/trial | stopped at slice | "
+          "peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         ratio = "" if s["vs_random"] is None else f"{s['vs_random']:.2f}"
         print(f"| {s['space']} | {s['sampler']} | {s['mode'] == 'early'} | {s['seeds']} | "
               f"{s['hypervolume_mean']:.4f} ± {s['hypervolume_sd']:.4f} | {ratio} | "
               f"{s['baselines_dominated_by_sampled_mean']:.1f} of {s['baselines']} | "
+              f"{s['uniform_baselines_weakly_dominated_mean']:.1f} of {s['uniform_baselines']} | "
               f"{s['runs_with_a_mixed_plan_no_baseline_dominates']} of {s['seeds']} | {s['median_trial_seconds']:.1f} | "
               f"{s['share_stopped_at_kl_slice']:.0%} | {s['peak_rss_bytes_max'] / 1e6:.0f} MB |")
     print("\nCheap before dear at equal trial seconds (the quicker run's total):\n")
