@@ -49,7 +49,9 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
                         "train_seconds")
     parser.add_argument("--tasks", default="pydoc_cloze",
                         help="comma-separated lm-eval tasks (default: pydoc_cloze), or none for no accuracy")
-    parser.add_argument("--task-items", type=int, default=24, help="items of each built-in task (default: 24)")
+    parser.add_argument("--task-items", type=int, default=100, help="items of each built-in task (default: 100, "
+                        "fewer where the text has fewer: at 100 the accuracy of a plan against the teacher's on the "
+                        "same items separates a 6-point drop, at 24 not a 12-point one; BENCHMARKS.md)")
     parser.add_argument("--eval-windows", type=int, default=4, help="held-out windows for KL and perplexity")
     parser.add_argument("--window-tokens", type=int, default=256, help="tokens per evaluation window")
     parser.add_argument("--text", default="pydoc", help="text source: pydoc, a .txt/.jsonl file, or hf:NAME:SPLIT")

@@ -297,6 +297,12 @@ def test_cheap_before_dear_stops_far_behind_plans_at_a_slice_and_gives_accuracy_
             assert ahead.values[0] <= t.values[0] and all(x <= y for x, y in zip(ahead.values[1:], t.values[1:], strict=True))
         if a["stage"] == "accuracy":
             assert 0 < a["accuracy_ci95"] < 0.5
+            # Paired with the teacher's answers to the same items, measured once and kept in the cache folder.
+            assert -1 <= a["accuracy_vs_teacher"] <= 1 and 0 <= a["accuracy_vs_teacher_ci95"] < 1
+    from llmtailor import models
+
+    teacher_scores = list((models.cache_dir() / "tasks").glob("teacher-*.json"))
+    assert teacher_scores and all(json.loads(path.read_text())["pydoc_cloze"] for path in teacher_scores)
     front = csv.DictReader((tmp_path / "stages" / "front.csv").open())
     assert all(row["accuracy"] for row in front)  # every plan on the front was measured in full, with accuracy
     assert "stopped after KL on a slice" in (tmp_path / "stages" / "report.html").read_text()

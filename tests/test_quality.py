@@ -53,6 +53,18 @@ def test_lm_eval_accuracy_of_an_in_memory_model(tiny, tmp_path):
     entries = tasks.resolve_tasks(["pydoc_cloze"], text.split("pydoc").task, 8, tmp_path)
     accuracy = tasks.accuracy(tiny.model, tiny.tokenizer, entries)
     assert set(accuracy) == {"pydoc_cloze"} and 0.0 <= accuracy["pydoc_cloze"] <= 1.0
+    scores = tasks.item_scores(tiny.model, tiny.tokenizer, entries)["pydoc_cloze"]
+    assert len(scores) == 8 and set(scores) <= {0.0, 1.0} and sum(scores) / 8 == accuracy["pydoc_cloze"]
+
+
+def test_paired_difference_by_hand():
+    # Items 1 and 4 differ (one each way), items 2 and 3 agree: mean 0, differences (1, 0, 0, -1).
+    assert tasks.paired_difference([1, 1, 0, 0], [0, 1, 0, 1]) == pytest.approx((0.0, 1.96 * (2 / 3 / 4) ** 0.5))
+    same = tasks.paired_difference([1, 0, 1, 1], [1, 0, 1, 1])
+    assert same == (0.0, 0.0)  # a model against itself: no difference, no uncertainty
+    assert tasks.paired_difference([1.0], [0.0])[1] == float("inf")
+    with pytest.raises(ValueError, match="same items"):
+        tasks.paired_difference([1, 0], [1])
 
 
 def test_unknown_task_is_refused_before_any_work():

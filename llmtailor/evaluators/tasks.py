@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import Callable
@@ -129,8 +130,10 @@ def resolve_tasks(names: list[str], documents: tuple[str, ...] | list[str], limi
     return [multiple_choice_task(n, BUILTIN_TASKS[n](documents, limit), cache) if n in BUILTIN_TASKS else n for n in names]
 
 
-def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
-    """Accuracy of an in-memory model on lm-eval tasks, run on the model's device: {task: acc}."""
+def item_scores(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None,
+                batch_size: int = 8) -> dict[str, list[float]]:
+    """Each item's accuracy (1.0 right, 0.0 wrong) of an in-memory model on lm-eval tasks, in item order, run on the
+    model's device: {task: [score, ...]}. Two models' lists pair item by item (``paired_difference``)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -138,8 +141,33 @@ def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = N
     device = str(next(model.parameters()).device)  # the device the model is on
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own progress bars, one per task and phase
-        results = lm_eval.simple_evaluate(
+        samples = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=task_manager(), limit=limit, verbosity="ERROR",
-            log_samples=False, bootstrap_iters=0,
-        )["results"]
-    return {name: float(metrics["acc,none"]) for name, metrics in results.items() if "acc,none" in metrics}
+            log_samples=True, bootstrap_iters=0,
+        )["samples"]
+    return {name: [float(s["acc"]) for s in sorted(done, key=lambda s: s["doc_id"])]
+            for name, done in samples.items() if done and "acc" in done[0]}
+
+
+def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """Accuracy of an in-memory model on lm-eval tasks, run on the model's device: {task: acc}."""
+    return {name: sum(scores) / len(scores) for name, scores in item_scores(model, tokenizer, tasks, limit,
+                                                                              batch_size).items()}
+
+
+def paired_difference(scores: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean per-item difference of two models' scores on the same items (scores - reference) and its 95% half-width.
+
+    Pairing is what makes a few hundred items enough: a compressed model answers most items
+    as its teacher does, and only the items where they differ carry variance, so the
+    interval of the difference is much narrower than that of either accuracy (normal
+    approximation over the per-item differences; infinite below two items)."""
+    if len(scores) != len(reference):
+        raise ValueError(f"paired scores need the same items: {len(scores)} against {len(reference)}")
+    n = len(scores)
+    differences = [a - b for a, b in zip(scores, reference, strict=True)]
+    mean = sum(differences) / n if n else 0.0
+    if n < 2:
+        return mean, math.inf
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
+    return mean, 1.96 * math.sqrt(variance / n)

@@ -72,6 +72,10 @@ def _stages(trials: Any) -> str:
     ci = trials["accuracy_ci95"].dropna()
     if len(ci):
         text += f" Accuracy's 95% confidence half-width: ±{ci.median():.3f} (median over the trials that have it)."
+    paired = trials["accuracy_vs_teacher_ci95"].dropna() if "accuracy_vs_teacher_ci95" in trials else []
+    if len(paired):
+        text += (f" Against the teacher on the same items (accuracy_vs_teacher, paired): ±{paired.median():.3f}; a plan "
+                 "whose interval excludes 0 answers differently from the teacher beyond chance.")
     return text
 
 

@@ -116,10 +116,12 @@ def trials(study: optuna.Study) -> pd.DataFrame:
         r["worker"] = t.user_attrs.get("worker", "")
         r["stage"] = t.user_attrs.get("stage")  # how far cheap-before-dear measured it
         r["stage_seconds"] = json.dumps(t.user_attrs["stage_seconds"]) if "stage_seconds" in t.user_attrs else None
-        r["accuracy_ci95"] = t.user_attrs.get("accuracy_ci95")
+        for key in ("accuracy_ci95", "accuracy_vs_teacher", "accuracy_vs_teacher_ci95"):
+            r[key] = t.user_attrs.get(key)
         rows.append(r)
     return pd.DataFrame(rows, columns=[*COLUMNS, "state", "fail_reason", "skip_reason", "duplicate_of", "worker",
-                                       "stage", "stage_seconds", "accuracy_ci95"])
+                                       "stage", "stage_seconds", "accuracy_ci95", "accuracy_vs_teacher",
+                                       "accuracy_vs_teacher_ci95"])
 
 
 def plan_json(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -69,7 +70,8 @@ COUNTED = ("evaluated", "failed")  # statuses that count toward --trials
 STUDY_ATTR = "llmtailor"
 MAX_REJECTIONS_PER_TRIAL = 100
 # Attributes a duplicate trial copies from the measured trial of the same plan.
-MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy", "accuracy_ci95", "fidelity", "distill_steps",
+MEASURED_ATTRS = ("kl", "perplexity", "eval_tokens", "accuracy", "accuracy_ci95", "accuracy_vs_teacher",
+                  "accuracy_vs_teacher_ci95", "fidelity", "distill_steps",
                   "train_seconds", "train_loss", "plan", "kl_by_text", "perplexity_by_text", "stage")
 # Distillation fidelity: a student is first trained for 1/FIDELITY_DIVISOR of its budget; it gets the whole budget
 # unless a measured trial at no higher predicted cost is already better than it by more than FIDELITY_MARGIN on
@@ -101,7 +103,7 @@ class SearchConfig:
     sampler: str = "tpe"  # chosen by benchmarks/bench_search.py (BENCHMARKS.md)
     objectives: tuple[str, ...] = objectives_mod.DEFAULT_OBJECTIVES
     tasks: tuple[str, ...] = ("pydoc_cloze",)  # empty: no lm-eval accuracy
-    task_items: int = 24
+    task_items: int = 100  # per built-in task; see bench_accuracy_ci.py for what 24 and 100 items can separate
     eval_windows: int = 4
     window_tokens: int = 256
     text: str = text.DEFAULT_SOURCE
@@ -364,10 +366,28 @@ class TrialEvaluator:
                                                      c.eval_windows, c.window_tokens, quality.SEARCH_TOP_K)
                            for source, documents in evaluation.items()}
         self.tasks = lm_tasks.resolve_tasks(list(c.tasks), setup.splits.task, c.task_items, models.cache_dir())
+        self.teacher_items: dict[str, list[float]] = {}
         if self.tasks:
             lm_tasks.task_manager()
+            self.teacher_items = self._teacher_item_scores(fingerprint, log)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = False  # set when the asked total is reached while this process was sampling
+
+    def _teacher_item_scores(self, fingerprint: str, log: Any) -> dict[str, list[float]]:
+        """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
+        model and task set and kept in the cache folder (all workers share it), before any trial changes the
+        teacher's weights."""
+        key = hashlib.sha256(json.dumps([fingerprint, self.tasks], sort_keys=True, default=str).encode()).hexdigest()
+        path = models.cache_dir() / "tasks" / f"teacher-{key[:20]}.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                pass  # damaged: measured again and rewritten below
+        log("measuring the teacher on the tasks ...")
+        scores = lm_tasks.item_scores(self.teacher.model, self.teacher.tokenizer, self.tasks)
+        files.write_text(path, json.dumps(scores))
+        return scores
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         started = time.perf_counter()
@@ -464,15 +484,27 @@ class TrialEvaluator:
             measured, stage = self._quality(parts, plan), "kl"
             lap("kl")
             if self.tasks and self._on_front(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured})):
-                accuracy = lm_tasks.accuracy(model, self.teacher.tokenizer, self.tasks)
-                mean, items = sum(accuracy.values()) / len(accuracy), self.setup.config.task_items * len(accuracy)
-                measured.update(accuracy=mean, accuracy_ci95=1.96 * math.sqrt(max(mean * (1 - mean), 0.0) / items),
-                                **{f"accuracy_{k}": v for k, v in accuracy.items()})
+                measured.update(self._accuracy(model))
                 stage = "accuracy"
                 lap("accuracy")
         measured["stage"] = stage
         if behind is not None:
             measured["stopped_by"] = behind
+        return measured
+
+    def _accuracy(self, model: Any) -> dict[str, Any]:
+        """Task accuracy (the mean over tasks) with its 95% half-width, and the difference to the teacher on the same
+        items with the paired half-width, which separates plans that one accuracy's interval cannot."""
+        scores = lm_tasks.item_scores(model, self.teacher.tokenizer, self.tasks)
+        accuracy = {name: sum(s) / len(s) for name, s in scores.items()}
+        mean, items = sum(accuracy.values()) / len(accuracy), sum(len(s) for s in scores.values())
+        measured = {"accuracy": mean, "accuracy_ci95": 1.96 * math.sqrt(max(mean * (1 - mean), 0.0) / items),
+                    **{f"accuracy_{k}": v for k, v in accuracy.items()}}
+        ours = [x for name in sorted(scores) for x in scores[name]]
+        theirs = [x for name in sorted(scores) for x in self.teacher_items.get(name, [])]
+        if len(ours) == len(theirs):
+            gap, half_width = lm_tasks.paired_difference(ours, theirs)
+            measured.update(accuracy_vs_teacher=gap, accuracy_vs_teacher_ci95=half_width)
         return measured
 
     def _quality(self, parts: dict[str, list], plan: Any) -> dict[str, Any]:
