@@ -24,12 +24,18 @@ ACTIVATION_BITS = (16, 8)
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
-def nm_ratio(pattern: str) -> float | None:
-    """The share of weights an 'N:M' pattern prunes (1 − N/M), or None when the text is not N:M with 0 < N < M."""
+def nm_pair(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an 'N:M' pattern, or None when the text is not N:M with 0 < N < M (for instance 'unstructured')."""
     match = _NM_PATTERN.match(pattern)
     if not match or not 0 < int(match[1]) < int(match[2]):
         return None
-    return 1 - int(match[1]) / int(match[2])
+    return int(match[1]), int(match[2])
+
+
+def nm_ratio(pattern: str) -> float | None:
+    """The share of weights an 'N:M' pattern prunes (1 − N/M), or None when the text is not N:M with 0 < N < M."""
+    pair = nm_pair(pattern)
+    return None if pair is None else 1 - pair[0] / pair[1]
 
 
 class PlanError(UserError):
@@ -102,6 +108,11 @@ class LayerSparsity:
     @property
     def is_identity(self) -> bool:
         return self.ratio == 0.0 and self.pattern == "unstructured"
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern; None for unstructured."""
+        return nm_pair(self.pattern)
 
 
 @dataclass(frozen=True)

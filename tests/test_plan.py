@@ -61,3 +61,11 @@ def test_validate_against_architecture(tiny):
         CompressionPlan(student=Student(layers=(0, 0))).validate(arch)
     with pytest.raises(PlanError, match="not to model.embed_tokens"):
         CompressionPlan(sparsity={"model.embed_tokens": LayerSparsity(0.5)}).validate(arch)
+
+
+def test_nm_patterns_parse_once():
+    from llmtailor.plan import LayerSparsity, nm_pair, nm_ratio
+
+    assert nm_pair("2:4") == (2, 4) and nm_pair("4:8") == (4, 8) and nm_ratio("2:4") == 0.5
+    assert nm_pair("unstructured") is None and nm_pair("4:2") is None and nm_pair("0:4") is None
+    assert LayerSparsity(0.5, "2:4").nm == (2, 4) and LayerSparsity(0.3).nm is None

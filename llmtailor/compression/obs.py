@@ -86,7 +86,7 @@ def sweep(weight: torch.Tensor, hessian: torch.Tensor, *, damp: float, shrink: f
     keep = None if keep is None else keep.to(w.device)[:, order]
     if select is not None:
         keep = torch.ones(out, width, dtype=torch.bool, device=w.device)
-        nm = None if select.pattern == "unstructured" else tuple(int(x) for x in select.pattern.split(":"))
+        nm = select.nm
         counts = prune_counts(out, width, select.ratio, block_size) if nm is None else None
     h += damp * torch.diagonal(h).mean() * torch.eye(width, device=w.device)
     # Rows of the upper Cholesky factor of H⁻¹ hold the weights that spread each column's error.

@@ -10,7 +10,7 @@ import torch
 
 from llmtailor.compression.quantize import QuantizedWeight, pack_bits, unpack_bits
 from llmtailor.evaluators.cost import tensor_bytes
-from llmtailor.plan import LayerPrecision, LayerSparsity
+from llmtailor.plan import LayerPrecision, LayerSparsity, nm_pair
 
 
 @dataclass
@@ -68,7 +68,7 @@ class PackedWeight:
             rows = np.repeat(np.arange(out), np.diff(row_pointers))
             mask[torch.from_numpy(rows * width + columns.astype(np.int64))] = True
         else:  # n:m: each group of M inputs keeps N values, each with its position in the group
-            n, m = (int(x) for x in self.pattern.split(":"))
+            n, m = nm_pair(self.pattern)
             positions = unpack_bits(self.index[0], math.ceil(math.log2(m)), out * width // m * n).long()
             group = torch.arange(positions.numel()) // n
             mask[group * m + positions] = True
@@ -102,7 +102,7 @@ def pack_layer(
         columns = mask.nonzero()[:, 1].numpy().astype(np.uint16 if width <= 65536 else np.int32)
         index = [columns, np.concatenate([[0], np.cumsum(rows_kept)]).astype(np.int32)]
     elif layout.format == "n:m":
-        m = int(sparsity.pattern.split(":")[1])
+        m = sparsity.nm[1]
         positions = torch.from_numpy((keep.nonzero()[:, 0] % m).numpy().astype(np.uint8))
         index = [pack_bits(positions, math.ceil(math.log2(m)))]
     group_size = quantized.group_size if quantized is not None else 0

@@ -41,7 +41,7 @@ def keep_largest(score: torch.Tensor, sparsity: LayerSparsity) -> torch.Tensor:
     if sparsity.pattern == "unstructured":
         rows, pruned = score, width - kept_per_row(width, sparsity)
     else:
-        n, m = (int(x) for x in sparsity.pattern.split(":"))
+        n, m = sparsity.nm
         rows, pruned = score.reshape(-1, m), m - n
     mask = torch.ones_like(rows, dtype=torch.bool)
     mask.scatter_(1, torch.sort(rows, dim=1, stable=True).indices[:, :pruned], False)

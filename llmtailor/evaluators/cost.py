@@ -83,7 +83,7 @@ def kept_per_row(in_features: int, sparsity: LayerSparsity) -> int:
     """How many weights of each row a pruner keeps."""
     if sparsity.pattern == "unstructured":
         return in_features - math.floor(sparsity.ratio * in_features)
-    n, m = (int(x) for x in sparsity.pattern.split(":"))
+    n, m = sparsity.nm
     return in_features // m * n
 
 
@@ -106,7 +106,7 @@ def tensor_bytes(out_features: int, in_features: int, precision: LayerPrecision,
     kept = out_features * kept_per_row(in_features, sparsity)
     kept_values = _packed(kept, bits)
     if sparsity.pattern != "unstructured":
-        m = int(sparsity.pattern.split(":")[1])
+        m = sparsity.nm[1]
         return TensorBytes("n:m", kept_values, scales, zeros, _packed(kept, math.ceil(math.log2(m))))
     index_bytes = 2 if in_features <= 65536 else 4
     options = [

@@ -47,7 +47,7 @@ from llmtailor.arch import Architecture
 from llmtailor.compression import outliers, structure
 from llmtailor.errors import UserError
 from llmtailor.evaluators.cost import weight_bytes
-from llmtailor.plan import CompressionPlan, Distillation, LayerSparsity, Student, nm_ratio
+from llmtailor.plan import CompressionPlan, Distillation, LayerSparsity, Student, nm_pair, nm_ratio
 from llmtailor.spaces.base import BlockScores, SearchSpace
 from llmtailor.spaces.grouped import GroupedSpace, _without_identities, by_depth_segment, by_part
 from llmtailor.spaces.guided import GuidedSpace
@@ -201,7 +201,7 @@ class JointSpace(SearchSpace):
         for lin in small.linears:
             if lin.block is None or not ratios:
                 continue
-            if pattern == "unstructured" or lin.in_features % int(pattern.split(":")[1]) == 0:
+            if pattern == "unstructured" or lin.in_features % nm_pair(pattern)[1] == 0:
                 sparsity[lin.name] = LayerSparsity(ratios[lin.block], pattern, params["prune_method"])
                 if sparsity[lin.name].method == "sparsegpt" and precision.get(lin.name) and precision[lin.name].method == "gptq":
                     precision[lin.name] = dataclasses.replace(precision[lin.name], act_order=False)
