@@ -309,3 +309,30 @@ def test_sigterm_stops_a_workers_sweep_like_ctrl_c_and_the_same_command_resumes(
 def test_workers_on_an_in_memory_database_are_refused(tiny_model_dir, tmp_path, capsys):
     code = cli.main(argv(tiny_model_dir, tmp_path, "mem", 4, "--storage", "sqlite://", "--workers", "2"))
     assert code == 2 and "in one process's memory" in capsys.readouterr().err
+
+
+def test_workers_racing_to_create_sqlite_tables_retry_instead_of_failing(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    real, calls = storage_mod.Storage, []
+
+    def racing(url, **kwargs):  # the first open loses the race another worker's CREATE TABLE won
+        calls.append(url)
+        if len(calls) == 1:
+            raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(storage_mod, "Storage", racing)
+    monkeypatch.setattr(storage_mod.time, "sleep", lambda seconds: None)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    assert isinstance(storage_mod.open_storage(url), real) and len(calls) == 2
+    calls.clear()
+
+    def unreachable(url, **kwargs):  # any other operational error (a server not there) still fails at once
+        calls.append(url)
+        raise OperationalError("connect", {}, Exception("could not connect to server"))
+
+    monkeypatch.setattr(storage_mod, "Storage", unreachable)
+    with pytest.raises(UserError, match="cannot open storage .*could not connect"):
+        storage_mod.open_storage(url)
+    assert len(calls) == 1

@@ -248,8 +248,9 @@ def open_storage(url: str) -> Storage | JournalStorage:
 
     A journal file is created if it does not exist. Workers started together on an
     empty database all try to create Optuna's tables; all but one then hit a
-    unique-key violation. That race is retried; a server that cannot be reached or
-    refuses the login fails at once.
+    unique-key violation (PostgreSQL) or "table ... already exists" (SQLite, raised as an
+    OperationalError). That race is retried; a server that cannot be reached or refuses
+    the login fails at once.
     """
     from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -261,7 +262,8 @@ def open_storage(url: str) -> Storage | JournalStorage:
         try:
             return Storage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=STALE_AFTER_S)
         except Exception as exc:  # SQLAlchemy raises many types for unreachable servers and refused logins
-            racing = isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError)
+            racing = isinstance(exc, DBAPIError) and (not isinstance(exc, OperationalError)
+                                                      or "already exists" in str(exc))
             if racing and attempt < SCHEMA_RACE_RETRIES:
                 time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
                 continue
