@@ -169,6 +169,13 @@ def measure(path: Path, prompt: int, steps: int, repeats: int) -> dict:
             "peak_rss_bytes": host.peak_resident_bytes()}
 
 
+# Per phase: its name, the key of its prediction, how to read it from a cost estimate, the measured figure it is
+# checked against.
+PHASES = (("prefill", "prefill_s", lambda e: e.latency.prefill_s, "prefill_s"),
+          ("decode", "decode_s_per_token", lambda e: e.latency.decode_s_per_token, "decode_s_per_token"),
+          ("memory", "memory_bytes", lambda e: e.memory.total, "peak_rss_bytes"))
+
+
 def mape(predicted: list[float], measured: list[float]) -> float:
     return 100 * statistics.mean(abs(p - m) / m for p, m in zip(predicted, measured, strict=True))
 
@@ -225,19 +232,15 @@ def main() -> None:
         workload = cost.Workload(args.prompt + args.steps, 1, args.prompt, v.dtype)
         predicted = cost.estimate(plan_of(v, arch), arch, profile, workload)
         rows.append({"variant": v.name, "dense_dtype": v.dtype, **{f"measured_{k}": x for k, x in measured.items()},
-                     "predicted_prefill_s": predicted.latency.prefill_s,
-                     "predicted_decode_s_per_token": predicted.latency.decode_s_per_token,
-                     "predicted_memory_bytes": predicted.memory.total,
+                     **{f"predicted_{key}": read(predicted) for _, key, read, _ in PHASES},
                      "measured_decode_s_per_token_passes": [p["decode_s_per_token"] for p in passes[v.name]]})
-        if window_profiles:  # each pass against the profile measured just before it; medians over passes
-            for phase, (pick, key) in {"prefill_s": (lambda e: e.latency.prefill_s, "prefill_s"),
-                                       "decode_s_per_token": (lambda e: e.latency.decode_s_per_token,
-                                                              "decode_s_per_token"),
-                                       "memory_bytes": (lambda e: e.memory.total, "peak_rss_bytes")}.items():
-                predictions = [pick(cost.estimate(plan_of(v, arch), arch, wp, workload)) for wp in window_profiles]
-                rows[-1][f"window_predicted_{phase}"] = statistics.median(predictions)
-                rows[-1][f"window_error_{phase}"] = statistics.median(
-                    (p - m[key]) / m[key] for p, m in zip(predictions, passes[v.name], strict=True))
+        # Each pass against the profile measured just before it; medians over passes.
+        in_window = [cost.estimate(plan_of(v, arch), arch, wp, workload) for wp in window_profiles]
+        for _, key, read, measured_key in PHASES if in_window else ():
+            predictions = [read(e) for e in in_window]
+            rows[-1][f"window_predicted_{key}"] = statistics.median(predictions)
+            rows[-1][f"window_error_{key}"] = statistics.median(
+                (p - m[measured_key]) / m[measured_key] for p, m in zip(predictions, passes[v.name], strict=True))
         r = rows[-1]
         print(f"{v.name}: prefill {r['measured_prefill_s'] * 1e3:.1f} ms (predicted {r['predicted_prefill_s'] * 1e3:.1f}),"
               f" decode {r['measured_decode_s_per_token'] * 1e3:.2f} ms/token "
@@ -245,9 +248,7 @@ def main() -> None:
               f"{r['measured_peak_rss_bytes'] / 2**20:.0f} MiB (predicted {r['predicted_memory_bytes'] / 2**20:.0f})",
               file=sys.stderr)
     summary = {}
-    phases = (("prefill", "prefill_s", "prefill_s"), ("decode", "decode_s_per_token", "decode_s_per_token"),
-              ("memory", "memory_bytes", "peak_rss_bytes"))
-    for phase, predicted_key, measured_key in phases:
+    for phase, predicted_key, _, measured_key in PHASES:
         p = [r[f"predicted_{predicted_key}"] for r in rows]
         m = [r[f"measured_{measured_key}"] for r in rows]
         summary[f"{phase}_mape_percent"] = mape(p, m)
