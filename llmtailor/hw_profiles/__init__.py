@@ -61,6 +61,7 @@ class DeviceProfile:
     # CPU half-precision matmul copies the transposed head before multiplying one row of a longer prompt (a decode
     # step does not), at a rate that varies fivefold with the shape (cache conflicts of a strided copy).
     prompt_head_read_gbps: dict[str, dict[str, float]] = field(default_factory=dict)
+    runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
 
     def prompt_head_gbps(self, precision: str, vocab: int, width: int) -> float | None:
         """The prompt head's read rate for this shape: the measured shape nearest to it (in log vocabulary and log
@@ -74,7 +75,6 @@ class DeviceProfile:
             return math.log(v / vocab) ** 2 + math.log(w / width) ** 2
 
         return by_shape[min(by_shape, key=distance)]
-    runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -243,7 +243,7 @@ def _positive_rates(rates: dict, key: str, allowed: tuple[str, ...] | re.Pattern
                     zero: bool = False) -> dict[str, float]:
     """A profile's mapping of names (from `allowed`, or matching it) to positive (or, with `zero`, non-negative)
     numbers, checked."""
-    names = allowed.pattern if isinstance(allowed, re.Pattern) else allowed
+    names = "head shapes VOCABxWIDTH (such as 49152x576)" if isinstance(allowed, re.Pattern) else allowed
     for name, rate in rates.items():
         known = allowed.match(str(name)) if isinstance(allowed, re.Pattern) else name in allowed
         if not known or isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0 or \
