@@ -130,6 +130,34 @@ def test_float32_runtime_doubles_what_is_held_dense_and_nothing_quantized(tiny):
         cost.Workload(dense_dtype="int8")
 
 
+def test_memory_holds_what_the_runtime_holds_beyond_the_stored_form(tiny):
+    """With a profile: its runtime's own memory, weights a kernel holds twice while loading, and the dense head
+    copied for a prompt's last position where the profile prices that copy."""
+    import dataclasses
+
+    arch = tiny.arch
+    w = cost.Workload(256, 1, 64, "bfloat16")
+    base = dataclasses.replace(hw_profiles.load("laptop-x86-16gb"), kernels=frozenset({"int8_activations"}),
+                               runtime_overhead_bytes=1000, prompt_head_read_gbps={}, weight_copies_at_load={})
+    int8 = CompressionPlan(precision={x.name: LayerPrecision(8, 0, act_bits=8) for x in arch.linears})
+    plain = cost.memory(int8, arch, w, base)
+    assert plain.overhead == 1000 and plain.weights == cost.memory(int8, arch, w).weights
+    twice = cost.memory(int8, arch, w, dataclasses.replace(base, weight_copies_at_load={"int8_activations": 2.0}))
+    assert twice.weights == 2 * plain.weights and twice.activations == plain.activations
+    weight_only = CompressionPlan(precision={x.name: LayerPrecision(8, 0) for x in arch.linears})
+    assert cost.memory(weight_only, arch, w, dataclasses.replace(base, weight_copies_at_load={"int8_activations": 2.0})
+                       ).weights == cost.memory(weight_only, arch, w).weights  # another kernel (none here): once
+    shape = f"{arch.vocab_size}x{arch.hidden_size}"
+    copying = dataclasses.replace(base, prompt_head_read_gbps={"fp16": {shape: 1.0}})
+    head = arch.vocab_size * arch.hidden_size * 2
+    assert cost.memory(CompressionPlan(), arch, w, copying).activations == plain.activations + head
+    assert cost.memory(CompressionPlan(), arch, cost.Workload(256, 1, 64, "float32"), copying).activations == \
+        cost.memory(CompressionPlan(), arch, cost.Workload(256, 1, 64, "float32"), base).activations  # fp32: no copy
+    quantized_head = CompressionPlan(precision={arch.embedding.name: LayerPrecision(8, 0)})
+    assert cost.memory(quantized_head, arch, w, copying).activations == plain.activations
+    assert cost.estimate(CompressionPlan(), arch, copying, w).memory == cost.memory(CompressionPlan(), arch, w, copying)
+
+
 def test_float32_computes_at_the_float32_rate():
     from llmtailor.hw_profiles import roofline
 
@@ -197,6 +225,8 @@ GOOD = Path(hw_profiles.PROFILE_DIR / "raspberry-pi-5-8gb.yaml").read_text()
     (lambda t: t + "\nprompt_head_read_gbps: {fp16: 1}\n", "mappings of head shapes"),
     (lambda t: t + "\nprompt_head_read_gbps: [1, 2]\n", "prompt_head_read_gbps must be a dict"),
     (lambda t: t.replace("int8_activations]", "warp_drive]"), "unknown kernels"),
+    (lambda t: t + "\nweight_copies_at_load: {int8_activations: 0.5}\n", "weight_copies_at_load counts copies"),
+    (lambda t: t + "\nweight_copies_at_load: {warp_drive: 2}\n", "weight_copies_at_load maps"),
     (lambda t: t + "\n  : : [\n", "not valid YAML"),
     (lambda t: "- just\n- a list\n", "mapping"),
     (lambda t: t.replace("runtime: llama.cpp (CPU, NEON)", "runtime: 3"), "runtime must be a str"),
@@ -227,6 +257,7 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     monkeypatch.setattr(host, "measure", lambda: real_measure(probe_bytes=32 << 20))
     monkeypatch.setattr(host, "matmul_tflops", lambda dtype: 0.05 if dtype == torch.float32 else 0.02)
     monkeypatch.setattr(host, "int8_dynamic_tflops", lambda: 0.08)
+    monkeypatch.setattr(host, "int8_dynamic_weight_copies", lambda: 2.03)
     monkeypatch.setattr(host, "weight_only_tflops", lambda bits: 0.03 if bits == 8 else 0.0)  # no int4 kernel
     monkeypatch.setattr(host, "prompt_head_read_gbps", lambda dtype, vocab, width, repeats:
                         5.0 if dtype == torch.float32 else width / 1000)
@@ -237,7 +268,7 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     profile = hw_profiles.load("host")
     assert profile.peak_tflops["int8"] > 0 and profile.memory_bandwidth_gbps > 0.1
     assert 0 < profile.peak_tflops["fp32"] < 1000 and 0 < profile.peak_tflops["fp16"] < 1000
-    assert "int8_activations" in profile.kernels
+    assert "int8_activations" in profile.kernels and profile.weight_copies_at_load == {"int8_activations": 2.03}
     assert profile.prompt_head_read_gbps["fp16"]["49152x576"] == 0.576 and "fp32" not in profile.prompt_head_read_gbps
     assert profile.prompt_head_gbps("fp16", 49152, 600) == 0.576  # the nearest measured shape
     assert profile.prompt_head_gbps("fp16", 150000, 1500) == 1.536 and profile.prompt_head_gbps("fp32", 10, 10) is None

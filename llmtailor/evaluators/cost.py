@@ -174,25 +174,59 @@ def kv_cache_bytes(plan: CompressionPlan, arch: Architecture, workload: Workload
     return _packed(vectors * arch.head_dim, plan.kv_cache_bits) + vectors * FLOAT16_BYTES
 
 
-def activation_bytes(arch: Architecture, workload: Workload) -> int:
-    """Peak working buffers of one block during prefill at the dense width, plus the last token's logits in float32."""
+def activation_bytes(arch: Architecture, workload: Workload, head_copy: int = 0) -> int:
+    """Peak working buffers of one block during prefill at the dense width, plus the last token's logits in float32,
+    plus `head_copy`: the bytes of a dense copy of the output head some runtimes make for the prompt's last position
+    (``_prompt_head_copy_bytes``)."""
     tokens = workload.batch_size * workload.prompt_length
     hidden_buffers = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * workload.dense_bytes
     scores = workload.batch_size * arch.num_heads * workload.prompt_length**2 * workload.dense_bytes
     logits = workload.batch_size * arch.vocab_size * 4
-    return hidden_buffers + scores + logits
+    return hidden_buffers + scores + logits + head_copy
 
 
-def memory(plan: CompressionPlan, arch: Architecture, workload: Workload, runtime_overhead: int = 0) -> MemoryEstimate:
-    """Memory the plan needs: weights, embedding, other parameters, KV cache, activations, runtime."""
+def _head(arch: Architecture) -> Linear | None:
+    """The layer that computes the logits: the embedding matrix where the two are tied."""
+    if arch.tie_embeddings:
+        return Linear(arch.embedding.name, arch.hidden_size, arch.vocab_size, None, "lm_head")
+    return next((lin for lin in arch.linears if lin.kind == "lm_head"), None)
+
+
+def _prompt_head_copy_bytes(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile,
+                            workload: Workload) -> int:
+    """The dense copy of the head a runtime makes to multiply a prompt's last position, where its profile prices one
+    (``prompt_head_read_gbps``: PyTorch's CPU half-precision matmul, 57 MB on the default model in bfloat16)."""
+    head = _head(arch)
+    if head is None or plan.precision_of(head.name).bits < 16:
+        return 0
+    precision = roofline.compute_precision(profile, False, workload.dense_dtype)
+    if profile.prompt_head_gbps(precision, head.out_features, head.in_features) is None:
+        return 0
+    return head.params * workload.dense_bytes
+
+
+def _weight_copies(plan: CompressionPlan, lin: Linear, profile: DeviceProfile | None) -> float:
+    """Copies of this layer's weights the runtime holds at its peak (``weight_copies_at_load`` of its kernel)."""
+    kernel = _kernel(plan.precision_of(lin.name), profile) if profile is not None else None
+    return profile.weight_copies_at_load.get(kernel, 1.0) if kernel else 1.0
+
+
+def memory(plan: CompressionPlan, arch: Architecture, workload: Workload,
+           profile: DeviceProfile | None = None) -> MemoryEstimate:
+    """Memory the plan needs: weights, embedding, other parameters, KV cache, activations, runtime. With a device
+    profile, what its runtime holds beyond the stored form: its own memory, weights a kernel holds twice while they
+    load, a copy of the head during prefill."""
     plan, arch = structured(plan, arch)
+    weights = sum(math.ceil(layer_bytes(plan, lin, workload.dense_bytes).total * _weight_copies(plan, lin, profile))
+                  for lin in arch.linears)
+    head_copy = _prompt_head_copy_bytes(plan, arch, profile, workload) if profile is not None else 0
     return MemoryEstimate(
-        weights=sum(layer_bytes(plan, lin, workload.dense_bytes).total for lin in arch.linears),
+        weights=weights,
         embedding=layer_bytes(plan, arch.embedding, workload.dense_bytes).total,
         other=arch.other_params * workload.dense_bytes,
         kv_cache=kv_cache_bytes(plan, arch, workload),
-        activations=activation_bytes(arch, workload),
-        overhead=runtime_overhead,
+        activations=activation_bytes(arch, workload, head_copy),
+        overhead=profile.runtime_overhead_bytes if profile is not None else 0,
     )
 
 
@@ -209,11 +243,19 @@ class LatencyEstimate:
         return 1.0 / self.decode_s_per_token
 
 
+def _kernel(precision: LayerPrecision, profile: DeviceProfile) -> str | None:
+    """The device's kernel that multiplies by this layer's low-bit weights directly, or None (dense, or no kernel)."""
+    if precision.bits >= 16:
+        return None
+    if precision.act_bits == 8 and precision.bits == 8 and "int8_activations" in profile.kernels:
+        return "int8_activations"
+    weight_only = "int8_weight_only" if precision.bits == 8 else "int4_weight_only"
+    return weight_only if weight_only in profile.kernels else None
+
+
 def _has_kernel(precision: LayerPrecision, profile: DeviceProfile) -> bool:
     """Whether the device multiplies by this layer's low-bit weights directly (a fused kernel)."""
-    if precision.act_bits == 8 and precision.bits == 8 and "int8_activations" in profile.kernels:
-        return True
-    return ("int8_weight_only" if precision.bits == 8 else "int4_weight_only") in profile.kernels
+    return _kernel(precision, profile) is not None
 
 
 def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfile, tokens: int,
@@ -265,7 +307,7 @@ def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, w
     batch, prompt, context = workload.batch_size, workload.prompt_length, workload.context_length
     linears = list(arch.linears)
     if arch.tie_embeddings:  # the head reads the embedding matrix, at the embedding's precision
-        linears.append(Linear(arch.embedding.name, arch.hidden_size, arch.vocab_size, None, "lm_head"))
+        linears.append(_head(arch))
     kv_per_block = kv_cache_bytes(plan, arch, workload) / arch.num_layers
     attention_width = arch.num_heads * arch.head_dim
     fp = roofline.compute_precision(profile, False, workload.dense_dtype)
@@ -305,7 +347,7 @@ class CostEstimate:
 def estimate(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, workload: Workload) -> CostEstimate:
     """Memory, latency and energy of a plan on a device, and whether it fits the device's budget."""
     return CostEstimate(
-        memory(plan, arch, workload, profile.runtime_overhead_bytes),
+        memory(plan, arch, workload, profile),
         latency(plan, arch, profile, workload),
         profile.usable_memory_bytes,
     )

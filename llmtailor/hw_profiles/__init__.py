@@ -59,8 +59,13 @@ class DeviceProfile:
     # GB/s (reached, not derated) at which the runtime reads the dense output head for a prompt's last position, per
     # compute precision and head shape ("VOCABxWIDTH"), where that differs from its matrix-vector rate: PyTorch's
     # CPU half-precision matmul copies the transposed head before multiplying one row of a longer prompt (a decode
-    # step does not), at a rate that varies fivefold with the shape (cache conflicts of a strided copy).
+    # step does not), at a rate that varies fivefold with the shape (cache conflicts of a strided copy). A runtime
+    # given a rate here holds that copy during prefill too: cost.memory counts the dense head once more.
     prompt_head_read_gbps: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Copies of a layer's weights the runtime holds at its peak, per kernel that runs the layer, where more than one:
+    # PyTorch's dynamically quantized int8 layers (int8_activations) repack the int8 weights they load into their
+    # kernel's layout, so while a model loads it holds both (about 2).
+    weight_copies_at_load: dict[str, float] = field(default_factory=dict)
     runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
 
     def prompt_head_gbps(self, precision: str, vocab: int, width: int) -> float | None:
@@ -164,7 +169,8 @@ _REQUIRED = {"name": str, "description": str, "memory": "size", "usable_memory":
 _OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency": float,
              "bandwidth_efficiency_by_precision": dict,
              "compute_efficiency": float, "layer_overhead_us": float, "runtime": str,
-             "weight_only_tflops": dict, "prompt_head_read_gbps": dict, "prefill_ns_per_value": dict}
+             "weight_only_tflops": dict, "prompt_head_read_gbps": dict, "prefill_ns_per_value": dict,
+             "weight_copies_at_load": dict}
 
 
 def _from_yaml(data: Any, where: str) -> DeviceProfile:
@@ -217,6 +223,10 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
                         f"(VOCABxWIDTH) to GB/s, got {heads!r}")
     heads = {precision: _positive_rates(by_shape, f"prompt_head_read_gbps.{precision}", _HEAD_SHAPE, where)
              for precision, by_shape in heads.items()}
+    copies = _positive_rates(values.get("weight_copies_at_load", {}), "weight_copies_at_load",
+                             tuple(sorted(KNOWN_KERNELS)), where)
+    if any(n < 1 for n in copies.values()):
+        raise UserError(f"device profile {where}: weight_copies_at_load counts copies, at least 1 each, got {copies}")
     kernels = frozenset(values.get("kernels", ()))
     if kernels - KNOWN_KERNELS:
         raise UserError(f"device profile {where}: unknown kernels {sorted(kernels - KNOWN_KERNELS)}; "
@@ -233,6 +243,7 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
         compute_efficiency=values.get("compute_efficiency", 0.5),
         layer_overhead_us=values.get("layer_overhead_us", 0.0), runtime=values.get("runtime", ""),
         weight_only_tflops=weight_only, prompt_head_read_gbps=heads, prefill_ns_per_value=per_value,
+        weight_copies_at_load=copies,
     )
 
 

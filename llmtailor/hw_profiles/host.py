@@ -23,7 +23,9 @@
   copies the whole transposed head first (a decode step does not). That costs more than
   the rest of a small model's prefill and its rate varies fivefold with the head's shape,
   so it is measured at the head shapes of common small models (``HEAD_SHAPES``) and a
-  model is priced at the nearest.
+  model is priced at the nearest. The copy is resident during prefill too (``cost.memory``).
+- **Weights held twice while loading**: PyTorch's dynamically quantized int8 layers pack
+  the int8 weights they load into their kernel's layout, so a loading model holds both.
 - **Usable memory**: what the OS reports available now; **runtime memory**: the peak
   resident memory of a fresh process that imports PyTorch and a transformers model class.
 
@@ -328,6 +330,28 @@ def runtime_bytes() -> int:
     return int(done.stdout.split()[-1])
 
 
+def int8_dynamic_weight_copies(inputs: int = 2048, outputs: int = 2048, layers: int = 8) -> float:
+    """Copies of their int8 weights that PyTorch's dynamically quantized linear layers hold while a model loads: the
+    loaded int8 tensors (as a state dict holds them) and the packed form each layer makes of them, measured as the
+    resident growth of packing over the int8 bytes, in a fresh process (a used heap would hide the growth); 1.0
+    where this build has no quantized engine."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; from llmtailor.hw_profiles import host; torch.set_num_threads(1)\n"
+            "if not set(torch.backends.quantized.supported_engines) & {'x86', 'fbgemm', 'onednn', 'qnnpack'}:\n"
+            "    print(0); sys.exit()\n"
+            f"i, o, n = {inputs}, {outputs}, {layers}\n"
+            "loaded = [torch._make_per_tensor_quantized_tensor(torch.randint(-128, 128, (o, i), dtype=torch.int8), "
+            "0.02, 0) for _ in range(n)]\n"
+            "before = host.resident_bytes()\n"
+            "packed = [torch.ops.quantized.linear_prepack(w, None) for w in loaded]\n"
+            "print((host.resident_bytes() - before) / (n * i * o))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth = float(done.stdout.split()[-1])
+    return 1.0 + max(0.0, growth) if growth > 0 else 1.0
+
+
 def available_memory_bytes() -> int:
     """What the OS reports available (MemAvailable), or physical memory where that is not readable."""
     available = _proc_kib("/proc/meminfo", "MemAvailable")
@@ -345,7 +369,7 @@ def measure(probe_bytes: int = PROBE_BYTES) -> dict[str, Any]:
         **fit_decoders(time_decoders(min(256 << 20, probe_bytes // 2), widths=FIT_WIDTHS)),
         "fp32_tflops": matmul_tflops(torch.float32),
         "bf16_tflops": matmul_tflops(torch.bfloat16),
-        "int8_dynamic_tflops": int8_dynamic_tflops(),
+        "int8_dynamic_tflops": int8_dynamic_tflops(), "int8_dynamic_weight_copies": int8_dynamic_weight_copies(),
         "int8_weight_only_tflops": weight_only_tflops(8), "int4_weight_only_tflops": weight_only_tflops(4),
         # float32 reads the head at its matrix-vector rate (measured at one shape to show it); bfloat16 per shape.
         "fp32_prompt_head_read_gbps": {"49152x576": prompt_head_read_gbps(torch.float32, 49152, 576, repeats=3)},
@@ -374,6 +398,7 @@ def write_profile(figures: dict[str, Any], path: Path | None = None) -> Path:
     per_value = ", ".join(f"{name}: {figures[f'{short}_prefill_ns_per_value']:.4g}" for name, short
                           in (("fp32", "fp32"), ("fp16", "bf16")) if f"{short}_prefill_ns_per_value" in figures)
     kernels = ["int8_weight_only", "int4_weight_only"] + (["int8_activations"] if int8 > 0 else [])
+    copies = figures.get("int8_dynamic_weight_copies", 1.0) if int8 > 0 else 1.0
     text = f"""# This machine, measured by `llmtailor devices --calibrate` ({time.strftime('%Y-%m-%d %H:%M')}).
 name: {NAME}
 description: this machine ({figures['cpu']}, {figures['threads']} threads, measured)
@@ -401,6 +426,9 @@ weight_only_tflops: {{{weight_only}}}
 # The dense head over a prompt's last position, as transformers runs it (F.linear on a one-row slice): GB/s read
 # in bfloat16, per head shape VOCABxWIDTH (float32 reads it at its matrix-vector rate: {fp32_heads} GB/s).
 prompt_head_read_gbps: {{{f"fp16: {{{bf16_heads}}}" if bf16_heads else ""}}}
+# The dynamically quantized int8 layers pack the int8 weights they load into their kernel's layout: while a model
+# loads, both are resident (growth of packing over the int8 bytes, measured in a fresh process).
+weight_copies_at_load: {{{f"int8_activations: {copies:.3g}" if copies > 1 else ""}}}
 # Peak resident memory of a fresh process that imports PyTorch and a transformers model class.
 runtime_overhead: {figures['runtime_bytes']}
 # Decoding those decoders reads weights and KV cache at {figures['decode_read_gbps']:.1f} GB/s beyond a fixed cost per
