@@ -158,6 +158,21 @@ def test_memory_holds_what_the_runtime_holds_beyond_the_stored_form(tiny):
     assert cost.estimate(CompressionPlan(), arch, copying, w).memory == cost.memory(CompressionPlan(), arch, w, copying)
 
 
+def test_a_weight_only_kernel_streams_at_its_own_share_of_the_bandwidth(tiny):
+    import dataclasses
+
+    arch = tiny.arch
+    w = cost.Workload(256, 1, 64)
+    a100 = hw_profiles.load("a100-80gb")
+    assert a100.weight_only_bandwidth_efficiency == {"int8": 0.524, "int4": 0.423}
+    plain = dataclasses.replace(a100, weight_only_bandwidth_efficiency={})
+    int4 = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in arch.linears})
+    slow, fast = (cost.latency(int4, arch, p, w).decode_s_per_token for p in (a100, plain))
+    assert slow > fast  # 42% of the bandwidth where the precision's share is 69%
+    dense = CompressionPlan()
+    assert cost.latency(dense, arch, a100, w).decode_s_per_token == cost.latency(dense, arch, plain, w).decode_s_per_token
+
+
 def test_float32_computes_at_the_float32_rate():
     from llmtailor.hw_profiles import roofline
 
@@ -226,6 +241,8 @@ GOOD = Path(hw_profiles.PROFILE_DIR / "raspberry-pi-5-8gb.yaml").read_text()
     (lambda t: t + "\nprompt_head_read_gbps: [1, 2]\n", "prompt_head_read_gbps must be a dict"),
     (lambda t: t.replace("int8_activations]", "warp_drive]"), "unknown kernels"),
     (lambda t: t + "\nweight_copies_at_load: {int8_activations: 0.5}\n", "weight_copies_at_load counts copies"),
+    (lambda t: t + "\nweight_only_bandwidth_efficiency: {int4: 1.5}\n", "weight_only_bandwidth_efficiency maps .* \\(0, 1\\]"),
+    (lambda t: t + "\nweight_only_bandwidth_efficiency: {fp16: 0.5}\n", "weight_only_bandwidth_efficiency maps"),
     (lambda t: t + "\nweight_copies_at_load: {warp_drive: 2}\n", "weight_copies_at_load maps"),
     (lambda t: t + "\n  : : [\n", "not valid YAML"),
     (lambda t: "- just\n- a list\n", "mapping"),

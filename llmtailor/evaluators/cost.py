@@ -266,7 +266,7 @@ def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfil
     kernel it first expands the weights to the dense width, once per forward pass: it reads
     the codes and scales and writes the dense copy (about two operations per weight), and
     the matmul then reads that copy. So a weight-only format saves memory but not time there.
-    A fused weight-only kernel computes at its own rate where the profile gives one.
+    A fused weight-only kernel computes and reads at its own rates where the profile gives them.
     `prompt_head`: this is the head over a prompt's last position, which some runtimes read
     at a rate of its own when it is dense (the profile's ``prompt_head_read_gbps``).
     """
@@ -281,17 +281,20 @@ def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfil
             kept_share = kept_per_row(lin.in_features, sparsity) / lin.in_features
         else:
             sparsity = LayerSparsity()
-    operations, kernel_tflops = [], None
+    operations, kernel_tflops, read_gbps = [], None, None
     if precision.bits < 16 and not _has_kernel(precision, profile):
         stored = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total
         operations.append(Operation(2.0 * lin.params, stored + lin.params * dense, compute))
         precision = LayerPrecision()
     elif precision.bits < 16 and compute != "int8":  # a fused weight-only kernel
-        kernel_tflops = profile.weight_only_tflops.get("int8" if precision.bits == 8 else "int4")
-    head_gbps = profile.prompt_head_gbps(compute, lin.out_features, lin.in_features) \
-        if prompt_head and precision.bits >= 16 else None
+        width = "int8" if precision.bits == 8 else "int4"
+        kernel_tflops = profile.weight_only_tflops.get(width)
+        if width in profile.weight_only_bandwidth_efficiency:
+            read_gbps = profile.memory_bandwidth_gbps * profile.weight_only_bandwidth_efficiency[width]
+    if prompt_head and precision.bits >= 16:
+        read_gbps = profile.prompt_head_gbps(compute, lin.out_features, lin.in_features)
     read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total
-    operations.append(Operation(2.0 * tokens * lin.params * kept_share, read, compute, kernel_tflops, head_gbps))
+    operations.append(Operation(2.0 * tokens * lin.params * kept_share, read, compute, kernel_tflops, read_gbps))
     return operations
 
 

@@ -56,6 +56,10 @@ class DeviceProfile:
     # Peak TFLOPS of the fused weight-only kernels (int8 | int4) when they multiply many rows (a prompt), where they
     # differ from the dense half precision's: PyTorch's CPU ones reach under half of it. Derated by compute_efficiency.
     weight_only_tflops: dict[str, float] = field(default_factory=dict)
+    # Share of peak bandwidth the fused weight-only kernels (int8 | int4) reach streaming their weights one token at a
+    # time, where it is not the precision's: a 4-bit kernel unpacks and rescales as it reads, and on a GPU that keeps
+    # it below a dense matrix-vector product (gpt-fast on an A100: bf16 69%, int8 52%, int4 42% of 2,039 GB/s).
+    weight_only_bandwidth_efficiency: dict[str, float] = field(default_factory=dict)
     # GB/s (reached, not derated) at which the runtime reads the dense output head for a prompt's last position, per
     # compute precision and head shape ("VOCABxWIDTH"), where that differs from its matrix-vector rate: PyTorch's
     # CPU half-precision matmul copies the transposed head before multiplying one row of a longer prompt (a decode
@@ -170,7 +174,7 @@ _OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency"
              "bandwidth_efficiency_by_precision": dict,
              "compute_efficiency": float, "layer_overhead_us": float, "runtime": str,
              "weight_only_tflops": dict, "prompt_head_read_gbps": dict, "prefill_ns_per_value": dict,
-             "weight_copies_at_load": dict}
+             "weight_copies_at_load": dict, "weight_only_bandwidth_efficiency": dict}
 
 
 def _from_yaml(data: Any, where: str) -> DeviceProfile:
@@ -215,6 +219,11 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
             raise UserError(f"device profile {where}: bandwidth_efficiency_by_precision maps {PRECISIONS} to shares "
                             f"in (0, 1], got {precision}: {share!r}")
     weight_only = _positive_rates(values.get("weight_only_tflops", {}), "weight_only_tflops", WEIGHT_ONLY, where)
+    weight_only_reads = _positive_rates(values.get("weight_only_bandwidth_efficiency", {}),
+                                        "weight_only_bandwidth_efficiency", WEIGHT_ONLY, where)
+    if any(share > 1 for share in weight_only_reads.values()):
+        raise UserError(f"device profile {where}: weight_only_bandwidth_efficiency maps {WEIGHT_ONLY} to shares in "
+                        f"(0, 1], got {weight_only_reads}")
     per_value = _positive_rates(values.get("prefill_ns_per_value", {}), "prefill_ns_per_value", PRECISIONS, where,
                                 zero=True)
     heads = values.get("prompt_head_read_gbps", {})
@@ -243,7 +252,7 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
         compute_efficiency=values.get("compute_efficiency", 0.5),
         layer_overhead_us=values.get("layer_overhead_us", 0.0), runtime=values.get("runtime", ""),
         weight_only_tflops=weight_only, prompt_head_read_gbps=heads, prefill_ns_per_value=per_value,
-        weight_copies_at_load=copies,
+        weight_copies_at_load=copies, weight_only_bandwidth_efficiency=weight_only_reads,
     )
 
 
