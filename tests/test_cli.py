@@ -86,6 +86,13 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, tmp_pa
     assert study_mod.measured(study) == 4
 
 
+def test_fit_searches_without_calibration_and_a_sweep_every_axis_by_default():
+    parser = cli.build_parser()
+    assert parser.parse_args(["fit", "--memory", "1GB"]).space == "coarse"
+    assert parser.parse_args(["sweep", "--memory", "1GB"]).space == "joint-guided"
+    assert parser.parse_args(["sweep", "--memory", "1GB"]).sampler == "tpe"
+
+
 def test_devices_lists_the_profiles(capsys):
     code, out, _ = run(["devices"], capsys)
     assert code == 0
