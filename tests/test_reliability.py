@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def argv(model_dir, results, study, trials, *extra):
     return ["sweep", str(model_dir), "--memory", "500kB", "--trials", str(trials), "--study", study,
-            "--results", str(results), "--tasks", "none", *FAST, *extra]
+            "--results", str(results), "--tasks", "none", "--space", "coarse", *FAST, *extra]
 
 
 def setup_for(args: list[str]) -> study_mod.Setup:

@@ -55,7 +55,7 @@ def test_storage_passwords_never_appear_anywhere(tiny_model_dir, tmp_path, postg
     url = postgres_url.replace("postgres@", "postgres:s3cret@")  # the test server trusts any password
     results = tmp_path / "results"
     code = cli.main(["sweep", str(tiny_model_dir), "--memory", "500kB", "--trials", "2", "--study", "secret",
-                     "--results", str(results), "--storage", url, *FAST])
+                     "--results", str(results), "--storage", url, "--space", "coarse", *FAST])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert cli.main(["report", "secret", "--results", str(results), "--storage", url]) == 0
