@@ -158,6 +158,23 @@ def test_memory_holds_what_the_runtime_holds_beyond_the_stored_form(tiny):
     assert cost.estimate(CompressionPlan(), arch, copying, w).memory == cost.memory(CompressionPlan(), arch, w, copying)
 
 
+def test_int8_activation_layers_pay_their_per_call_work_per_value(tiny):
+    import dataclasses
+
+    arch = tiny.arch
+    w = cost.Workload(256, 1, 64, "float32")
+    host_like = dataclasses.replace(hw_profiles.load("laptop-x86-16gb"), kernels=frozenset({"int8_activations"}))
+    int8 = CompressionPlan(precision={x.name: LayerPrecision(8, 0, act_bits=8) for x in arch.linears})
+    before = cost.latency(int8, arch, host_like, w)
+    after = cost.latency(int8, arch, dataclasses.replace(host_like, int8_activation_ns_per_value=2.0), w)
+    values = sum(x.in_features + x.out_features for x in arch.linears)
+    assert after.prefill_s - before.prefill_s == pytest.approx(values * w.prompt_length * 2e-9)
+    assert after.decode_s_per_token - before.decode_s_per_token == pytest.approx(values * 2e-9)
+    dense = CompressionPlan()  # no int8 layer: nothing added
+    assert cost.latency(dense, arch, dataclasses.replace(host_like, int8_activation_ns_per_value=2.0), w) == \
+        cost.latency(dense, arch, host_like, w)
+
+
 def test_a_weight_only_kernel_streams_at_its_own_share_of_the_bandwidth(tiny):
     import dataclasses
 
@@ -273,7 +290,7 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     real_measure = host.measure
     monkeypatch.setattr(host, "measure", lambda: real_measure(probe_bytes=32 << 20))
     monkeypatch.setattr(host, "matmul_tflops", lambda dtype: 0.05 if dtype == torch.float32 else 0.02)
-    monkeypatch.setattr(host, "int8_dynamic_tflops", lambda: 0.08)
+    monkeypatch.setattr(host, "int8_dynamic_rates", lambda: (0.08, 0.3))
     monkeypatch.setattr(host, "int8_dynamic_weight_copies", lambda: 2.03)
     monkeypatch.setattr(host, "weight_only_tflops", lambda bits: 0.03 if bits == 8 else 0.0)  # no int4 kernel
     monkeypatch.setattr(host, "prompt_head_read_gbps", lambda dtype, vocab, width, repeats:
@@ -286,6 +303,7 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     assert profile.peak_tflops["int8"] > 0 and profile.memory_bandwidth_gbps > 0.1
     assert 0 < profile.peak_tflops["fp32"] < 1000 and 0 < profile.peak_tflops["fp16"] < 1000
     assert "int8_activations" in profile.kernels and profile.weight_copies_at_load == {"int8_activations": 2.03}
+    assert profile.int8_activation_ns_per_value == 0.3
     assert profile.prompt_head_read_gbps["fp16"]["49152x576"] == 0.576 and "fp32" not in profile.prompt_head_read_gbps
     assert profile.prompt_head_gbps("fp16", 49152, 600) == 0.576  # the nearest measured shape
     assert profile.prompt_head_gbps("fp16", 150000, 1500) == 1.536 and profile.prompt_head_gbps("fp32", 10, 10) is None
@@ -309,6 +327,8 @@ def test_the_read_probe_and_matmul_measure_something_plausible():
     assert fitted["decode_read_gbps"] > 0 and fitted["block_overhead_us"] >= 0 and fitted["fp32_prefill_tflops"] > 0
     assert 1e-4 < host.matmul_tflops(torch.float32, 64, 128, 256, repeats=2) < 1000
     assert 1e-4 < host.int8_dynamic_tflops(64, 128, 256, repeats=2) < 1000  # this build has a quantized engine
+    rate, per_value = host.int8_dynamic_rates(16, repeats=1)
+    assert 1e-4 < rate < 1000 and 0 <= per_value < 1000
     for bits in (8, 4):  # this build has both fused CPU weight-only kernels
         assert 1e-4 < host.weight_only_tflops(bits, 16, 128, 256, repeats=2) < 1000
     assert 0.01 < host.prompt_head_read_gbps(torch.bfloat16, 4096, 256, 16, repeats=2) < 5000

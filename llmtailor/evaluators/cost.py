@@ -304,7 +304,8 @@ def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, w
     Per phase, each layer's matmul takes max(bytes / bandwidth, FLOPs / compute) with the
     profile's efficiencies; attention adds its FLOPs (prefill, causal) or its KV-cache reads
     (decode, at the context length); each block adds the profile's fixed overhead, and prefill
-    the profile's time per value of elementwise work over the prompt's activations.
+    the profile's time per value of elementwise work over the prompt's activations, and layers with int8
+    activations their per-call quantizing of inputs and outputs.
     """
     plan, arch = structured(plan, arch)
     batch, prompt, context = workload.batch_size, workload.prompt_length, workload.context_length
@@ -328,9 +329,13 @@ def latency(plan: CompressionPlan, arch: Architecture, profile: DeviceProfile, w
 
     # Elementwise work over the prompt's activations (norms, activation function, residual adds), where measured.
     values = arch.num_layers * batch * prompt * (arch.hidden_size + arch.intermediate_size)
+    # Layers run by int8_activations quantize their input and dequantize their output on every call.
+    int8_values = sum(lin.in_features + lin.out_features for lin in arch.linears
+                      if _kernel(plan.precision_of(lin.name), profile) == "int8_activations") * batch
+    int8_ns = profile.int8_activation_ns_per_value * 1e-9
     prefill_s = roofline.total_seconds(prefill, profile, arch.num_layers) + \
-        values * profile.prefill_ns_per_value.get(fp, 0.0) * 1e-9
-    decode_s = roofline.total_seconds(decode, profile, arch.num_layers)
+        values * profile.prefill_ns_per_value.get(fp, 0.0) * 1e-9 + int8_values * prompt * int8_ns
+    decode_s = roofline.total_seconds(decode, profile, arch.num_layers) + int8_values * int8_ns
     return LatencyEstimate(prefill_s, decode_s, decode_s * profile.power_watts)
 
 

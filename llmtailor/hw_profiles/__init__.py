@@ -70,6 +70,9 @@ class DeviceProfile:
     # PyTorch's dynamically quantized int8 layers (int8_activations) repack the int8 weights they load into their
     # kernel's layout, so while a model loads it holds both (about 2).
     weight_copies_at_load: dict[str, float] = field(default_factory=dict)
+    # ns per input and output value that layers run by int8_activations spend on every call beyond the matmul
+    # (quantizing the input, dequantizing the output); it matters at small widths (PyTorch's dynamic int8 layers).
+    int8_activation_ns_per_value: float = 0.0
     runtime: str = ""  # the inference runtime the kernels and efficiencies are for (llama.cpp, PyTorch, ...)
 
     def prompt_head_gbps(self, precision: str, vocab: int, width: int) -> float | None:
@@ -174,7 +177,8 @@ _OPTIONAL = {"kernels": list, "runtime_overhead": "size", "bandwidth_efficiency"
              "bandwidth_efficiency_by_precision": dict,
              "compute_efficiency": float, "layer_overhead_us": float, "runtime": str,
              "weight_only_tflops": dict, "prompt_head_read_gbps": dict, "prefill_ns_per_value": dict,
-             "weight_copies_at_load": dict, "weight_only_bandwidth_efficiency": dict}
+             "weight_copies_at_load": dict, "weight_only_bandwidth_efficiency": dict,
+             "int8_activation_ns_per_value": float}
 
 
 def _from_yaml(data: Any, where: str) -> DeviceProfile:
@@ -253,6 +257,7 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
         layer_overhead_us=values.get("layer_overhead_us", 0.0), runtime=values.get("runtime", ""),
         weight_only_tflops=weight_only, prompt_head_read_gbps=heads, prefill_ns_per_value=per_value,
         weight_copies_at_load=copies, weight_only_bandwidth_efficiency=weight_only_reads,
+        int8_activation_ns_per_value=values.get("int8_activation_ns_per_value", 0.0),
     )
 
 

@@ -108,6 +108,31 @@ def int8_dynamic_tflops(tokens: int = 128, inputs: int = 1024, outputs: int = 40
     return 2 * tokens * inputs * outputs / seconds / 1e12
 
 
+# Layer shapes (inputs, outputs) the int8 dynamic layer is timed at: wide and narrow, so that its per-call work per
+# value (quantizing inputs, dequantizing outputs) separates from its matmul rate.
+INT8_SHAPES = ((1024, 4096), (4096, 1024), (1024, 256), (256, 1024), (576, 576), (576, 1536), (1536, 576))
+
+
+def int8_dynamic_rates(tokens: int = 128, repeats: int = 9) -> tuple[float, float]:
+    """The dynamically quantized int8 layer's matmul rate (TFLOPS) and its per-call work per input and output value
+    (ns: quantizing the input, dequantizing the output), fitted over layers of several shapes (``INT8_SHAPES``;
+    least squares on relative error, both terms non-negative): at small widths the per-value work is a large share
+    of the time. (0, 0) where this build has no quantized engine."""
+    import numpy as np
+
+    timed = [(i, o, int8_dynamic_tflops(tokens, i, o, repeats)) for i, o in INT8_SHAPES]
+    if any(tf <= 0 for _, _, tf in timed):
+        return 0.0, 0.0
+    flops = np.array([2.0 * tokens * i * o for i, o, _ in timed])
+    values = np.array([float(tokens * (i + o)) for i, o, _ in timed])
+    seconds = flops / (np.array([tf for _, _, tf in timed]) * 1e12)
+    per_flop, per_value = _non_negative_least_squares(np.stack([flops, values], axis=1) / seconds[:, None],
+                                                      np.ones(len(timed)))
+    if per_flop <= 0:  # the per-value term explains everything: keep the plain rate instead
+        return float(np.median(flops / seconds)) / 1e12, 0.0
+    return float(1 / per_flop / 1e12), float(per_value * 1e9)
+
+
 def weight_only_tflops(bits: int, tokens: int = 128, inputs: int = 1024, outputs: int = 4096, group: int = 128,
                        repeats: int = 7) -> float:
     """TFLOPS of PyTorch's fused CPU weight-only kernel (int8 per row: aten._weight_int8pack_mm; int4 in groups:
@@ -369,7 +394,8 @@ def measure(probe_bytes: int = PROBE_BYTES) -> dict[str, Any]:
         **fit_decoders(time_decoders(min(256 << 20, probe_bytes // 2), widths=FIT_WIDTHS)),
         "fp32_tflops": matmul_tflops(torch.float32),
         "bf16_tflops": matmul_tflops(torch.bfloat16),
-        "int8_dynamic_tflops": int8_dynamic_tflops(), "int8_dynamic_weight_copies": int8_dynamic_weight_copies(),
+        **dict(zip(("int8_dynamic_tflops", "int8_dynamic_ns_per_value"), int8_dynamic_rates(), strict=True)),
+        "int8_dynamic_weight_copies": int8_dynamic_weight_copies(),
         "int8_weight_only_tflops": weight_only_tflops(8), "int4_weight_only_tflops": weight_only_tflops(4),
         # float32 reads the head at its matrix-vector rate (measured at one shape to show it); bfloat16 per shape.
         "fp32_prompt_head_read_gbps": {"49152x576": prompt_head_read_gbps(torch.float32, 49152, 576, repeats=3)},
@@ -429,6 +455,9 @@ prompt_head_read_gbps: {{{f"fp16: {{{bf16_heads}}}" if bf16_heads else ""}}}
 # The dynamically quantized int8 layers pack the int8 weights they load into their kernel's layout: while a model
 # loads, both are resident (growth of packing over the int8 bytes, measured in a fresh process).
 weight_copies_at_load: {{{f"int8_activations: {copies:.3g}" if copies > 1 else ""}}}
+# The same layers quantize their input and dequantize their output on every call: ns per value, beyond the matmul
+# (fitted with the int8 rate above over layers of seven shapes, wide and narrow).
+int8_activation_ns_per_value: {figures.get("int8_dynamic_ns_per_value", 0.0) if int8 > 0 else 0.0:.4g}
 # Peak resident memory of a fresh process that imports PyTorch and a transformers model class.
 runtime_overhead: {figures['runtime_bytes']}
 # Decoding those decoders reads weights and KV cache at {figures['decode_read_gbps']:.1f} GB/s beyond a fixed cost per
