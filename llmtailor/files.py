@@ -8,8 +8,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from llmtailor.errors import UserError
+
+T = TypeVar("T")
 
 
 def umask() -> int:
@@ -46,6 +49,22 @@ def write_with(path: Path, save: Callable[[Path], None]) -> None:
     with _staged(path) as (fd, staging):
         os.close(fd)
         save(staging)
+
+
+def load_or_make(path: Path, read: Callable[[Path], T], make: Callable[[], T], write: Callable[[T, Path], None],
+                 reread: bool = False) -> T:
+    """What `read(path)` gives; where the file is missing or unreadable, `make()`'s value, first stored at `path` by
+    `write(value, path)` (which writes atomically, so a killed writer leaves no half file; an unreadable file, left by
+    a filesystem without atomic rename or an older format, is deleted and made again). With `reread`, the stored
+    form is returned in place of the made value (where it is lighter: tensors left in the file)."""
+    if path.is_file():
+        try:
+            return read(path)
+        except Exception:
+            path.unlink(missing_ok=True)
+    made = make()
+    write(made, path)
+    return read(path) if reread else made
 
 
 def replace_folder(path: Path, contents: dict[str, str]) -> None:

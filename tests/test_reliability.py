@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -235,6 +236,26 @@ def test_a_crash_while_writing_results_leaves_the_previous_files_intact(breaks, 
     after = _snapshot(finished)
     assert {k: v for k, v in after.items() if k in before} == before, "a previous result file changed"
     assert not [p for p in finished.rglob(".*") if p.name != "study.db"], "temporary files were left behind"
+
+
+def test_a_cached_file_is_made_once_and_made_again_when_damaged(tmp_path):
+    from llmtailor import files
+
+    made = []
+
+    def make() -> dict:
+        made.append(1)
+        return {"value": len(made)}
+
+    def load() -> dict:
+        return files.load_or_make(tmp_path / "cache" / "entry.json", lambda p: json.loads(p.read_text()), make,
+                                  lambda value, p: files.write_text(p, json.dumps(value)))
+
+    assert load() == {"value": 1} and load() == {"value": 1} and len(made) == 1  # the second call reads the file
+    (tmp_path / "cache" / "entry.json").write_text('{"val')  # a half-written file
+    assert load() == {"value": 2} and json.loads((tmp_path / "cache" / "entry.json").read_text()) == {"value": 2}
+    assert files.load_or_make(tmp_path / "other.json", lambda p: "read back", lambda: "made",
+                              lambda value, p: files.write_text(p, value), reread=True) == "read back"
 
 
 @pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])

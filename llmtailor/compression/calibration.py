@@ -238,15 +238,10 @@ def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor | Call
 
     ``windows`` may be a function making them, called only when the statistics must be computed.
     """
-    path = cache / "calibration" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            return CalibrationStats.load(path)
-        except Exception:  # a damaged file (killed writer on a filesystem without atomic rename): rebuild it
-            path.unlink(missing_ok=True)
-    stats = collect(model, arch, windows() if callable(windows) else windows, device, progress)
-    stats.save(path)
-    return CalibrationStats.load(path)  # (the matrices leave memory)
+    return files.load_or_make(  # once stored, the matrices leave memory (reread)
+        cache / "calibration" / f"{key}.safetensors", CalibrationStats.load,
+        lambda: collect(model, arch, windows() if callable(windows) else windows, device, progress),
+        CalibrationStats.save, reread=True)
 
 
 @torch.no_grad()

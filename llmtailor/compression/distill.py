@@ -97,21 +97,20 @@ def load_or_compute_targets(teacher: Any, windows: torch.Tensor, temperature: fl
     missing or unreadable (written atomically, so a killed writer leaves no half file)."""
     from safetensors.torch import load_file, save_file
 
-    path = cache / "teacher" / f"{key}-t{temperature:g}-k{top_k}{'-h' if hidden else ''}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(path)
-            return TeacherTargets(stored["windows"], stored["top_ids"], stored["top_logprobs"], temperature,
-                                  stored.get("hidden"))
-        except Exception:  # a damaged file: make it again
-            path.unlink(missing_ok=True)
-    targets = teacher_targets(teacher, windows, temperature, top_k, device, hidden=hidden)
-    tensors = {"windows": targets.windows, "top_ids": targets.top_ids, "top_logprobs": targets.top_logprobs}
-    if hidden:
-        tensors["hidden"] = targets.hidden
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_with(path, lambda staging: save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging)))
-    return targets
+    def read(path: Path) -> TeacherTargets:
+        stored = load_file(path)
+        return TeacherTargets(stored["windows"], stored["top_ids"], stored["top_logprobs"], temperature,
+                              stored.get("hidden"))
+
+    def write(targets: TeacherTargets, path: Path) -> None:
+        tensors = {"windows": targets.windows, "top_ids": targets.top_ids, "top_logprobs": targets.top_logprobs}
+        if hidden:
+            tensors["hidden"] = targets.hidden
+        files.write_with(path, lambda staging: save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging)))
+
+    return files.load_or_make(cache / "teacher" / f"{key}-t{temperature:g}-k{top_k}{'-h' if hidden else ''}.safetensors",
+                              read, lambda: teacher_targets(teacher, windows, temperature, top_k, device, hidden=hidden),
+                              write)
 
 
 def kd_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,

@@ -97,21 +97,21 @@ def load_or_measure(model: Any, arch: Architecture, stats: CalibrationStats,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    path = cache / "importance" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(path, "pt") as f:
-                blocks, groups, channels = (f.get_tensor(k) for k in ("blocks", "groups", "channels"))
-            if len(blocks) == arch.num_layers:
-                return Importance(blocks.tolist(), list(groups), list(channels))
-        except Exception:  # a damaged file: measure again
-            pass
-        path.unlink(missing_ok=True)
-    found = importance(model, arch, stats, windows() if callable(windows) else windows)
-    tensors = {"blocks": torch.tensor(found.blocks, dtype=torch.float64), "groups": torch.stack(found.groups),
-               "channels": torch.stack(found.channels)}
-    files.write_with(path, lambda staging: save_file(tensors, staging))
-    return found
+    def read(path: Path) -> Importance:
+        with safe_open(path, "pt") as f:
+            blocks, groups, channels = (f.get_tensor(k) for k in ("blocks", "groups", "channels"))
+        if len(blocks) != arch.num_layers:
+            raise ValueError("importance of another model")
+        return Importance(blocks.tolist(), list(groups), list(channels))
+
+    def write(found: Importance, path: Path) -> None:
+        tensors = {"blocks": torch.tensor(found.blocks, dtype=torch.float64), "groups": torch.stack(found.groups),
+                   "channels": torch.stack(found.channels)}
+        files.write_with(path, lambda staging: save_file(tensors, staging))
+
+    return files.load_or_make(cache / "importance" / f"{key}.safetensors", read,
+                              lambda: importance(model, arch, stats, windows() if callable(windows) else windows),
+                              write)
 
 
 def blocks_to_keep(influence: list[float], count: int) -> tuple[int, ...]:

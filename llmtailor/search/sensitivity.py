@@ -115,14 +115,8 @@ def build(teacher: Any, arch: Architecture, options: list[LayerPrecision], ancho
 
 def load_or_build(path: Path, make: Callable[[], Sensitivity]) -> Sensitivity:
     """The sensitivities stored at path, or made and stored there (atomically) when missing or unreadable."""
-    if path.is_file():
-        try:
-            return Sensitivity.from_json(path.read_text())
-        except (ValueError, TypeError, KeyError):
-            path.unlink(missing_ok=True)
-    made = make()
-    files.write_text(path, made.to_json())
-    return made
+    return files.load_or_make(path, lambda p: Sensitivity.from_json(p.read_text()), make,
+                              lambda made, p: files.write_text(p, made.to_json()))
 
 
 def for_space(space: Any, teacher: Any, tokenizer: Any, arch: Architecture, stats: CalibrationStats,

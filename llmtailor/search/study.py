@@ -378,16 +378,13 @@ class TrialEvaluator:
         model and task set and kept in the cache folder (all workers share it), before any trial changes the
         teacher's weights."""
         key = hashlib.sha256(json.dumps([fingerprint, self.tasks], sort_keys=True, default=str).encode()).hexdigest()
-        path = models.cache_dir() / "tasks" / f"teacher-{key[:20]}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                pass  # damaged: measured again and rewritten below
-        log("measuring the teacher on the tasks ...")
-        scores = lm_tasks.item_scores(self.teacher.model, self.teacher.tokenizer, self.tasks)
-        files.write_text(path, json.dumps(scores))
-        return scores
+        def measure() -> dict[str, list[float]]:
+            log("measuring the teacher on the tasks ...")
+            return lm_tasks.item_scores(self.teacher.model, self.teacher.tokenizer, self.tasks)
+
+        return files.load_or_make(models.cache_dir() / "tasks" / f"teacher-{key[:20]}.json",
+                                  lambda p: json.loads(p.read_text()), measure,
+                                  lambda scores, p: files.write_text(p, json.dumps(scores)))
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         started = time.perf_counter()
