@@ -329,6 +329,7 @@ def test_the_read_probe_and_matmul_measure_something_plausible():
     assert 1e-4 < host.int8_dynamic_tflops(64, 128, 256, repeats=2) < 1000  # this build has a quantized engine
     rate, per_value = host.int8_dynamic_rates(16, repeats=1)
     assert 1e-4 < rate < 1000 and 0 <= per_value < 1000
+    assert 1.0 <= host.int8_dynamic_weight_copies(1024, 1024, 4) < 4  # packing what was loaded: about 2 here
     for bits in (8, 4):  # this build has both fused CPU weight-only kernels
         assert 1e-4 < host.weight_only_tflops(bits, 16, 128, 256, repeats=2) < 1000
     assert 0.01 < host.prompt_head_read_gbps(torch.bfloat16, 4096, 256, 16, repeats=2) < 5000

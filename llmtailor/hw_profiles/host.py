@@ -373,8 +373,7 @@ def int8_dynamic_weight_copies(inputs: int = 2048, outputs: int = 2048, layers: 
             "packed = [torch.ops.quantized.linear_prepack(w, None) for w in loaded]\n"
             "print((host.resident_bytes() - before) / (n * i * o))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    growth = float(done.stdout.split()[-1])
-    return 1.0 + max(0.0, growth) if growth > 0 else 1.0
+    return 1.0 + max(0.0, float(done.stdout.split()[-1]))
 
 
 def available_memory_bytes() -> int:
