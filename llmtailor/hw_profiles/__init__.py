@@ -216,18 +216,11 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
     for key in ("bandwidth_efficiency", "compute_efficiency"):
         if key in values and not 0 < values[key] <= 1:
             raise UserError(f"device profile {where}: {key} must be in (0, 1]")
-    by_precision = values.get("bandwidth_efficiency_by_precision", {})
-    for precision, share in by_precision.items():
-        if precision not in PRECISIONS or isinstance(share, bool) or not isinstance(share, (int, float)) \
-                or not 0 < share <= 1:
-            raise UserError(f"device profile {where}: bandwidth_efficiency_by_precision maps {PRECISIONS} to shares "
-                            f"in (0, 1], got {precision}: {share!r}")
+    by_precision = _shares(values.get("bandwidth_efficiency_by_precision", {}), "bandwidth_efficiency_by_precision",
+                           PRECISIONS, where)
     weight_only = _positive_rates(values.get("weight_only_tflops", {}), "weight_only_tflops", WEIGHT_ONLY, where)
-    weight_only_reads = _positive_rates(values.get("weight_only_bandwidth_efficiency", {}),
-                                        "weight_only_bandwidth_efficiency", WEIGHT_ONLY, where)
-    if any(share > 1 for share in weight_only_reads.values()):
-        raise UserError(f"device profile {where}: weight_only_bandwidth_efficiency maps {WEIGHT_ONLY} to shares in "
-                        f"(0, 1], got {weight_only_reads}")
+    weight_only_reads = _shares(values.get("weight_only_bandwidth_efficiency", {}), "weight_only_bandwidth_efficiency",
+                                WEIGHT_ONLY, where)
     per_value = _positive_rates(values.get("prefill_ns_per_value", {}), "prefill_ns_per_value", PRECISIONS, where,
                                 zero=True)
     heads = values.get("prompt_head_read_gbps", {})
@@ -238,8 +231,10 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
              for precision, by_shape in heads.items()}
     copies = _positive_rates(values.get("weight_copies_at_load", {}), "weight_copies_at_load",
                              tuple(sorted(KNOWN_KERNELS)), where)
-    if any(n < 1 for n in copies.values()):
-        raise UserError(f"device profile {where}: weight_copies_at_load counts copies, at least 1 each, got {copies}")
+    for kernel, n in copies.items():
+        if n < 1:
+            raise UserError(f"device profile {where}: weight_copies_at_load counts copies, at least 1 each, got "
+                            f"{kernel}: {n:g}")
     kernels = frozenset(values.get("kernels", ()))
     if kernels - KNOWN_KERNELS:
         raise UserError(f"device profile {where}: unknown kernels {sorted(kernels - KNOWN_KERNELS)}; "
@@ -262,6 +257,14 @@ def _from_yaml(data: Any, where: str) -> DeviceProfile:
 
 
 _HEAD_SHAPE = re.compile(r"^[1-9]\d*x[1-9]\d*$")
+
+
+def _shares(shares: dict, key: str, allowed: tuple[str, ...], where: str) -> dict[str, float]:
+    """A profile's mapping of names (from `allowed`) to shares in (0, 1], checked."""
+    for name, share in shares.items():
+        if name not in allowed or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise UserError(f"device profile {where}: {key} maps {allowed} to shares in (0, 1], got {name}: {share!r}")
+    return {str(name): float(share) for name, share in shares.items()}
 
 
 def _positive_rates(rates: dict, key: str, allowed: tuple[str, ...] | re.Pattern, where: str,

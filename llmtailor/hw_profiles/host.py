@@ -343,16 +343,21 @@ def resident_bytes(peak: bool = False) -> int | None:
     return _proc_kib("/proc/self/status", "VmHWM" if peak else "VmRSS")
 
 
-def runtime_bytes() -> int:
-    """Peak resident memory of a fresh Python process that imports PyTorch and a transformers model class (which
-    loads transformers' modeling code, about half of it): the runtime's own memory before any weights load."""
+def _in_a_fresh_process(code: str) -> float:
+    """The number a fresh Python process running `code` prints last: memory figures need a process whose heap and
+    peak nothing else has touched."""
     import subprocess
     import sys
 
-    code = ("from llmtailor.hw_profiles import host; import torch; from transformers import LlamaForCausalLM; "
-            "print(host.peak_resident_bytes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1])
+    return float(done.stdout.split()[-1])
+
+
+def runtime_bytes() -> int:
+    """Peak resident memory of a fresh Python process that imports PyTorch and a transformers model class (which
+    loads transformers' modeling code, about half of it): the runtime's own memory before any weights load."""
+    return int(_in_a_fresh_process("from llmtailor.hw_profiles import host; import torch; "
+                                   "from transformers import LlamaForCausalLM; print(host.peak_resident_bytes())"))
 
 
 def int8_dynamic_weight_copies(inputs: int = 2048, outputs: int = 2048, layers: int = 8) -> float:
@@ -360,9 +365,6 @@ def int8_dynamic_weight_copies(inputs: int = 2048, outputs: int = 2048, layers: 
     loaded int8 tensors (as a state dict holds them) and the packed form each layer makes of them, measured as the
     resident growth of packing over the int8 bytes, in a fresh process (a used heap would hide the growth); 1.0
     where this build has no quantized engine."""
-    import subprocess
-    import sys
-
     code = ("import torch, sys; from llmtailor.hw_profiles import host; torch.set_num_threads(1)\n"
             "if not set(torch.backends.quantized.supported_engines) & {'x86', 'fbgemm', 'onednn', 'qnnpack'}:\n"
             "    print(0); sys.exit()\n"
@@ -372,8 +374,7 @@ def int8_dynamic_weight_copies(inputs: int = 2048, outputs: int = 2048, layers: 
             "before = host.resident_bytes()\n"
             "packed = [torch.ops.quantized.linear_prepack(w, None) for w in loaded]\n"
             "print((host.resident_bytes() - before) / (n * i * o))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return 1.0 + max(0.0, float(done.stdout.split()[-1]))
+    return 1.0 + max(0.0, _in_a_fresh_process(code))
 
 
 def available_memory_bytes() -> int:

@@ -378,6 +378,7 @@ class TrialEvaluator:
         model and task set and kept in the cache folder (all workers share it), before any trial changes the
         teacher's weights."""
         key = hashlib.sha256(json.dumps([fingerprint, self.tasks], sort_keys=True, default=str).encode()).hexdigest()
+
         def measure() -> dict[str, list[float]]:
             log("measuring the teacher on the tasks ...")
             return lm_tasks.item_scores(self.teacher.model, self.teacher.tokenizer, self.tasks)
