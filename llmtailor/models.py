@@ -39,6 +39,7 @@ class LoadedModel:
     tokenizer: Any
     arch: arch_mod.Architecture
     name: str
+    weight_files: tuple[Path, ...] = ()  # the local safetensors files it was loaded from (none for a hub id)
 
 
 Log = Callable[[str], None]
@@ -180,7 +181,8 @@ def load(spec: str | None = None, *, trust_remote_code: bool = False, log: Log =
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code, log=log)
     _strip_quantization_marker(model)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, arch_mod.from_model(model), _display_name(spec, where))
+    weight_files = tuple(sorted(Path(source).glob("*.safetensors"))) if local else ()
+    return LoadedModel(model, tokenizer, arch_mod.from_model(model), _display_name(spec, where), weight_files)
 
 
 def torch_device(name: str) -> Any:

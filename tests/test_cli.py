@@ -86,6 +86,21 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, tmp_pa
     assert study_mod.measured(study) == 4
 
 
+def test_a_teacher_that_cannot_be_restored_stops_the_sweep_with_one_line(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    from llmtailor.compression import originals
+
+    def lost(self, parameters):
+        raise originals.TeacherChanged("model.safetensors changed or was removed while a search read it")
+
+    monkeypatch.setattr(originals.Originals, "restore", lost)
+    code, _, err = run(["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "4", "--results", str(tmp_path),
+                        "--study", "lost", *FAST], capsys)
+    assert code == 2 and "changed or was removed" in err.strip().splitlines()[-1]
+    trials = optuna.load_study(study_name="lost", storage=f"sqlite:///{tmp_path / 'lost' / 'study.db'}").trials
+    assert [t.state for t in trials if t.user_attrs.get("status") == "failed"] == [optuna.trial.TrialState.FAIL]
+
+
 def test_fit_searches_without_calibration_and_a_sweep_every_axis_by_default():
     parser = cli.build_parser()
     assert parser.parse_args(["fit", "--memory", "1GB"]).space == "coarse"

@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,47 @@ def test_pack_of_a_model_matches_apply(tiny):
 def test_plans_this_version_cannot_apply_are_refused(tiny, plan, message):
     with pytest.raises(PlanError, match=message):
         compression.apply(plan, tiny.model, tiny.arch)
+
+
+def test_the_teachers_own_weight_files_are_read_instead_of_a_copy_where_they_match(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llmtailor.compression import originals
+    from llmtailor.errors import UserError
+
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in stored_layers(tiny.arch)})
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    assert tiny.weight_files and all(f.suffix == ".safetensors" for f in tiny.weight_files)
+    own = tmp_path / "own"
+    own.mkdir()
+    sources = tuple(shutil.copy(f, own) for f in tiny.weight_files)
+    kept = originals.Originals(tiny.model, tmp_path / "copies", "tiny", tuple(map(Path, sources)))
+    assert not (tmp_path / "copies").exists()  # nothing written: the model's file is read
+    with originals.applied(plan, tiny.model, tiny.arch, kept) as model:
+        assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    # Stored in another dtype than loaded: the file is not the teacher as loaded, so a copy is written.
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in tiny.model.named_parameters()}, half)
+    copied = originals.Originals(tiny.model, tmp_path / "copies", "tiny", (half,))
+    assert copied.path.parent == tmp_path / "copies" and copied.path.is_file()
+    # One value changed on disk: a copy too (the bytes are compared, not only names, dtypes and shapes).
+    name, value = next(iter(tiny.model.named_parameters()))
+    changed = tmp_path / "changed.safetensors"
+    save_file({k: (v + 1 if k == name else v).contiguous() for k, v in tiny.model.named_parameters()}, changed)
+    assert originals.Originals(tiny.model, tmp_path / "copies", "tiny", (changed,)).path == copied.path
+    # The model's file rewritten during a search: the teacher cannot be restored, and that is an error, not a guess.
+    Path(sources[0]).write_bytes(Path(sources[0]).read_bytes() + b" ")
+    with pytest.raises(originals.TeacherChanged, match="changed or was removed while a search read") as caught:
+        with originals.applied(plan, tiny.model, tiny.arch, kept):
+            pass
+    assert isinstance(caught.value, UserError)
+    Path(sources[0]).unlink()  # and removed: the same
+    with pytest.raises(originals.TeacherChanged, match="changed or was removed"):
+        kept.restore([tiny.model.model.embed_tokens.weight])
+    tiny.model.load_state_dict(before)  # the session's shared teacher, for the tests after this one
 
 
 def test_a_plan_applied_in_the_teachers_tensors_computes_the_same_and_is_undone(tiny, tmp_path):

@@ -6,8 +6,13 @@ layer that is a second copy of the model (543 MB of SmolLM2-135M's 538 MB), and 
 sweep's peak memory would be the teacher twice plus the runtime. Here the compressed
 weights are written into the teacher's tensors and, when the trial is done, the
 teacher's own values are read back from ``Originals``: a safetensors file of the
-teacher's parameters as loaded (exact, in their own dtype), written once per model
-into the cache folder, atomically, and read straight into the teacher's tensors.
+teacher's parameters as loaded (exact, in their own dtype), read straight into the
+teacher's tensors. Where the model's own safetensors files hold every parameter
+byte for byte as loaded (a converted GGUF, a float32 model folder), those files are
+read and nothing is written: a second copy would cost the model's size in disk (a
+7B model's 28 GB) for nothing. Otherwise (another dtype on disk, renamed keys, a hub
+id) the copy is written once per model into the cache folder, atomically. A model
+file that changes after it was checked is refused at restore, not read.
 
 The teacher is wrong between the two steps, so ``applied`` restores it however the
 block ends (an error, Ctrl-C); a process killed inside it loses only its own copy.
@@ -26,22 +31,34 @@ from typing import Any
 import torch
 
 from llmtailor import files
+from llmtailor.errors import UserError
+
+
+class TeacherChanged(UserError):
+    """The file the teacher's weights are restored from changed: this process's teacher is lost, so a sweep stops."""
 
 
 class Originals:
-    """The teacher's parameters as loaded, in a file; ``restore`` writes them back into the teacher's tensors."""
+    """The teacher's parameters as loaded, in a file; ``restore`` writes them back into the teacher's tensors.
 
-    def __init__(self, teacher: Any, folder: Path, fingerprint: str) -> None:
+    ``sources``: the safetensors files the teacher was loaded from, read instead of a copy where they match."""
+
+    def __init__(self, teacher: Any, folder: Path, fingerprint: str, sources: tuple[Path, ...] = ()) -> None:
         self.teacher = teacher
-        self.path = Path(folder) / f"{fingerprint}.safetensors"
         self.names = {id(p): name for name, p in teacher.named_parameters()}  # (a tied weight: one name)
-        if not self._readable():
-            from safetensors.torch import save_file
+        # name -> (file, begin, end); each file's (size, mtime) when checked, so a file changed since is refused
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        self._checked: dict[Path, tuple[int, int]] = {}
+        if not self._found_in(sources):
+            self.path = Path(folder) / f"{fingerprint}.safetensors"
+            if not self._readable():
+                from safetensors.torch import save_file
 
-            tensors = {name: p.detach().cpu().contiguous() for name, p in teacher.named_parameters()}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            files.write_with(self.path, lambda staging: save_file(tensors, staging))
-        self._offsets = _tensor_offsets(self.path)
+                tensors = {name: p.detach().cpu().contiguous() for name, p in teacher.named_parameters()}
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                files.write_with(self.path, lambda staging: save_file(tensors, staging))
+            self._where = {name: (self.path, *span) for name, span in _tensor_offsets(self.path).items()}
+            self._checked = {self.path: _stamp(self.path)}
 
     def _readable(self) -> bool:
         try:
@@ -49,6 +66,32 @@ class Originals:
         except (OSError, ValueError):  # missing, or damaged by a killed writer: write it again
             return False
         return set(offsets) == set(self.names.values())
+
+    @torch.no_grad()
+    def _found_in(self, sources: tuple[Path, ...]) -> bool:
+        """Whether the model's own files hold every parameter exactly as loaded (then ``path`` is the first)."""
+        found: dict[str, tuple[Path, int, int]] = {}
+        for source in sources:
+            try:
+                found.update({name: (Path(source), *span) for name, span in _tensor_offsets(Path(source)).items()})
+            except (OSError, ValueError):
+                return False
+        wanted = dict(self.teacher.named_parameters())
+        if not set(wanted) <= set(found):
+            return False
+        for name, parameter in wanted.items():  # one read of the model: the bytes, not only dtype and shape
+            path, begin, end = found[name]
+            on_cpu = parameter.detach().cpu().contiguous().view(-1).view(torch.uint8)
+            if end - begin != on_cpu.numel():
+                return False
+            with open(path, "rb", buffering=0) as f:
+                f.seek(begin)
+                if f.read(end - begin) != memoryview(on_cpu.numpy()):
+                    return False
+        self._where = {name: found[name] for name in wanted}
+        self._checked = {path: _stamp(path) for path, _, _ in self._where.values()}
+        self.path = next(iter(self._checked))
+        return True
 
     def owns(self, parameter: torch.nn.Parameter) -> bool:
         """Whether the parameter is one of the teacher's own."""
@@ -58,16 +101,36 @@ class Originals:
     def restore(self, parameters: list[torch.nn.Parameter]) -> None:
         """Write the teacher's values back into these parameters of the teacher, read from the file straight into
         their memory (not mapped: a mapped file's pages would count in the process's resident memory)."""
-        with open(self.path, "rb", buffering=0) as f:
+        opened: dict[Path, Any] = {}
+        try:
             for parameter in parameters:
-                begin, end = self._offsets[self.names[id(parameter)]]
+                path, begin, end = self._where[self.names[id(parameter)]]
+                if path not in opened:
+                    try:
+                        opened[path] = open(path, "rb", buffering=0)
+                        unchanged = _stamp(path) == self._checked[path]
+                    except OSError:  # removed (`llmtailor cache --clear` beside a sweep)
+                        unchanged = False
+                    if not unchanged:
+                        raise TeacherChanged(f"{path} changed or was removed while a search read the teacher's weights "
+                                             "from it, so the teacher in memory can no longer be restored: the sweep "
+                                             "stopped; run the same command again (trials measured so far are kept)")
+                f = opened[path]
                 on_cpu = parameter.data if parameter.device.type == "cpu" else torch.empty_like(parameter, device="cpu")
                 target = memoryview(on_cpu.view(-1).view(torch.uint8).numpy())
                 f.seek(begin)
                 if f.readinto(target) != end - begin:
-                    raise OSError(f"{self.path} ends inside {self.names[id(parameter)]}")
+                    raise OSError(f"{path} ends inside {self.names[id(parameter)]}")
                 if on_cpu is not parameter.data:
                     parameter.data.copy_(on_cpu)
+        finally:
+            for f in opened.values():
+                f.close()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _tensor_offsets(path: Path) -> dict[str, tuple[int, int]]:

@@ -358,7 +358,8 @@ class TrialEvaluator:
         from llmtailor.compression import layer_cache, originals
 
         fingerprint = self.layer_cache.model if self.layer_cache else layer_cache.model_fingerprint(self.teacher.model)
-        self.originals = originals.Originals(self.teacher.model, models.cache_dir() / "teacher_weights", fingerprint)
+        self.originals = originals.Originals(self.teacher.model, models.cache_dir() / "teacher_weights", fingerprint,
+                                             self.teacher.weight_files)
         log(f"measuring the teacher on {c.eval_windows} x {c.window_tokens} held-out tokens of "
             f"{', '.join(c.evaluation_sources())} ...")
         evaluation = setup.evaluation or {c.text: setup.splits.evaluation}
@@ -372,6 +373,7 @@ class TrialEvaluator:
             self.teacher_items = self._teacher_item_scores(fingerprint, log)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = False  # set when the asked total is reached while this process was sampling
+        self.fatal: Exception | None = None  # an error after which this process must not measure again
 
     def _teacher_item_scores(self, fingerprint: str, log: Any) -> dict[str, list[float]]:
         """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
@@ -399,6 +401,10 @@ class TrialEvaluator:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); a resumed run redoes it")
             raise
         except Exception as exc:
+            from llmtailor.compression.originals import TeacherChanged
+
+            if isinstance(exc, TeacherChanged):  # every later trial would measure a wrong teacher
+                self.fatal, self.stop = exc, True
             trial.set_user_attr("status", "duplicate" if isinstance(exc, RepeatedFailure) else "failed")
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
@@ -698,6 +704,8 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
                 raise
     finally:
         bar.close()
+    if evaluator.fatal is not None:
+        raise evaluator.fatal
     if done < total:
         log(f"only {done} of {len(study.trials)} sampled plans were measured (the rest were over budget or "
             "repeated plans); stopped sampling")
