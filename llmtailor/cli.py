@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="list the device profiles")
     devices.add_argument("--calibrate", action="store_true", help="measure this machine (read bandwidth, matmul "
                          "throughput, per-block overhead, free memory) into the 'host' profile")
+    devices.add_argument("--runtime", choices=("pytorch", "llama.cpp"), default="pytorch",
+                         help="with --calibrate: the runtime to measure; llama.cpp (needs llama-cpp-python and the "
+                         "host profile) fits the 'host-llama.cpp' profile on random models in four GGUF formats "
+                         "(about five minutes)")
     cache = sub.add_parser("cache", help="list what llmtailor keeps in its cache (converted GGUF models, task items)")
     cache.add_argument("--clear", action="store_true", help="delete everything in the cache")
     return parser
@@ -299,6 +303,23 @@ def _devices(args: argparse.Namespace) -> int:
     from llmtailor import hw_profiles
     from llmtailor.hw_profiles import format_size, host
 
+    if args.runtime != "pytorch" and not args.calibrate:
+        raise UserError("--runtime names the runtime --calibrate measures: add --calibrate")
+    if args.calibrate and args.runtime == "llama.cpp":
+        from llmtailor import models
+        from llmtailor.hw_profiles import llamacpp
+
+        base = hw_profiles.load("host")  # its read probe is the bandwidth the shares are of
+        print("measuring llama.cpp on this machine (about five minutes; keep it otherwise idle) ...")
+        profile = llamacpp.calibrate(base, models.default_model_path(), log=print)
+        path = llamacpp.write_profile(profile, host.profile_path().parent / "llama.cpp.yaml")
+        shares = {**profile.bandwidth_efficiency_by_precision, **profile.weight_only_bandwidth_efficiency}
+        rates = {**profile.peak_tflops, **profile.weight_only_tflops}
+        print("decode reads at " + ", ".join(f"{k} {v * profile.memory_bandwidth_gbps:.1f}" for k, v in shares.items())
+              + " GB/s; prompt matmuls " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in rates.items())
+              + f" GFLOPS; {profile.layer_overhead_us:.0f} us per block")
+        print(f"wrote {path}: use it with --device {hw_profiles.HOST_LLAMA_CPP}")
+        return 0
     if args.calibrate:
         print("measuring this machine (about a minute; keep it otherwise idle) ...")
         figures = host.measure()
@@ -313,7 +334,10 @@ def _devices(args: argparse.Namespace) -> int:
         return 0
 
     print(f"{'name':<22} {'usable memory':>13} {'bandwidth':>11} {'fp16':>12}  kernels")
-    for name in hw_profiles.available() + (["host"] if host.profile_path().is_file() else []):
+    measured = [name for name, path in (("host", host.profile_path()),
+                                        (hw_profiles.HOST_LLAMA_CPP, host.profile_path().parent / "llama.cpp.yaml"))
+                if path.is_file()]
+    for name in hw_profiles.available() + measured:
         p = hw_profiles.load(name)
         fp16 = p.peak_tflops.get("fp16", p.peak_tflops["fp32"])
         print(f"{p.name:<22} {format_size(p.usable_memory_bytes):>13} {p.memory_bandwidth_gbps:>7.1f} GB/s "

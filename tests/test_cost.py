@@ -190,6 +190,21 @@ def test_a_weight_only_kernel_streams_at_its_own_share_of_the_bandwidth(tiny):
     assert cost.latency(dense, arch, a100, w).decode_s_per_token == cost.latency(dense, arch, plain, w).decode_s_per_token
 
 
+def test_a_format_with_zero_points_runs_at_its_own_rates_where_the_profile_gives_them(tiny):
+    import dataclasses
+
+    arch, w = tiny.arch, cost.Workload(256, 1, 64)
+    laptop = hw_profiles.load("laptop-x86-16gb")
+    own = dataclasses.replace(laptop, weight_only_tflops={"int4": 0.5, "int4_zero_point": 0.05},
+                              weight_only_bandwidth_efficiency={"int4": 0.9, "int4_zero_point": 0.3})
+    shared = dataclasses.replace(own, weight_only_tflops={"int4": 0.5}, weight_only_bandwidth_efficiency={"int4": 0.9})
+    symmetric = CompressionPlan(precision={x.name: LayerPrecision(4, 32, symmetric=True) for x in arch.linears})
+    with_zeros = CompressionPlan(precision={x.name: LayerPrecision(4, 32) for x in arch.linears})
+    assert cost.latency(symmetric, arch, own, w) == cost.latency(symmetric, arch, shared, w)
+    slow, plain = (cost.latency(with_zeros, arch, p, w) for p in (own, shared))
+    assert slow.prefill_s > plain.prefill_s and slow.decode_s_per_token > plain.decode_s_per_token
+
+
 def test_float32_computes_at_the_float32_rate():
     from llmtailor.hw_profiles import roofline
 
@@ -250,6 +265,7 @@ GOOD = Path(hw_profiles.PROFILE_DIR / "raspberry-pi-5-8gb.yaml").read_text()
     (lambda t: t + "\nbandwidth_efficiency_by_precision: {fp32: 1.5}\n", "shares in \\(0, 1\\]"),
     (lambda t: t.replace("usable_memory: 7.25GiB", "usable_memory: 9GiB"), "larger than memory"),
     (lambda t: t + "\nweight_only_tflops: {int3: 0.5}\n", "weight_only_tflops maps"),
+    (lambda t: t + "\nweight_only_tflops: {int4_zero_points: 0.5}\n", "weight_only_tflops maps"),
     (lambda t: t + "\nprefill_ns_per_value: {fp32: -1}\n", "prefill_ns_per_value maps .* non-negative"),
     (lambda t: t + "\nprompt_head_read_gbps: {fp16: {49152x576: 0}}\n", "prompt_head_read_gbps.fp16 maps"),
     (lambda t: t + "\nprompt_head_read_gbps: {fp16: {wide: 1}}\n",

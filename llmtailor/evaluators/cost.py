@@ -253,6 +253,13 @@ def _kernel(precision: LayerPrecision, profile: DeviceProfile) -> str | None:
     return weight_only if weight_only in profile.kernels else None
 
 
+def weight_only_key(precision: LayerPrecision, rates: dict[str, float]) -> str:
+    """The key of a low-bit layer's fused weight-only kernel in a profile's rates: its width ("int8", "int4"), or
+    with zero points "int4_zero_point" where the profile gives that format rates of its own."""
+    width = "int8" if precision.bits == 8 else "int4"
+    return f"{width}_zero_point" if not precision.symmetric and f"{width}_zero_point" in rates else width
+
+
 def _has_kernel(precision: LayerPrecision, profile: DeviceProfile) -> bool:
     """Whether the device multiplies by this layer's low-bit weights directly (a fused kernel)."""
     return _kernel(precision, profile) is not None
@@ -287,10 +294,10 @@ def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfil
         operations.append(Operation(2.0 * lin.params, stored + lin.params * dense, compute))
         precision = LayerPrecision()
     elif precision.bits < 16 and compute != "int8":  # a fused weight-only kernel
-        width = "int8" if precision.bits == 8 else "int4"
-        kernel_tflops = profile.weight_only_tflops.get(width)
-        if width in profile.weight_only_bandwidth_efficiency:
-            read_gbps = profile.memory_bandwidth_gbps * profile.weight_only_bandwidth_efficiency[width]
+        kernel_tflops = profile.weight_only_tflops.get(weight_only_key(precision, profile.weight_only_tflops))
+        reads = profile.weight_only_bandwidth_efficiency
+        if weight_only_key(precision, reads) in reads:
+            read_gbps = profile.memory_bandwidth_gbps * reads[weight_only_key(precision, reads)]
     if prompt_head and precision.bits >= 16:
         read_gbps = profile.prompt_head_gbps(compute, lin.out_features, lin.in_features)
     read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from llmtailor.hw_profiles import DeviceProfile
+from llmtailor.hw_profiles import HOST_LLAMA_CPP, DeviceProfile
 
 PUBLISHED = Path(__file__).parent / "published" / "decode.yaml"
 MODELS = {  # published shapes (LLaMA-2-7B; Llama-3.1-8B), enough for the cost model
@@ -93,6 +93,15 @@ def note(profile: DeviceProfile) -> str:
         if "measured" not in profile.description:
             return "latencies use a typical laptop CPU's speeds: comparable with each other, not predictions"
         profile = replace(profile, name="host")
+    if profile.name == HOST_LLAMA_CPP:
+        path = host_validation_path().parent / "llama.cpp-validation.json"
+        if not path.is_file():
+            return "llama.cpp latencies not yet checked against measurement on this machine (benchmarks/bench_llamacpp.py)"
+        v = json.loads(path.read_text())
+        return (f"llama.cpp profile checked on this machine ({v['date']}, {v['variants']} GGUF variants of the default "
+                f"model, fitted on random models): mean absolute error prefill {v['prefill_mape_percent']:.0f}%, decode "
+                f"{v['decode_mape_percent']:.0f}%; rank agreement (Kendall tau) prefill {v['prefill_kendall_tau']:.2f}, "
+                f"decode {v['decode_kendall_tau']:.2f}")
     if profile.name == "host":
         path = host_validation_path()
         if not path.is_file():
