@@ -206,6 +206,16 @@ def torch_device(name: str) -> Any:
     return device
 
 
+def with_cache(model: Any, input_ids: Any, cache: Any = None) -> tuple[Any, Any]:
+    """One forward that keeps the KV cache: (output, cache). Recent transformers name it ``cache`` and warn at the
+    old name ``past_key_values``, which older releases (also supported) know only."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out, getattr(out, name)
+
+
 def _strip_quantization_marker(model: Any) -> None:
     """Make a model loaded from GGUF an ordinary float model (it is dequantized already)."""
     quantizer = getattr(model, "hf_quantizer", None)

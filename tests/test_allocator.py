@@ -52,3 +52,16 @@ def test_a_budget_tight_to_the_byte_is_kept():
     chosen = allocate(options, budget)
     assert sum(o.bytes for o in chosen.values()) <= budget
     assert sum(o.precision.bits == 8 for o in chosen.values()) == 7
+
+
+def test_what_a_c_library_prints_to_the_descriptors_is_silenced_and_they_come_back(capfd):
+    import os
+
+    from llmtailor.quiet import c_output_silenced
+
+    with c_output_silenced((1, 2)):
+        os.write(1, b"a line per tensor\n")
+        os.write(2, b"HighsMipSolverData::transformNewIntegerFeasibleSolution\n")
+    os.write(2, b"after\n")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "after\n"

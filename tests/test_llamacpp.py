@@ -15,6 +15,16 @@ from llmtailor.hw_profiles import llamacpp
 TINY = dict(hidden=64, intermediate=128, heads=4, kv_heads=2)
 
 
+def _arch(hidden: int, blocks: int):
+    from transformers import LlamaConfig
+
+    from llmtailor import arch
+
+    return arch.from_config(LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=4 * hidden,
+                                        num_hidden_layers=blocks, num_attention_heads=hidden // 64,
+                                        num_key_value_heads=2, tie_word_embeddings=True))
+
+
 def test_a_depth_cut_copies_the_kept_blocks_bytes_and_reads_back_as_the_files_plan(tmp_path):
     cut = llamacpp.write(models.default_model_path(), tmp_path / "cut.gguf", blocks=2)
     arch = llamacpp.architecture(cut)
@@ -49,8 +59,7 @@ def test_formats_the_cost_model_cannot_price_are_one_line_errors(tmp_path, monke
     writer.add_tensor("blk.0.attn_v.weight", np.zeros((64, 64), np.float32))
     for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
         step()
-    arch = llamacpp.architecture(llamacpp.write(models.default_model_path(), tmp_path / "a.gguf",
-                                                shapes={**TINY, "blocks": 1}))
+    arch = _arch(64, 1)
     with pytest.raises(UserError, match="blk.0.attn_q.weight is Q6_K; the cost model prices F16, Q8_0, Q4_0, Q4_1"):
         llamacpp.plan_of(path, arch)
     with pytest.raises(UserError, match="format 'Q5_K': use one of F16, Q8_0, Q4_0, Q4_1"):
@@ -70,9 +79,8 @@ def test_the_fit_recovers_the_profile_that_made_the_speeds(tmp_path):
                             weight_only_tflops={"int8": 0.6, "int4": 0.5, "int4_zero_point": 0.35},
                             layer_overhead_us=40.0, prefill_ns_per_value={"fp16": 3.0})
     runs = []
-    for i, shapes in enumerate([dict(hidden=h, intermediate=4 * h, heads=h // 64, kv_heads=2, blocks=blocks)
-                                for h in (256, 768) for blocks in (4, 12)]):
-        arch = llamacpp.architecture(llamacpp.write(models.default_model_path(), tmp_path / f"{i}.gguf", shapes=shapes))
+    for hidden, blocks in [(h, b) for h in (256, 768) for b in (4, 12)]:
+        arch = _arch(hidden, blocks)
         for precision, dense in ((None, "float16"), *((p, "float16") for p in llamacpp.PRECISIONS.values())):
             plan = cost.CompressionPlan(precision={lin.name: precision for lin in [*arch.linears, arch.embedding]}
                                         if precision else {})
@@ -88,6 +96,8 @@ def test_the_fit_recovers_the_profile_that_made_the_speeds(tmp_path):
     assert fitted.peak_tflops["fp16"] == pytest.approx(0.3, rel=0.05)
     for width, rate in (("int8", 0.6), ("int4", 0.5), ("int4_zero_point", 0.35)):
         assert fitted.weight_only_tflops[width] == pytest.approx(rate, rel=0.05)
+    # what `devices --calibrate --runtime llama.cpp` writes loads back as the same profile
+    assert hw_profiles.load(str(llamacpp.write_profile(fitted, tmp_path / "fitted.yaml"))) == fitted
 
 
 def test_llama_cpp_quantizes_and_runs_a_random_model(tmp_path):
@@ -127,8 +137,7 @@ def test_the_llama_cpp_profile_is_found_by_name_once_calibrated_and_its_errors_a
 
 
 def test_timings_that_do_not_fit_a_roofline_are_refused(tmp_path):
-    arch = llamacpp.architecture(llamacpp.write(models.default_model_path(), tmp_path / "a.gguf",
-                                                shapes={**TINY, "blocks": 2}))
+    arch = _arch(64, 2)
     plan = cost.CompressionPlan()
     runs = [(arch, plan, "float16", llamacpp.Speed(0.1, 0.01, 256, 64, 2)),
             (arch, plan, "float16", llamacpp.Speed(0.1, -0.01, 256, 64, 2))]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from llmtailor import files
+from llmtailor import files, models
 from llmtailor.arch import Architecture
 from llmtailor.errors import UserError
 
@@ -273,8 +273,7 @@ def generated_windows(model: Any, tokenizer: Any, count: int, tokens: int, seed:
             cache = None
             step_input = ids
             for position in range(tokens - 1):
-                result = model(input_ids=step_input, past_key_values=cache, use_cache=True)
-                cache = result.past_key_values
+                result, cache = models.with_cache(model, step_input, cache)
                 logits = result.logits[:, -1].float()
                 if position < greedy_tokens:
                     following = logits.argmax(dim=-1, keepdim=True)

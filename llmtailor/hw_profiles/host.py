@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmtailor import files
+from llmtailor import files, models
 
 NAME = "host"
 ASSUMED_WATTS = 45.0
@@ -231,13 +231,13 @@ def _time_decoder(dtype: Any, width: int, total_bytes: int, prompt: int, steps: 
     with torch.no_grad():
         for run in range(repeats + 1):
             started = time.perf_counter()
-            cache = model(ids, use_cache=True).past_key_values
+            cache = models.with_cache(model, ids)[1]
             if run:  # the first run warms up
                 prefill.append(time.perf_counter() - started)
             step = []
             for _ in range(steps):
                 started = time.perf_counter()
-                cache = model(ids[:, :1], past_key_values=cache, use_cache=True).past_key_values
+                cache = models.with_cache(model, ids[:, :1], cache)[1]
                 step.append(time.perf_counter() - started)
             if run:
                 decode.append(statistics.median(step))

@@ -36,6 +36,7 @@ import numpy as np
 from llmtailor.errors import UserError
 from llmtailor.hw_profiles import DeviceProfile
 from llmtailor.plan import CompressionPlan, LayerPrecision
+from llmtailor.quiet import c_output_silenced
 
 # GGUF tensor type -> the precision the cost model prices; F16/F32 are dense (the workload's dense dtype).
 PRECISIONS = {"Q8_0": LayerPrecision(8, 32, symmetric=True), "Q4_0": LayerPrecision(4, 32, symmetric=True),
@@ -163,7 +164,9 @@ def quantize(source: Path, target: Path, fmt: str) -> Path:
     params.ftype, params.nthread, params.allow_requantize = code, 2, True
     ggml_type = getattr(llama_cpp, f"GGML_TYPE_{fmt}")
     params.token_embedding_type = params.output_tensor_type = ggml_type  # one format: a clean variant to price
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+    with c_output_silenced((1, 2)):  # a line per tensor
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0
+    if failed:
         raise UserError(f"llama.cpp could not quantize {source.name} to {fmt}")
     return target
 
@@ -282,7 +285,9 @@ def fit_profile(host: DeviceProfile, runs: list[tuple[Any, CompressionPlan, str,
     return replace(base, memory_bandwidth_gbps=bandwidth, bandwidth_efficiency_by_precision=dense,
                    bandwidth_efficiency=next(iter(dense.values()), 1.0),
                    weight_only_bandwidth_efficiency={k: v for k, v in shares.items() if k.startswith("int")},
-                   peak_tflops={k: v for k, v in rates.items() if k in ("fp16", "fp32")} or base.peak_tflops,
+                   # F32 files are not calibrated (llama.cpp users run F16 or quantized ones): F16's rate stands in
+                   peak_tflops={"fp32": rates.get("fp32", rates.get("fp16", 1.0)),
+                                **{k: v for k, v in rates.items() if k in ("fp16", "fp32")}},
                    weight_only_tflops={k: v for k, v in rates.items() if k.startswith("int")},
                    layer_overhead_us=per_block * 1e6, prefill_ns_per_value={"fp16": max(float(prefill_x[-1]), 0.0)})
 
@@ -324,11 +329,20 @@ def calibrate(host: DeviceProfile, source: Path, *, rounds: int = 2, log: Callab
             for name, path in made.items():
                 speeds[name].append(measure(path))
             log(f"measured pass {round_ + 1} of {rounds}")
-        runs = []
+        runs, architectures = [], {}
         for name, path in made.items():
-            arch = architecture(path)
+            model = name.rsplit(", ", 1)[0]  # the same random model in each format: its header is parsed once
+            if model not in architectures:
+                architectures[model] = architecture(path)
+            arch = architectures[model]
             runs.append((arch, *plan_of(path, arch), median_speed(speeds[name])))
-    return fit_profile(host, runs)
+    from llmtailor.hw_profiles import host as host_mod
+
+    # The runtime's own memory: a fresh process that has loaded llama.cpp's library, before any model (not the
+    # PyTorch runtime the host profile measured). Its buffers beside the weights are not modelled.
+    runtime = host_mod._in_a_fresh_process("from llmtailor.hw_profiles import host; import llama_cpp; "
+                                           "print(host.peak_resident_bytes())")
+    return replace(fit_profile(host, runs), runtime_overhead_bytes=int(runtime))
 
 
 def write_profile(profile: DeviceProfile, path: Path) -> Path:

@@ -10,16 +10,13 @@ layer, one budget row. A tied embedding/head is one layer like any other.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from llmtailor.errors import UserError
 from llmtailor.plan import LayerPrecision
+from llmtailor.quiet import c_output_silenced
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int) -> dict[str, O
     limit = 1.0
     for _ in range(5):
         constraints = [LinearConstraint(choose_one, 1, 1), LinearConstraint(sizes[None, :] / budget_bytes, -np.inf, limit)]
-        with _solver_output_silenced():
+        with c_output_silenced():  # HiGHS writes debugging lines to descriptor 2 on some problems
             result = milp(cost, constraints=constraints, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
                           options={"mip_rel_gap": 0.0})  # proven optimal, not within a gap
         if not result.success:
@@ -64,21 +61,3 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int) -> dict[str, O
             return chosen
         limit -= excess / budget_bytes + 1e-12
     raise RuntimeError("the allocator could not bring its solution within the budget")
-
-
-@contextlib.contextmanager
-def _solver_output_silenced() -> Iterator[None]:
-    """HiGHS writes debugging lines straight to file descriptor 2 on some problems; keep them out of the tool's output."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (an embedding application): nothing to silence
-        yield
-        return
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
