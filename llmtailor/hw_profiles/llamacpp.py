@@ -254,13 +254,13 @@ def fit_profile(host: DeviceProfile, runs: list[tuple[Any, CompressionPlan, str,
     for arch, plan, dense, speed in runs:
         unit = cost.latency(plan, arch, base, workload(speed, dense))
         column = formats.index(_format_of(plan, dense))
-        blocks.append(cost.structured(plan, arch)[1].num_layers)
+        cut = cost.structured(plan, arch)[1]
+        blocks.append(cut.num_layers)
         rows.append([unit.decode_s_per_token if i == column else 0.0 for i in range(len(formats))] + [blocks[-1]])
         decode_t.append(speed.decode_s_per_token)
         prefill_unit.append(unit.prefill_s)
         prefill_t.append(speed.prefill_s)
         columns.append(column)
-        cut = cost.structured(plan, arch)[1]
         values.append(cut.num_layers * speed.prompt_tokens * (cut.hidden_size + cut.intermediate_size))
     # Relative errors: weight each run by 1 / its time so a fast variant counts as much as a slow one.
     decode_x = _relative_lstsq(np.array(rows), np.array(decode_t))
