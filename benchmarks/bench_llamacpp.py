@@ -21,7 +21,7 @@ Both sets are measured in the same rounds, one file of each in turn, and the med
 rounds is kept (this virtual machine's speed drifts by a fifth over minutes). Threads: 2 (the
 machine's cores). Memory is not checked here: llama.cpp's own buffers are not modelled.
 Writes benchmarks/results/bench_llamacpp.json and the fitted profile next to the host
-profile (`host/llama.cpp.yaml`, usable as `--device` by its path).
+profile (`host/llama.cpp.yaml`: `--device host-llama.cpp`).
 """
 
 from __future__ import annotations
@@ -54,26 +54,28 @@ def main() -> None:
 
     from llmtailor import hw_profiles, models
     from llmtailor.evaluators import cost
-    from llmtailor.hw_profiles import host, llamacpp
+    from llmtailor.hw_profiles import host, llamacpp, validation
     from llmtailor.search.sensitivity import kendall_tau
 
     host_profile = hw_profiles.load("host")
     folder = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
-    files: dict[str, tuple[str, Path]] = {}  # name -> (set, file)
+    files: dict[str, tuple[str, Path, object]] = {}  # name -> (set, file, architecture)
     started = time.perf_counter()
-    for name, path in llamacpp.calibration_files(folder, models.default_model_path()).items():
-        files[name] = ("calibration", path)
+    for name, (path, arch) in llamacpp.calibration_files(folder, models.default_model_path()).items():
+        files[name] = ("calibration", path, arch)
     for blocks in VALIDATION_BLOCKS:
         cut = llamacpp.write(models.default_model_path(), folder / f"smollm2-{blocks}.gguf", blocks=blocks)
+        arch = llamacpp.architecture(cut)
         for fmt in llamacpp.FORMATS:
-            files[f"default {blocks} blocks {fmt}"] = ("validation", llamacpp.quantize(cut, folder / f"s{blocks}-{fmt}.gguf", fmt))
+            files[f"default {blocks} blocks {fmt}"] = ("validation", llamacpp.quantize(cut, folder / f"s{blocks}-{fmt}.gguf", fmt),
+                                                       arch)
         cut.unlink()
     print(f"made {len(files)} files in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     passes: dict[str, list] = {name: [] for name in files}
     # Calibration and validation files alternate, so a drift of this machine's speed within a round falls on both.
-    calibration_names = [n for n, (kind, _) in files.items() if kind == "calibration"]
-    validation_names = [n for n, (kind, _) in files.items() if kind == "validation"]
+    calibration_names = [n for n, (kind, _, _) in files.items() if kind == "calibration"]
+    validation_names = [n for n, (kind, _, _) in files.items() if kind == "validation"]
     order = [n for pair in itertools.zip_longest(calibration_names, validation_names) for n in pair if n]
     for round_ in range(args.rounds):
         for name in order:
@@ -82,16 +84,13 @@ def main() -> None:
             passes[name].append(speed)
             print(f"round {round_ + 1} {name}: prefill {speed.prefill_s * 1e3:.0f} ms, "
                   f"decode {speed.decode_s_per_token * 1e3:.2f} ms/token", file=sys.stderr)
-    measured, described = {}, {}
-    for name, (_, path) in files.items():
-        measured[name] = llamacpp.median_speed(passes[name])
-        arch = llamacpp.architecture(path)
-        described[name] = (arch, *llamacpp.plan_of(path, arch))
-    calibration = [(*described[n], measured[n]) for n, (kind, _) in files.items() if kind == "calibration"]
+    measured = {name: llamacpp.median_speed(passes[name]) for name in files}
+    described = {name: (arch, *llamacpp.plan_of(path, arch)) for name, (_, path, arch) in files.items()}
+    calibration = [(*described[n], measured[n]) for n in calibration_names]
     profile = llamacpp.fit_profile(host_profile, calibration)
 
     rows = []
-    for name, (kind, path) in files.items():
+    for name, (kind, path, _) in files.items():
         arch, plan, dense = described[name]
         predicted = cost.latency(plan, arch, profile, llamacpp.workload(measured[name], dense))
         rows.append({"variant": name, "set": kind, "file_bytes": path.stat().st_size,
@@ -115,8 +114,8 @@ def main() -> None:
                "fitted_profile": profile.to_dict(), **summary, "rows": rows}
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    saved = llamacpp.write_profile(profile, host.profile_path().parent / "llama.cpp.yaml")
-    (host.profile_path().parent / "llama.cpp-validation.json").write_text(json.dumps(
+    saved = llamacpp.write_profile(profile, host.llama_cpp_profile_path())
+    validation.llama_cpp_validation_path().write_text(json.dumps(
         {"date": results["date"], "variants": len(validation_names),
          **{k.removeprefix("validation_"): v for k, v in summary.items() if k.startswith("validation_")}}, indent=1))
     shutil.rmtree(folder)

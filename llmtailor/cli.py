@@ -312,7 +312,7 @@ def _devices(args: argparse.Namespace) -> int:
         base = hw_profiles.load("host")  # its read probe is the bandwidth the shares are of
         print("measuring llama.cpp on this machine (about five minutes; keep it otherwise idle) ...")
         profile = llamacpp.calibrate(base, models.default_model_path(), log=print)
-        path = llamacpp.write_profile(profile, host.profile_path().parent / "llama.cpp.yaml")
+        path = llamacpp.write_profile(profile, host.llama_cpp_profile_path())
         shares = {**profile.bandwidth_efficiency_by_precision, **profile.weight_only_bandwidth_efficiency}
         rates = {**profile.peak_tflops, **profile.weight_only_tflops}
         print("decode reads at " + ", ".join(f"{k} {v * profile.memory_bandwidth_gbps:.1f}" for k, v in shares.items())
@@ -335,8 +335,7 @@ def _devices(args: argparse.Namespace) -> int:
 
     print(f"{'name':<22} {'usable memory':>13} {'bandwidth':>11} {'fp16':>12}  kernels")
     measured = [name for name, path in (("host", host.profile_path()),
-                                        (hw_profiles.HOST_LLAMA_CPP, host.profile_path().parent / "llama.cpp.yaml"))
-                if path.is_file()]
+                                        (hw_profiles.HOST_LLAMA_CPP, host.llama_cpp_profile_path())) if path.is_file()]
     for name in hw_profiles.available() + measured:
         p = hw_profiles.load(name)
         fp16 = p.peak_tflops.get("fp16", p.peak_tflops["fp32"])

@@ -9,6 +9,7 @@ makes every later load take a fraction of a second instead of 15 s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -209,11 +210,17 @@ def torch_device(name: str) -> Any:
 def with_cache(model: Any, input_ids: Any, cache: Any = None) -> tuple[Any, Any]:
     """One forward that keeps the KV cache: (output, cache). Recent transformers name it ``cache`` and warn at the
     old name ``past_key_values``, which older releases (also supported) know only."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _cache_argument(type(model))
     out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
     return out, getattr(out, name)
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The name a model class's forward takes its KV cache by (read once: timed decode loops call ``with_cache``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _strip_quantization_marker(model: Any) -> None:

@@ -131,7 +131,7 @@ def test_the_llama_cpp_profile_is_found_by_name_once_calibrated_and_its_errors_a
     assert cli.main(["devices", "--calibrate", "--runtime", "llama.cpp"]) == 2
     assert "need the optional llama-cpp-python package" in capsys.readouterr().err
     fitted = llamacpp.replace(llamacpp.base_profile(hw_profiles.load("laptop-x86-16gb")), layer_overhead_us=12.5)
-    llamacpp.write_profile(fitted, host.profile_path().parent / "llama.cpp.yaml")
+    llamacpp.write_profile(fitted, host.llama_cpp_profile_path())
     assert hw_profiles.load(hw_profiles.HOST_LLAMA_CPP) == fitted
     assert cli.main(["devices"]) == 0 and "host-llama.cpp" in capsys.readouterr().out
 

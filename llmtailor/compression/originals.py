@@ -79,14 +79,15 @@ class Originals:
         wanted = dict(self.teacher.named_parameters())
         if not set(wanted) <= set(found):
             return False
-        for name, parameter in wanted.items():  # one read of the model: the bytes, not only dtype and shape
-            path, begin, end = found[name]
-            on_cpu = parameter.detach().cpu().contiguous().view(-1).view(torch.uint8)
-            if end - begin != on_cpu.numel():
-                return False
-            with open(path, "rb", buffering=0) as f:
-                f.seek(begin)
-                if f.read(end - begin) != memoryview(on_cpu.numpy()):
+        with contextlib.ExitStack() as stack:  # one read of the model: the bytes, not only dtype and shape
+            opened = {path: stack.enter_context(open(path, "rb", buffering=0)) for path, _, _ in found.values()}
+            for name, parameter in wanted.items():
+                path, begin, end = found[name]
+                on_cpu = parameter.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                if end - begin != on_cpu.numel():
+                    return False
+                opened[path].seek(begin)
+                if opened[path].read(end - begin) != memoryview(on_cpu.numpy()):
                     return False
         self._where = {name: found[name] for name in wanted}
         self._checked = {path: _stamp(path) for path, _, _ in self._where.values()}

@@ -296,8 +296,9 @@ def _linear_operations(plan: CompressionPlan, lin: Linear, profile: DeviceProfil
     elif precision.bits < 16 and compute != "int8":  # a fused weight-only kernel
         kernel_tflops = profile.weight_only_tflops.get(weight_only_key(precision, profile.weight_only_tflops))
         reads = profile.weight_only_bandwidth_efficiency
-        if weight_only_key(precision, reads) in reads:
-            read_gbps = profile.memory_bandwidth_gbps * reads[weight_only_key(precision, reads)]
+        read_key = weight_only_key(precision, reads)
+        if read_key in reads:
+            read_gbps = profile.memory_bandwidth_gbps * reads[read_key]
     if prompt_head and precision.bits >= 16:
         read_gbps = profile.prompt_head_gbps(compute, lin.out_features, lin.in_features)
     read = tensor_bytes(lin.out_features, lin.in_features, precision, sparsity, dense).total

@@ -147,12 +147,12 @@ def load(name_or_path: str) -> DeviceProfile:
     if name_or_path in (HOST_LLAMA_CPP, "host") and not path.is_file():
         from llmtailor.hw_profiles import host
 
-        path = host.profile_path() if name_or_path == "host" else host.profile_path().parent / "llama.cpp.yaml"
-        if not path.is_file() and name_or_path == "host":
-            raise UserError("this machine has no host profile yet: measure it with `llmtailor devices --calibrate`")
+        path, missing = (host.profile_path(), "this machine has no host profile yet: measure it with `llmtailor "
+                         "devices --calibrate`") if name_or_path == "host" else \
+            (host.llama_cpp_profile_path(), "this machine has no llama.cpp profile yet: measure it with `llmtailor "
+             "devices --calibrate --runtime llama.cpp` (needs the optional llama-cpp-python package)")
         if not path.is_file():
-            raise UserError("this machine has no llama.cpp profile yet: measure it with `llmtailor devices --calibrate "
-                            "--runtime llama.cpp` (needs the optional llama-cpp-python package)")
+            raise UserError(missing)
     if not path.is_file():
         path = PROFILE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():

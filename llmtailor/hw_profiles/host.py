@@ -61,6 +61,11 @@ def profile_path() -> Path:
     return cache_dir() / "host" / "profile.yaml"
 
 
+def llama_cpp_profile_path() -> Path:
+    """Where `llmtailor devices --calibrate --runtime llama.cpp` writes this machine's llama.cpp profile."""
+    return profile_path().parent / "llama.cpp.yaml"
+
+
 def _timed(run, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls of `run`, after one call to warm up (page faults, thread pool)."""
     run()
@@ -343,7 +348,7 @@ def resident_bytes(peak: bool = False) -> int | None:
     return _proc_kib("/proc/self/status", "VmHWM" if peak else "VmRSS")
 
 
-def _in_a_fresh_process(code: str) -> float:
+def in_a_fresh_process(code: str) -> float:
     """The number a fresh Python process running `code` prints last: memory figures need a process whose heap and
     peak nothing else has touched."""
     import subprocess
@@ -356,7 +361,7 @@ def _in_a_fresh_process(code: str) -> float:
 def runtime_bytes() -> int:
     """Peak resident memory of a fresh Python process that imports PyTorch and a transformers model class (which
     loads transformers' modeling code, about half of it): the runtime's own memory before any weights load."""
-    return int(_in_a_fresh_process("from llmtailor.hw_profiles import host; import torch; "
+    return int(in_a_fresh_process("from llmtailor.hw_profiles import host; import torch; "
                                    "from transformers import LlamaForCausalLM; print(host.peak_resident_bytes())"))
 
 
@@ -374,7 +379,7 @@ def int8_dynamic_weight_copies(inputs: int = 2048, outputs: int = 2048, layers: 
             "before = host.resident_bytes()\n"
             "packed = [torch.ops.quantized.linear_prepack(w, None) for w in loaded]\n"
             "print((host.resident_bytes() - before) / (n * i * o))")
-    return 1.0 + max(0.0, _in_a_fresh_process(code))
+    return 1.0 + max(0.0, in_a_fresh_process(code))
 
 
 def available_memory_bytes() -> int:

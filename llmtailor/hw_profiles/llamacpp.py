@@ -297,14 +297,17 @@ def _relative_lstsq(rows: np.ndarray, times: np.ndarray) -> np.ndarray:
     return solution
 
 
-def calibration_files(folder: Path, source: Path, log: Callable[[str], None] = lambda _: None) -> dict[str, Path]:
-    """The random calibration models in every format, written into ``folder`` (about 1.5 GB, half a minute)."""
+def calibration_files(folder: Path, source: Path, log: Callable[[str], None] = lambda _: None,
+                      ) -> dict[str, tuple[Path, Any]]:
+    """The random calibration models in every format, written into ``folder`` (about 1.5 GB, half a minute): name ->
+    (file, architecture; one model's architecture serves all its formats, its header parsed once)."""
     made = {}
     for i, shapes in enumerate(CALIBRATION):
         f32 = write(source, folder / f"random-{i}.f32.gguf", shapes=shapes)
+        arch = architecture(f32)
         for fmt in FORMATS:
             made[f"random {shapes['hidden']} wide, {shapes['blocks']} blocks, {fmt}"] = \
-                quantize(f32, folder / f"random-{i}-{fmt}.gguf", fmt)
+                (quantize(f32, folder / f"random-{i}-{fmt}.gguf", fmt), arch)
         f32.unlink()
         log(f"wrote calibration model {i + 1} of {len(CALIBRATION)} in {len(FORMATS)} formats")
     return made
@@ -326,21 +329,15 @@ def calibrate(host: DeviceProfile, source: Path, *, rounds: int = 2, log: Callab
         made = calibration_files(Path(folder), source, log)
         speeds: dict[str, list[Speed]] = {name: [] for name in made}
         for round_ in range(rounds):
-            for name, path in made.items():
+            for name, (path, _) in made.items():
                 speeds[name].append(measure(path))
             log(f"measured pass {round_ + 1} of {rounds}")
-        runs, architectures = [], {}
-        for name, path in made.items():
-            model = name.rsplit(", ", 1)[0]  # the same random model in each format: its header is parsed once
-            if model not in architectures:
-                architectures[model] = architecture(path)
-            arch = architectures[model]
-            runs.append((arch, *plan_of(path, arch), median_speed(speeds[name])))
+        runs = [(arch, *plan_of(path, arch), median_speed(speeds[name])) for name, (path, arch) in made.items()]
     from llmtailor.hw_profiles import host as host_mod
 
     # The runtime's own memory: a fresh process that has loaded llama.cpp's library, before any model (not the
     # PyTorch runtime the host profile measured). Its buffers beside the weights are not modelled.
-    runtime = host_mod._in_a_fresh_process("from llmtailor.hw_profiles import host; import llama_cpp; "
+    runtime = host_mod.in_a_fresh_process("from llmtailor.hw_profiles import host; import llama_cpp; "
                                            "print(host.peak_resident_bytes())")
     return replace(fit_profile(host, runs), runtime_overhead_bytes=int(runtime))
 

@@ -87,6 +87,13 @@ def host_validation_path() -> Path:
     return host.profile_path().parent / "validation.json"
 
 
+def llama_cpp_validation_path() -> Path:
+    """Where benchmarks/bench_llamacpp.py writes its errors, beside the llama.cpp profile it checked."""
+    from llmtailor.hw_profiles import host
+
+    return host.profile_path().parent / "llama.cpp-validation.json"
+
+
 def note(profile: DeviceProfile) -> str:
     """One sentence on how far this profile's latencies are from measurement, for reports and the dry run."""
     if profile.name.startswith("memory-"):  # `--memory SIZE` alone: the host's speeds, or a stand-in laptop's
@@ -94,7 +101,7 @@ def note(profile: DeviceProfile) -> str:
             return "latencies use a typical laptop CPU's speeds: comparable with each other, not predictions"
         profile = replace(profile, name="host")
     if profile.name == HOST_LLAMA_CPP:
-        path = host_validation_path().parent / "llama.cpp-validation.json"
+        path = llama_cpp_validation_path()
         if not path.is_file():
             return "llama.cpp latencies not yet checked against measurement on this machine (benchmarks/bench_llamacpp.py)"
         v = json.loads(path.read_text())
