@@ -3,7 +3,7 @@
 llama.cpp is how small models are deployed on CPUs (the default model's Q4_1 file
 decodes here about five times faster than PyTorch float32), so the cost model must
 predict it too. Everything here needs the optional ``llama-cpp-python`` package
-(``pip install llama-cpp-python``, built with the flags in ../shared/MACHINE.md on
+(``pip install llama-cpp-python``, built with the README's CMAKE_ARGS on
 CPUs whose AVX-512/AMX builds crash); nothing in the default install imports it.
 
 - ``plan_of`` reads a GGUF file's tensor types into the plan the cost model prices
@@ -59,7 +59,8 @@ def _llama_cpp() -> Any:
         import llama_cpp
     except ImportError:
         raise UserError("llama.cpp measurements need the optional llama-cpp-python package: pip install "
-                        "llama-cpp-python (see ../shared/MACHINE.md for the build flags that run on this CPU)") from None
+                        "llama-cpp-python (it compiles for minutes; where its default build crashes on generation, "
+                        "build it with the CMAKE_ARGS of llmtailor's README, section Device profiles)") from None
     return llama_cpp
 
 
