@@ -1,6 +1,6 @@
 """The cost model against measurement on this CPU: prefill, decode and memory of real variants of the default model.
 
-    python benchmarks/bench_cost_validation.py [--prompt 128] [--steps 32] [--repeats 5]
+    python benchmarks/bench_cost_validation.py [--prompt 128] [--steps 32] [--rounds 3] [--bursts 3]
 
 Needs the host profile (`llmtailor devices --calibrate`, on an idle machine); the
 predictions are the host profile's, made from each variant's plan and the architecture
@@ -9,19 +9,23 @@ alone, exactly as a search makes them.
 Each variant is built once in this process (structured cuts of depth, KV groups and MLP
 width by `compression.structure.cut`, a dtype, PyTorch's dynamically quantized int8 linear
 layers, or int8 weight-only linears over `aten._weight_int8pack_mm`) and pickled whole;
-then a fresh process per variant loads it and measures, with two threads pinned to two
-cores: prefill = one forward of a `--prompt`-token prompt keeping the last position's
-logits (median of `--repeats`), decode = the median of `--steps` greedy steps with the
-KV cache, the median over `--repeats` runs; memory = the process's peak resident set
-(VmHWM), which includes the Python, PyTorch and transformers runtime the profile's
-`runtime_overhead` stands for. Which blocks, groups and channels a cut keeps does not
-change speed, so cuts keep the first ones (no calibration needed).
+then one process per variant loads it and stays, with two threads pinned to two cores,
+and the variants' processes take turns: a burst each, in a shuffled order, `--bursts`
+times per round. A burst: prefill = one forward of a `--prompt`-token prompt keeping the
+last position's logits (median of `--prefills`, after an untimed one), decode = the median
+of `--steps` greedy steps with the KV cache. A variant's figure is the median over all its
+bursts. Measuring each variant in one window of its own (a fresh process per pass, as
+this script did before) let a slow stretch of this VM's speed land on one variant: a
+15-block model once measured as slow as the 30-block one. Memory = each process's peak
+resident set (VmHWM) at the end, which includes the Python, PyTorch and transformers
+runtime the profile's `runtime_overhead` stands for. Which blocks, groups and channels a
+cut keeps does not change speed, so cuts keep the first ones (no calibration needed).
 
 Per phase: mean absolute percentage error and Kendall's tau-b between predicted and
 measured, twice: from the stored host profile (as a user's search predicts), and with each
-pass predicted from a host profile measured right before it (`host.measure`, about a
-minute), which separates the cost model's own error from the drift of this virtual
-machine's speed (a fifth over minutes) between a calibration and a measurement.
+burst predicted from a host profile measured at the start of its round (`host.measure`),
+which separates the cost model's own error from the drift of this virtual machine's speed
+(a fifth over minutes) between a calibration and a measurement.
 Writes benchmarks/results/bench_cost_validation.json, and the errors into the host
 profile's folder (`host/validation.json`), where reports read them.
 """
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -140,33 +145,73 @@ def _with_qconfig(layer):
     return layer
 
 
-def measure(path: Path, prompt: int, steps: int, repeats: int) -> dict:
-    """Run in a fresh process: load the pickled variant, time prefill and decode, report peak memory."""
+def serve(path: Path, prompt: int, steps: int, prefills: int) -> None:
+    """The measuring process of one variant: load it once, then answer each line `burst` on stdin with one burst's
+    timings and `memory` with the process's peak resident set (JSON lines on stdout).
+
+    A burst: one untimed prefill (wakes the thread pool and brings this variant's weights back after the others'
+    bursts), `prefills` timed prefills of the prompt keeping the last position's logits, then `steps` greedy
+    decode steps with the KV cache; it reports the median prefill and the median decode step."""
     from llmtailor.hw_profiles import host
 
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
     torch.set_num_threads(2)
     model = torch.load(path, weights_only=False).eval()
     ids = torch.randint(100, 40000, (1, prompt), generator=torch.Generator().manual_seed(0))
-    prefill, decode = [], []
-    with torch.no_grad():
-        for run in range(repeats + 1):
-            started = time.perf_counter()
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            seconds = time.perf_counter() - started
-            if run:  # the first run warms up (page faults, thread pool, kernel choice)
-                prefill.append(seconds)
-            cache, token, per_step = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "memory":
+            print(json.dumps({"peak_rss_bytes": host.peak_resident_bytes()}), flush=True)
+            continue
+        prefill, per_step = [], []
+        with torch.no_grad():
+            for run in range(prefills + 1):
+                started = time.perf_counter()
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                if run:
+                    prefill.append(time.perf_counter() - started)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             for _ in range(steps):
                 started = time.perf_counter()
                 out = model(token, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
                 per_step.append(time.perf_counter() - started)
                 cache = out.past_key_values
-            if run:
-                decode.append(statistics.median(per_step))
-    return {"prefill_s": statistics.median(prefill), "decode_s_per_token": statistics.median(decode),
-            "peak_rss_bytes": host.peak_resident_bytes()}
+        print(json.dumps({"prefill_s": statistics.median(prefill), "decode_s_per_token": statistics.median(per_step)}),
+              flush=True)
+
+
+class Variants:
+    """One long-lived measuring process per variant, asked for bursts in turn: every variant is measured in every
+    stretch of this VM's drifting speed, instead of each in a window of its own."""
+
+    def __init__(self, paths: list[Path], prompt: int, steps: int, prefills: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT.parent)}
+        self.processes = [subprocess.Popen([sys.executable, __file__, "--serve", str(p), "--prompt", str(prompt),
+                                            "--steps", str(steps), "--prefills", str(prefills)],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                          for p in paths]
+        for i in range(len(paths)):
+            self._expect(i, "ready")
+
+    def ask(self, i: int, command: str) -> dict:
+        process = self.processes[i]
+        process.stdin.write(command + "\n")
+        process.stdin.flush()
+        return json.loads(self._expect(i))
+
+    def _expect(self, i: int, word: str | None = None) -> str:
+        line = self.processes[i].stdout.readline().strip()
+        if not line or (word and line != word):
+            self.close()
+            raise SystemExit(f"measuring process {i} ended or answered {line!r}")
+        return line
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.stdin.close()
+                process.wait(timeout=60)
 
 
 # Per phase: its name, the key of its prediction, how to read it from a cost estimate, the measured figure it is
@@ -184,19 +229,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="passes over all variants, each variant in a fresh "
-                        "process per pass; the median over passes is kept (this VM's speed drifts by 20%% over minutes)")
+    parser.add_argument("--prefills", type=int, default=3, help="timed prefills per burst (after one untimed)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each begun by a host measurement (the profile "
+                        "of the pass) and made of --bursts bursts over every variant")
+    parser.add_argument("--bursts", type=int, default=3, help="bursts per round: each variant's process measures one "
+                        "burst in turn, in a shuffled order; a figure is the median over all bursts (this VM's speed "
+                        "drifts by a fifth over minutes, so every variant is measured in every stretch of it)")
     parser.add_argument("--only", help="variant names separated by ; (default: all)")
     parser.add_argument("--no-calibrate-each-pass", dest="calibrate_each_pass", action="store_false",
-                        help="only predict from the stored host profile (by default each pass is also predicted from "
+                        help="only predict from the stored host profile (by default each round is also predicted from "
                         "a host profile measured right before it, which separates the model's error from the drift "
                         "of this machine's speed between calibration and measurement)")
-    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process's entry
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # a measuring process's entry
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_cost_validation.json")
     args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.prompt, args.steps, args.repeats)))
+    if args.serve:
+        serve(args.serve, args.prompt, args.steps, args.prefills)
         return
     from llmtailor import hw_profiles, models  # not in the measuring process: its memory is the runtime's alone
     from llmtailor.evaluators import cost
@@ -211,33 +259,36 @@ def main() -> None:
     for i, v in enumerate(chosen):
         build(v, loaded.model, arch, folder / f"{i}.pt")
     del loaded
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT.parent)}
-    passes = {v.name: [] for v in chosen}
+    variants = Variants([folder / f"{i}.pt" for i in range(len(chosen))], args.prompt, args.steps, args.prefills)
+    passes = {v.name: [] for v in chosen}  # one entry per burst, with the round it belongs to
     window_profiles = []
+    order = random.Random(0)
     for round_ in range(args.rounds):
-        if args.calibrate_each_pass:  # this VM's speed drifts: a profile measured right before the pass it predicts
+        if args.calibrate_each_pass:  # this VM's speed drifts: a profile measured right before the round it predicts
             path = folder / f"profile-{round_}.yaml"
             host.write_profile(host.measure(), path)
             window_profiles.append(hw_profiles.load(str(path)))
-        for i, v in enumerate(chosen):
-            done = subprocess.run([sys.executable, __file__, "--measure", str(folder / f"{i}.pt"), "--prompt",
-                                   str(args.prompt), "--steps", str(args.steps), "--repeats", str(args.repeats)],
-                                  capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise SystemExit(f"{v.name}: {done.stderr[-2000:]}")
-            passes[v.name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for _ in range(args.bursts):
+            for i in order.sample(range(len(chosen)), len(chosen)):
+                passes[chosen[i].name].append({**variants.ask(i, "burst"), "round": round_})
+    for i, v in enumerate(chosen):
+        memory = variants.ask(i, "memory")
+        for burst in passes[v.name]:
+            burst.update(memory)
+    variants.close()
     rows = []
     for v in chosen:
-        measured = {k: statistics.median(p[k] for p in passes[v.name]) for k in passes[v.name][0]}
+        measured = {k: statistics.median(p[k] for p in passes[v.name]) for k in passes[v.name][0] if k != "round"}
         workload = cost.Workload(args.prompt + args.steps, 1, args.prompt, v.dtype)
         predicted = cost.estimate(plan_of(v, arch), arch, profile, workload)
         rows.append({"variant": v.name, "dense_dtype": v.dtype, **{f"measured_{k}": x for k, x in measured.items()},
                      **{f"predicted_{key}": read(predicted) for _, key, read, _ in PHASES},
-                     "measured_decode_s_per_token_passes": [p["decode_s_per_token"] for p in passes[v.name]]})
-        # Each pass against the profile measured just before it; medians over passes.
+                     "measured_prefill_s_bursts": [p["prefill_s"] for p in passes[v.name]],
+                     "measured_decode_s_per_token_bursts": [p["decode_s_per_token"] for p in passes[v.name]]})
+        # Each burst against the profile measured at the start of its round; medians over bursts.
         in_window = [cost.estimate(plan_of(v, arch), arch, wp, workload) for wp in window_profiles]
         for _, key, read, measured_key in PHASES if in_window else ():
-            predictions = [read(e) for e in in_window]
+            predictions = [read(in_window[burst["round"]]) for burst in passes[v.name]]
             rows[-1][f"window_predicted_{key}"] = statistics.median(predictions)
             rows[-1][f"window_error_{key}"] = statistics.median(
                 (p - m[measured_key]) / m[measured_key] for p, m in zip(predictions, passes[v.name], strict=True))
@@ -260,7 +311,8 @@ def main() -> None:
                                                                   for r in rows], m)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}, "
                "2 threads pinned", "host_profile": profile.to_dict(), "prompt_tokens": args.prompt,
-               "decode_steps": args.steps, "repeats": args.repeats, "rounds": args.rounds,
+               "decode_steps": args.steps, "prefills_per_burst": args.prefills, "rounds": args.rounds,
+               "bursts_per_round": args.bursts,
                "window_profiles": [wp.to_dict() for wp in window_profiles], **summary, "rows": rows}
     if not args.only:
         args.out.parent.mkdir(exist_ok=True)
@@ -272,8 +324,9 @@ def main() -> None:
 
 def table(results: dict) -> str:
     lines = [f"Machine: {results['machine']}. Date: {results['date']}. Prompt {results['prompt_tokens']} tokens, "
-             f"decode median of {results['decode_steps']} steps, median of {results['repeats']} runs, "
-             f"median of {results['rounds']} passes in fresh processes.", "",
+             f"decode median of {results['decode_steps']} steps; per variant the median of "
+             f"{results['rounds'] * results['bursts_per_round']} bursts, interleaved across the variants' processes "
+             f"({results['prefills_per_burst']} prefills each).", "",
              "| variant | prefill ms (predicted) | decode ms/token (predicted) | peak RSS MiB (predicted) |",
              "|---|---:|---:|---:|"]
     for r in results["rows"]:
@@ -282,7 +335,8 @@ def table(results: dict) -> str:
                      f"{r['measured_peak_rss_bytes'] / 2**20:.0f} ({r['predicted_memory_bytes'] / 2**20:.0f}) |")
     window = "prefill_window_mape_percent" in results
     if window:
-        lines += ["", "Each pass predicted from a host profile measured right before it (median over passes):", "",
+        lines += ["", "Each burst predicted from the host profile measured at the start of its round (median over "
+                  "bursts):", "",
                   "| variant | prefill ms (predicted, error) | decode ms/token (predicted, error) |", "|---|---:|---:|"]
         for r in results["rows"]:
             lines.append(f"| {r['variant']} | {r['measured_prefill_s'] * 1e3:.1f} "
