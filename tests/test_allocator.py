@@ -54,6 +54,16 @@ def test_a_budget_tight_to_the_byte_is_kept():
     assert sum(o.precision.bits == 8 for o in chosen.values()) == 7
 
 
+def test_a_solution_over_the_budget_within_the_solvers_tolerance_is_solved_again():
+    """Two big layers whose best options are together 16 bytes over a 131 MB budget: within HiGHS's feasibility
+    tolerance, so the first solve returns them (the default model's guided space hit this in a sweep)."""
+    half = 65_485_392
+    options = {name: [Option(LayerPrecision(), half, 0.0), Option(LayerPrecision(4), 10, 100.0)] for name in "ab"}
+    chosen = allocate(options, 2 * half - 16)
+    assert sum(o.bytes for o in chosen.values()) <= 2 * half - 16
+    assert sum(o.damage for o in chosen.values()) == 100.0
+
+
 def test_what_a_c_library_prints_to_the_descriptors_is_silenced_and_they_come_back(capfd):
     import os
 

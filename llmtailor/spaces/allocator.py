@@ -18,6 +18,8 @@ from llmtailor.errors import UserError
 from llmtailor.plan import LayerPrecision
 from llmtailor.quiet import c_output_silenced
 
+FEASIBILITY_TOLERANCE = 1e-6  # HiGHS's MIP feasibility tolerance (scipy's milp does not let it be set)
+
 
 @dataclass(frozen=True)
 class Option:
@@ -45,10 +47,12 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int) -> dict[str, O
     choose_one = np.zeros((len(names), len(flat)))
     for column, (row, _) in enumerate(flat):
         choose_one[row, column] = 1
-    # Bytes are scaled to the budget so the solver's tolerances act on a number near 1, not on billions; a
-    # solution over the budget by that tolerance is solved again with the row tightened by the excess.
+    # Bytes are scaled to the budget so the solver's tolerances act on a number near 1, not on billions. HiGHS
+    # accepts a row violated within its feasibility tolerance (about 1e-6 of the budget: on the default model a
+    # solution 16 bytes over a 131 MB budget came back five times while the row was tightened by the excess alone),
+    # so a solution over the budget is solved again with the row tightened by at least that tolerance, doubling.
     limit = 1.0
-    for _ in range(5):
+    for attempt in range(8):
         constraints = [LinearConstraint(choose_one, 1, 1), LinearConstraint(sizes[None, :] / budget_bytes, -np.inf, limit)]
         with c_output_silenced():  # HiGHS writes debugging lines to descriptor 2 on some problems
             result = milp(cost, constraints=constraints, integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
@@ -59,5 +63,5 @@ def allocate(options: dict[str, list[Option]], budget_bytes: int) -> dict[str, O
         excess = sum(o.bytes for o in chosen.values()) - budget_bytes
         if excess <= 0:
             return chosen
-        limit -= excess / budget_bytes + 1e-12
+        limit -= max(excess / budget_bytes, FEASIBILITY_TOLERANCE) * 2**attempt
     raise RuntimeError("the allocator could not bring its solution within the budget")
