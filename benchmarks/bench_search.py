@@ -57,7 +57,6 @@ from llmtailor.search.study import device_profile, status  # noqa: E402
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "bench_search.json"
-PLOT = HERE / "results" / "bench_search_front.svg"
 MEMORY = "160MB"
 KL_BOUND = 1.0  # nats/token: the hypervolume box's KL side
 EVAL_WINDOWS, WINDOW_TOKENS = 4, 256
@@ -190,6 +189,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["early", "full"])
     parser.add_argument("--folder", default=str(models.cache_dir() / "bench_search"), help="where the studies live")
     parser.add_argument("--report-only", action="store_true", help="analyse the studies there, run nothing")
+    parser.add_argument("--out", type=Path, default=OUT, help="the figures' JSON (the plot is written beside it, "
+                        "named <stem>_front.svg): a partial grid on another machine goes to a file of its own")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = Path(args.folder)
@@ -278,10 +279,10 @@ def main() -> None:
         "peak_rss_over_teacher_float32": max((r["peak_rss_bytes"] for r in runs.values()), default=0)
         / facts["teacher_float32_bytes"],
         "summary": summary, "equal_seconds": equal_seconds, "runs": runs}
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     if runs:
         best = max(runs.items(), key=lambda item: item[1]["hypervolume"])
-        PLOT.write_text(plot({**best[1], "study": best[0]}, objectives))
+        args.out.with_name(f"{args.out.stem}_front.svg").write_text(plot({**best[1], "study": best[0]}, objectives))
     print(f"teacher forward over {facts['eval_tokens']} tokens: {facts['forward_seconds']:.2f} s; "
           f"median warm trial {result['median_warm_trial_seconds']} s; peak RSS / fp32 teacher "
           f"{result['peak_rss_over_teacher_float32']:.2f}")

@@ -138,11 +138,11 @@ def test_a_users_yaml_narrows_a_preset_and_bad_files_are_one_line_errors(tiny, t
         spaces.get(str(tmp_path / "missing.yaml"))
 
 
-@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random"])
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "gp-then-tpe", "random"])
 def test_every_sampler_draws_from_the_joint_space_with_constraints_and_several_objectives(tiny, sampler):
     import warnings
 
-    from llmtailor.search.study import SAMPLERS
+    from llmtailor.search.samplers import SAMPLERS
 
     space = spaces.get("joint")
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=SAMPLERS[sampler](0))
@@ -165,3 +165,54 @@ def test_joint_guided_asks_the_sensitivities_the_guided_space_asks(tiny):
     for lin in joint.layers(tiny.arch):
         assert joint.options(lin, tiny.arch) == guided.options(lin, tiny.arch)
         assert joint.anchor(lin, tiny.arch) == guided.anchor(lin, tiny.arch)
+
+
+def test_the_gp_sampler_scores_candidates_in_blocks_with_the_values_of_one_evaluation(monkeypatch):
+    """GPSampler's acquisition over 2,048 candidates at once grew with the front (memory); in blocks it must give
+    the same values (search.samplers)."""
+    import warnings
+
+    import numpy as np
+    from optuna._gp import acqf
+
+    from llmtailor.search import samplers
+
+    sampler = samplers.SAMPLERS["gp"](0)
+    in_blocks = acqf.BaseAcquisitionFunc.eval_acqf_no_grad
+    assert in_blocks.in_blocks and samplers.score_candidates_in_blocks()  # patched once, idempotent
+    seen = []
+
+    def spy(self, x):
+        if x.ndim == 2 and len(x) > samplers.ACQUISITION_ROWS:
+            seen.append((self, x))
+        return in_blocks(self, x)
+
+    monkeypatch.setattr(acqf.BaseAcquisitionFunc, "eval_acqf_no_grad", spy)
+    study = optuna.create_study(directions=["minimize"] * 3, sampler=sampler)
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for _ in range(13):
+            trial = study.ask()
+            b, c = trial.suggest_float("b", 0, 1), trial.suggest_int("c", 0, 2)
+            study.tell(trial, [(1 - b) ** 2 + 0.1 * c + 0.01 * rng.random(), b, 1 - 0.3 * c])
+    assert seen, "the sampler never scored a batch of candidates"
+    self, x = seen[-1]
+    np.testing.assert_allclose(in_blocks(self, x), in_blocks.whole(self, x), rtol=1e-9, atol=1e-12)
+
+
+def test_gp_then_tpe_draws_the_first_trials_with_gp_and_the_rest_with_tpe():
+    from llmtailor.search.samplers import GPThenTPE
+
+    sampler = GPThenTPE(0, switch_after=6)
+    used = []
+    for name in ("gp", "tpe"):
+        inner = getattr(sampler, name)
+        inner.before_trial = lambda study, trial, name=name: used.append(name)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    for _ in range(9):
+        trial = study.ask()
+        x = trial.suggest_float("x", 0, 1)
+        study.tell(trial, [x, 1 - x])
+    assert used == ["gp"] * 6 + ["tpe"] * 3
+    assert not sampler._by_trial  # nothing kept per finished trial

@@ -57,14 +57,8 @@ from llmtailor.search import hypervolume
 from llmtailor.search import objectives as objectives_mod
 from llmtailor.search import storage as storage_mod
 from llmtailor.search.objectives import Objective
+from llmtailor.search.samplers import SAMPLERS
 
-SAMPLERS = {
-    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=20),
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    # Gaussian-process Bayesian optimization; reads the trials' set_constraint values (constrained EI).
-    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
-}
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 COUNTED = ("evaluated", "failed")  # statuses that count toward --trials
 STUDY_ATTR = "llmtailor"

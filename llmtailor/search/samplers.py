@@ -1,0 +1,108 @@
+"""The samplers a search can name (``--sampler``), and the one repair Optuna's GP sampler needs to stay in bounds.
+
+Optuna 5's ``GPSampler`` with several objectives scores its 2,048 preliminary
+candidates (and each local-search step) with LogEHVI in one tensor of candidates x
+128 QMC samples x the non-dominated boxes of the front so far x objectives, in
+float64. The boxes multiply as the front grows, so with three objectives its
+transient memory climbed with every trial: a sweep of the default model peaked at
+4.9x the float32 teacher (issue 18's bound is 3x), and a pure-Optuna study of 90
+trials with an 87-point front peaked at 3.4 GB (benchmarks/BENCHMARKS.md). Each
+candidate's acquisition value depends on that candidate alone, so
+``score_candidates_in_blocks`` makes the sampler score them ``ACQUISITION_ROWS`` at a
+time: the same values, a peak bounded by the block instead of by all 2,048 (the same
+study: 603 MB). It patches one private Optuna method once, checks that the method is
+still there (a newer Optuna without it is left alone, with a warning), and
+``tests/test_spaces.py`` holds that blocks give the values of one evaluation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import optuna
+
+ACQUISITION_ROWS = 32  # candidates scored at once: a 128 x boxes x objectives float64 block each
+
+
+def score_candidates_in_blocks() -> bool:
+    """Make GPSampler's no-gradient acquisition scoring work a block of candidates at a time (idempotent). False
+    when this Optuna has no such method to patch."""
+    try:
+        from optuna._gp import acqf
+    except ImportError:
+        acqf = None
+    base = getattr(acqf, "BaseAcquisitionFunc", None)
+    whole = getattr(base, "eval_acqf_no_grad", None)
+    if whole is None:
+        warnings.warn("this Optuna has no GP acquisition function to score in blocks: GPSampler's memory grows with "
+                      "the front", stacklevel=2)
+        return False
+    if getattr(whole, "in_blocks", False):
+        return True
+
+    def in_blocks(self: Any, x: np.ndarray) -> np.ndarray:
+        if x.ndim < 2 or len(x) <= ACQUISITION_ROWS:
+            return whole(self, x)
+        return np.concatenate([whole(self, x[i:i + ACQUISITION_ROWS]) for i in range(0, len(x), ACQUISITION_ROWS)])
+
+    in_blocks.in_blocks = True  # type: ignore[attr-defined]
+    in_blocks.whole = whole  # type: ignore[attr-defined]
+    base.eval_acqf_no_grad = in_blocks
+    return True
+
+
+def _gp(seed: int | None) -> optuna.samplers.BaseSampler:
+    score_candidates_in_blocks()
+    # Gaussian-process Bayesian optimization; reads the trials' set_constraint values (constrained EHVI).
+    return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+
+
+class GPThenTPE(optuna.samplers.BaseSampler):
+    """GP while the study has fewer than ``switch_after`` finished trials, multivariate TPE from then on.
+
+    GP gave the most hypervolume per measured trial in 60-trial searches of the default model (BENCHMARKS.md,
+    bench_search.py); its cost per suggestion grows with the trials and, through the boxes of its acquisition, with
+    the front, which an overnight sweep of thousands of trials cannot afford, while TPE's stays flat. Each trial is
+    drawn wholly by one of the two (chosen when it starts); both see the whole history."""
+
+    def __init__(self, seed: int | None, switch_after: int = 100) -> None:
+        self.gp, self.tpe, self.switch_after = _gp(seed), SAMPLERS["tpe"](seed), switch_after
+        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, study: optuna.Study, trial: Any) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._by_trial:
+            finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                optuna.trial.TrialState.FAIL))
+            self._by_trial[trial.number] = self.gp if len(finished) < self.switch_after else self.tpe
+        return self._by_trial[trial.number]
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: Any) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
+        self._for(study, trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        self.gp.reseed_rng()
+        self.tpe.reseed_rng()
+
+
+SAMPLERS = {
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=20),
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "gp": _gp,
+    "gp-then-tpe": lambda seed: GPThenTPE(seed),
+}
