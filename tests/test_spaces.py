@@ -138,7 +138,7 @@ def test_a_users_yaml_narrows_a_preset_and_bad_files_are_one_line_errors(tiny, t
         spaces.get(str(tmp_path / "missing.yaml"))
 
 
-@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "gp-then-tpe", "random"])
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random"])
 def test_every_sampler_draws_from_the_joint_space_with_constraints_and_several_objectives(tiny, sampler):
     import warnings
 
@@ -200,19 +200,3 @@ def test_the_gp_sampler_scores_candidates_in_blocks_with_the_values_of_one_evalu
     self, x = seen[-1]
     np.testing.assert_allclose(in_blocks(self, x), in_blocks.whole(self, x), rtol=1e-9, atol=1e-12)
 
-
-def test_gp_then_tpe_draws_the_first_trials_with_gp_and_the_rest_with_tpe():
-    from llmtailor.search.samplers import GPThenTPE
-
-    sampler = GPThenTPE(0, switch_after=6)
-    used = []
-    for name in ("gp", "tpe"):
-        inner = getattr(sampler, name)
-        inner.before_trial = lambda study, trial, name=name: used.append(name)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    for _ in range(9):
-        trial = study.ask()
-        x = trial.suggest_float("x", 0, 1)
-        study.tell(trial, [x, 1 - x])
-    assert used == ["gp"] * 6 + ["tpe"] * 3
-    assert not sampler._by_trial  # nothing kept per finished trial

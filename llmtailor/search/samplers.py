@@ -59,50 +59,9 @@ def _gp(seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
 
 
-class GPThenTPE(optuna.samplers.BaseSampler):
-    """GP while the study has fewer than ``switch_after`` finished trials, multivariate TPE from then on.
-
-    GP gave the most hypervolume per measured trial in 60-trial searches of the default model (BENCHMARKS.md,
-    bench_search.py); its cost per suggestion grows with the trials and, through the boxes of its acquisition, with
-    the front, which an overnight sweep of thousands of trials cannot afford, while TPE's stays flat. Each trial is
-    drawn wholly by one of the two (chosen when it starts); both see the whole history."""
-
-    def __init__(self, seed: int | None, switch_after: int = 100) -> None:
-        self.gp, self.tpe, self.switch_after = _gp(seed), SAMPLERS["tpe"](seed), switch_after
-        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
-
-    def _for(self, study: optuna.Study, trial: Any) -> optuna.samplers.BaseSampler:
-        if trial.number not in self._by_trial:
-            finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                                optuna.trial.TrialState.FAIL))
-            self._by_trial[trial.number] = self.gp if len(finished) < self.switch_after else self.tpe
-        return self._by_trial[trial.number]
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
-        return self._for(study, trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
-        return self._for(study, trial).sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str, param_distribution: Any) -> Any:
-        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: Any) -> None:
-        self._for(study, trial).before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
-        self._for(study, trial).after_trial(study, trial, state, values)
-        self._by_trial.pop(trial.number, None)
-
-    def reseed_rng(self) -> None:
-        self.gp.reseed_rng()
-        self.tpe.reseed_rng()
-
-
 SAMPLERS = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=20),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     "gp": _gp,
-    "gp-then-tpe": lambda seed: GPThenTPE(seed),
 }
