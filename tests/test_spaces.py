@@ -200,3 +200,12 @@ def test_the_gp_sampler_scores_candidates_in_blocks_with_the_values_of_one_evalu
     self, x = seen[-1]
     np.testing.assert_allclose(in_blocks(self, x), in_blocks.whole(self, x), rtol=1e-9, atol=1e-12)
 
+
+def test_an_optuna_without_the_gp_method_to_patch_is_left_alone_with_a_warning(monkeypatch):
+    from optuna._gp import acqf
+
+    from llmtailor.search import samplers
+
+    monkeypatch.setattr(acqf, "BaseAcquisitionFunc", type("Renamed", (), {}))
+    with pytest.warns(UserWarning, match="no GP acquisition function to score in blocks"):
+        assert samplers.score_candidates_in_blocks() is False

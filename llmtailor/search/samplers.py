@@ -1,7 +1,7 @@
 """The samplers a search can name (``--sampler``), and the one repair Optuna's GP sampler needs to stay in bounds.
 
 Optuna 5's ``GPSampler`` with several objectives scores its 2,048 preliminary
-candidates (and each local-search step) with LogEHVI in one tensor of candidates x
+candidates with LogEHVI in one tensor of candidates x
 128 QMC samples x the non-dominated boxes of the front so far x objectives, in
 float64. The boxes multiply as the front grows, so with three objectives its
 transient memory climbed with every trial: a sweep of the default model peaked at
