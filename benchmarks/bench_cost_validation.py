@@ -1,6 +1,6 @@
 """The cost model against measurement on this CPU: prefill, decode and memory of real variants of the default model.
 
-    python benchmarks/bench_cost_validation.py [--prompt 128] [--steps 32] [--rounds 3] [--bursts 3]
+    python benchmarks/bench_cost_validation.py [--prompt 128] [--steps 32] [--rounds 3] [--bursts 5]
 
 Needs the host profile (`llmtailor devices --calibrate`, on an idle machine); the
 predictions are the host profile's, made from each variant's plan and the architecture
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--prefills", type=int, default=3, help="timed prefills per burst (after one untimed)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each begun by a host measurement (the profile "
                         "of the pass) and made of --bursts bursts over every variant")
-    parser.add_argument("--bursts", type=int, default=3, help="bursts per round: each variant's process measures one "
+    parser.add_argument("--bursts", type=int, default=5, help="bursts per round: each variant's process measures one "
                         "burst in turn, in a shuffled order; a figure is the median over all bursts (this VM's speed "
                         "drifts by a fifth over minutes, so every variant is measured in every stretch of it)")
     parser.add_argument("--only", help="variant names separated by ; (default: all)")
