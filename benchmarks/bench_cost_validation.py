@@ -152,6 +152,7 @@ def serve(path: Path, prompt: int, steps: int, prefills: int) -> None:
     A burst: one untimed prefill (wakes the thread pool and brings this variant's weights back after the others'
     bursts), `prefills` timed prefills of the prompt keeping the last position's logits, then `steps` greedy
     decode steps with the KV cache; it reports the median prefill and the median decode step."""
+    from llmtailor import models
     from llmtailor.hw_profiles import host
 
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
@@ -167,16 +168,15 @@ def serve(path: Path, prompt: int, steps: int, prefills: int) -> None:
         with torch.no_grad():
             for run in range(prefills + 1):
                 started = time.perf_counter()
-                out = model(ids, use_cache=True, logits_to_keep=1)
+                out, cache = models.with_cache(model, ids, logits_to_keep=1)
                 if run:
                     prefill.append(time.perf_counter() - started)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token = out.logits[:, -1:].argmax(-1)
             for _ in range(steps):
                 started = time.perf_counter()
-                out = model(token, past_key_values=cache, use_cache=True)
+                out, cache = models.with_cache(model, token, cache)
                 token = out.logits[:, -1:].argmax(-1)
                 per_step.append(time.perf_counter() - started)
-                cache = out.past_key_values
         print(json.dumps({"prefill_s": statistics.median(prefill), "decode_s_per_token": statistics.median(per_step)}),
               flush=True)
 

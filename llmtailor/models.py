@@ -207,11 +207,12 @@ def torch_device(name: str) -> Any:
     return device
 
 
-def with_cache(model: Any, input_ids: Any, cache: Any = None) -> tuple[Any, Any]:
-    """One forward that keeps the KV cache: (output, cache). Recent transformers name it ``cache`` and warn at the
-    old name ``past_key_values``, which older releases (also supported) know only."""
+def with_cache(model: Any, input_ids: Any, cache: Any = None, **forward: Any) -> tuple[Any, Any]:
+    """One forward that keeps the KV cache: (output, cache); ``forward``: further arguments of the model's forward.
+    Recent transformers name the cache ``cache`` and warn at the old name ``past_key_values``, which older releases
+    (also supported) know only."""
     name = _cache_argument(type(model))
-    out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}), **forward)
     return out, getattr(out, name)
 
 
