@@ -54,9 +54,10 @@ import torch  # noqa: E402
 
 from llmtailor import compression, models, text  # noqa: E402
 from llmtailor.compression import calibration, outliers, structure  # noqa: E402
+from llmtailor.compression.blocks import decoder_blocks  # noqa: E402
 from llmtailor.compression.calibration import CalibrationSpec  # noqa: E402
 from llmtailor.compression.layer_cache import model_fingerprint  # noqa: E402
-from llmtailor.compression.sequential import compress_sequential, decoder_blocks  # noqa: E402
+from llmtailor.compression.sequential import compress_sequential  # noqa: E402
 from llmtailor.evaluators import quality, tasks  # noqa: E402
 from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity, Student  # noqa: E402
 

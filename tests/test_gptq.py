@@ -104,6 +104,71 @@ def test_statistics_are_shared_by_layers_that_read_one_input(tiny, stats):
     assert (stats.diagonal(f"{block}.mlp.down_proj") >= 0).all()
 
 
+def test_block_by_block_statistics_equal_those_of_whole_forward_passes(tiny, stats):
+    # collect runs one block at a time and replays the blocks' outputs for the head; the reference hooks every layer
+    # in ordinary forward passes of the whole model.
+    stats, windows = stats
+    reference = calibration.InputStatistics(calibration._layers(tiny.model, tiny.arch))
+    with torch.no_grad():
+        for w in windows:
+            reference.new_pass(w.numel())
+            tiny.model(input_ids=w[None], use_cache=False)
+    reference = reference.finish()
+    assert reference.input_of == stats.input_of and reference.tokens == stats.tokens
+    assert set(reference.hessians) == set(stats.hessians)
+    for key, matrix in reference.hessians.items():
+        assert torch.allclose(stats.hessians[key], matrix, rtol=1e-4, atol=1e-6), key
+    # the blocks run as before afterwards (the replay's stand-in forwards are gone)
+    logits = tiny.model(input_ids=windows[:1], use_cache=False).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def test_block_by_block_statistics_of_another_architecture_with_an_untied_head(stats):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llmtailor import arch as arch_module
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
+    arch = arch_module.from_model(model)
+    windows = stats[1][:3] % 300
+    reference = calibration.InputStatistics(calibration._layers(model, arch))
+    with torch.no_grad():
+        for w in windows:
+            reference.new_pass(w.numel())
+            model(input_ids=w[None], use_cache=False)
+    reference = reference.finish()
+    found = calibration.collect(model, arch, windows)
+    assert found.input_of == reference.input_of and "lm_head" in found.input_of
+    for key, matrix in reference.hessians.items():
+        assert torch.allclose(found.hessians[key], matrix, rtol=1e-4, atol=1e-6), key
+
+
+def test_statistics_streamed_to_a_file_equal_those_kept_in_memory_and_a_failure_leaves_no_file(tiny, stats, tmp_path,
+                                                                                            monkeypatch):
+    stats, windows = stats
+    streamed = calibration.load_or_collect(tiny.model, tiny.arch, windows, "k2", tmp_path)
+    assert streamed.input_of == stats.input_of and streamed.tokens == stats.tokens
+    assert all(torch.equal(streamed.hessians[k], stats.hessians[k]) for k in stats.hessians)
+    from llmtailor.compression import blocks
+
+    original, calls = blocks.run_block, []
+
+    def failing_at_block_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in block 1")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(blocks, "run_block", failing_at_block_1)
+    with pytest.raises(RuntimeError, match="out of memory in block 1"):
+        calibration.load_or_collect(tiny.model, tiny.arch, windows, "k3", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "calibration").iterdir()) == ["k2.safetensors"]
+    assert not any(module._forward_pre_hooks for module in tiny.model.modules())  # no statistics hook stays behind
+    assert all("forward" not in vars(block) for block in tiny.model.model.layers)  # the replay left no stand-ins
+
+
 def test_gptq_beats_rtn_on_every_layer_of_the_model_under_its_statistics(tiny, stats):
     stats, _ = stats
     wins = 0

@@ -97,10 +97,17 @@ def calibration_windows(tokenizer: Any, documents: tuple[str, ...] | list[str], 
     return torch.stack([ids[s : s + tokens] for s in starts])
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖WX − QX‖² per calibration token, from the statistics alone: trace((W − Q) H (W − Q)ᵀ)."""
-    delta = (weight - approx.to(weight.device)).double()
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.to(weight.device).double(), delta))
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: int = 4096) -> float:
+    """‖WX − QX‖² per calibration token, from the statistics alone: trace((W − Q) H (W − Q)ᵀ).
+
+    Summed over blocks of `rows` output rows in float64: a whole float64 difference of a 49152 x 576 head and
+    its product with H would be 450 MB at once."""
+    hessian = hessian.to(weight.device).double()
+    total = 0.0
+    for start in range(0, weight.shape[0], rows):
+        delta = (weight[start:start + rows] - approx[start:start + rows].to(weight.device)).double()
+        total += float(((delta @ hessian) * delta).sum())
+    return total
 
 
 class StoredHessians(Mapping):
@@ -205,43 +212,129 @@ class InputStatistics:
         self._seen.clear()
         self.tokens += tokens
 
-    def finish(self) -> CalibrationStats:
-        """Remove the hooks; H = XᵀX / n per distinct input."""
+    def close(self) -> None:
+        """Remove the hooks (also when a pass failed: they must not stay on the caller's model)."""
         for handle in self._handles:
             handle.remove()
         self._seen.clear()
+
+    def finish(self) -> CalibrationStats:
+        """Remove the hooks; H = XᵀX / n per distinct input."""
+        self.close()
         return CalibrationStats({k: (v / self.tokens).cpu() for k, v in self.sums.items()}, self.input_of, self.tokens)
+
+
+class _StatsFile:
+    """Writes H matrices into a safetensors file one at a time, so that all of them are never in memory at once:
+    each matrix's bytes go to a data file beside it as it comes, and the file (header, then those bytes) is
+    assembled at the end (the header must come first and names every tensor)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.data_path = self.path.with_name(self.path.name + ".data")
+        self.data = open(self.data_path, "w+b")  # noqa: SIM115 (closed by close, also on failure)
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def __setitem__(self, key: str, matrix: torch.Tensor) -> None:
+        raw = matrix.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        self.header[key] = {"dtype": "F32", "shape": list(matrix.shape), "data_offsets": [self.size, self.size + len(raw)]}
+        self.data.write(raw)
+        self.size += len(raw)
+
+    def close(self, metadata: dict[str, str] | None) -> None:
+        """Write the file (unless metadata is None: a failed pass) and delete the data file."""
+        import shutil
+        import struct
+
+        try:
+            if metadata is not None:
+                header = json.dumps({"__metadata__": metadata, **self.header}).encode()
+                header += b" " * (-len(header) % 8)  # the tensors' bytes start 8-byte aligned, as safetensors writes
+                with open(self.path, "wb") as out:
+                    out.write(struct.pack("<Q", len(header)) + header)
+                    self.data.seek(0)
+                    shutil.copyfileobj(self.data, out, 1 << 24)
+        finally:
+            self.data.close()
+            self.data_path.unlink(missing_ok=True)
 
 
 @torch.no_grad()
 def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str | torch.device = "cpu",
-            progress: bool = False) -> CalibrationStats:
-    """Run the teacher on the windows and accumulate H for every distinct linear-layer input (teacher-input mode)."""
+            progress: bool = False, into: Path | None = None) -> CalibrationStats:
+    """Run the teacher on the windows and accumulate H for every distinct linear-layer input (teacher-input mode).
+
+    Block by block (``compression.blocks``): the hidden states of every window pass
+    from one block to the next, and a block's sums are finished before the next
+    block's begin, so memory holds the windows' hidden states and one block's sums,
+    not the sums of every block (403 MB for SmolLM2-135M) and a whole pass's
+    activations. The head's input is collected last, in a pass that skips the blocks
+    (their outputs are known) and stops before the logits. With ``into``, each
+    block's matrices are written to that safetensors file as soon as the block is
+    done (the returned statistics read them from there); without, they stay in memory.
+    """
     from tqdm.auto import tqdm
 
-    statistics = InputStatistics(_layers(model, arch))
+    from llmtailor.compression import blocks as block_runs
+
+    layers = _layers(model, arch)
     model_device = next(model.parameters()).device
+    hessians: dict[str, torch.Tensor] | _StatsFile = _StatsFile(into) if into is not None else {}
+    input_of: dict[str, str] = {}
+    metadata, statistics = None, None
     model.to(device)
     try:
-        for window in tqdm(windows, desc="calibration statistics", unit="window", disable=not progress):
-            statistics.new_pass(window.numel())
-            model(input_ids=window[None].to(device), use_cache=False)
+        blocks = block_runs.decoder_blocks(model, arch)
+        calls = block_runs.block_inputs(model, blocks[0], windows, device)
+        form = None
+        for index in tqdm(range(len(blocks)), desc="calibration statistics", unit="block", disable=not progress):
+            names = [lin.name for lin in arch.linears if lin.block == index]
+            statistics = InputStatistics({name: layers[name] for name in names})
+            form = block_runs.run_block(blocks[index], calls, before=lambda call, s=statistics: s.new_pass(
+                block_runs.hidden_of(call).shape[:-1].numel()))
+            found = statistics.finish()
+            for key, matrix in found.hessians.items():
+                hessians[key] = matrix
+            input_of.update(found.input_of)
+        statistics = InputStatistics({name: module for name, module in layers.items() if name not in input_of})
+        finals = [block_runs.hidden_of(call) for call in calls]
+        del calls
+        with block_runs.replayed(blocks, finals, form), block_runs.stopping_before(model.get_submodule(arch.lm_head_name)):
+            for window in windows:
+                statistics.new_pass(window.numel())
+                block_runs.run_until_stopped(model, window, device)
+        found = statistics.finish()
+        for key, matrix in found.hessians.items():
+            hessians[key] = matrix
+        input_of.update(found.input_of)
+        metadata = {"input_of": json.dumps(input_of), "tokens": str(found.tokens)}
     finally:
-        stats = statistics.finish()
+        if statistics is not None:
+            statistics.close()
         model.to(model_device)
-    return stats
+        if isinstance(hessians, _StatsFile):
+            hessians.close(metadata)
+    if isinstance(hessians, _StatsFile):
+        return CalibrationStats.load(into)
+    return CalibrationStats(hessians, input_of, found.tokens)
 
 
 def load_or_collect(model: Any, arch: Architecture, windows: torch.Tensor | Callable[[], torch.Tensor], key: str,
                     cache: Path, device: str | torch.device = "cpu", progress: bool = False) -> CalibrationStats:
     """The statistics for this key from the cache, computed and stored there first if missing or unreadable.
 
-    ``windows`` may be a function making them, called only when the statistics must be computed.
+    ``windows`` may be a function making them, called only when the statistics must be computed. The matrices are
+    written to the file block by block as they are collected (atomically: a staging file renamed into place) and
+    stay there until asked for.
     """
-    return files.load_or_make(  # once stored, the matrices leave memory (reread)
-        cache / "calibration" / f"{key}.safetensors", CalibrationStats.load,
-        lambda: collect(model, arch, windows() if callable(windows) else windows, device, progress),
-        CalibrationStats.save, reread=True)
+    path = cache / "calibration" / f"{key}.safetensors"
+
+    def make() -> None:
+        made = windows() if callable(windows) else windows
+        files.write_with(path, lambda staging: collect(model, arch, made, device, progress, into=staging))
+
+    return files.load_or_make(path, CalibrationStats.load, make, lambda made, p: None, reread=True)
 
 
 @torch.no_grad()

@@ -138,8 +138,11 @@ def gptq(weight: torch.Tensor, precision: LayerPrecision, hessian: torch.Tensor 
                            precision.symmetric)
 
 
-# Above this many weights (SmolLM2-135M's largest layer, its embedding, has 28M) GPTQ solves blocks of rows.
-GPTQ_ROW_BLOCK_ELEMENTS = 1 << 25
+# Above this many weights GPTQ solves blocks of rows: 8M (32 MB in float32), so that SmolLM2-135M's tied
+# embedding/head (28M weights, the only layer above it) is solved in four blocks and its working copies stay near
+# 64 MB; at 32M (the earlier bound) it was one block, 226 MB of copies, most of a cold sweep's peak beyond 3x the
+# teacher. The codes of a blocked solve match a whole one's to float rounding (tests/test_gptq.py).
+GPTQ_ROW_BLOCK_ELEMENTS = 1 << 23
 
 
 Quantizer = Callable[..., QuantizedWeight]

@@ -24,54 +24,11 @@ from typing import Any
 import torch
 
 from llmtailor.arch import Architecture
+from llmtailor.compression import blocks as block_runs
 from llmtailor.compression import check_supported, compress_cached
 from llmtailor.compression.calibration import CalibrationStats, InputStatistics
 from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan
-
-
-class _Captured(Exception):
-    """Raised by the hook on block 0 once it has its inputs: nothing after it needs to run."""
-
-
-def decoder_blocks(model: Any, arch: Architecture) -> torch.nn.ModuleList:
-    """The list of decoder blocks (the ModuleList that holds block 0's layers)."""
-    first = next(lin.name for lin in arch.linears if lin.block == 0)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == arch.num_layers and first.startswith(f"{name}.0."):
-            return module
-    raise ValueError(f"cannot find the {arch.num_layers} decoder blocks of this model")
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-@torch.no_grad()
-def _block_inputs(model: Any, block: torch.nn.Module, windows: torch.Tensor, device: torch.device) -> list:
-    """The (args, kwargs) block 0 is called with, one per window."""
-    captured = []
-
-    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise _Captured
-
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for window in windows:
-            try:
-                model(input_ids=window[None].to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
 
 
 def _compress(model: Any, names: list[str], plan: CompressionPlan, statistics: CalibrationStats) -> None:
@@ -94,24 +51,27 @@ def compress_sequential(plan: CompressionPlan, teacher: Any, arch: Architecture,
     check_supported(plan, has_calibration=True, arch=arch)
     device = torch.device(device)
     model = copy.deepcopy(teacher).to(device)
-    blocks = decoder_blocks(model, arch)
-    inputs = _block_inputs(model, blocks[0], windows, device)
+    blocks = block_runs.decoder_blocks(model, arch)
+    calls = block_runs.block_inputs(model, blocks[0], windows, device)
+    form = None
     for index in tqdm(range(len(blocks)), desc="sequential compression", unit="block", disable=not progress):
         names = [lin.name for lin in arch.linears if lin.block == index]
         statistics = InputStatistics({name: model.get_submodule(name) for name in names})
-        for args, kwargs in inputs:
-            statistics.new_pass(_hidden(args, kwargs).shape[:-1].numel())
-            blocks[index](*args, **kwargs)
+        for call in calls:
+            statistics.new_pass(block_runs.hidden_of(call).shape[:-1].numel())
+            blocks[index](*call[0], **call[1])
         _compress(model, names, plan, statistics.finish())
-        outputs = [blocks[index](*args, **kwargs) for args, kwargs in inputs]
-        inputs = [_with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
-                  for (args, kwargs), out in zip(inputs, outputs, strict=True)]
+        form = block_runs.run_block(blocks[index], calls)  # the compressed block's outputs feed the next block
     rest = [lin.name for lin in stored_layers(arch) if lin.block is None]
     modules = {name: model.get_submodule(arch.lm_head_name if name == arch.embedding.name else name) for name in rest
                if name != arch.embedding.name or arch.tie_embeddings}
     statistics = InputStatistics(modules)
-    for window in windows:
-        statistics.new_pass(window.numel())
-        model(input_ids=window[None].to(device), use_cache=False)
+    finals = [block_runs.hidden_of(call) for call in calls]
+    del calls
+    # The blocks' outputs are known: the last pass replays them and stops before the logits.
+    with block_runs.replayed(blocks, finals, form), block_runs.stopping_before(model.get_submodule(arch.lm_head_name)):
+        for window in windows:
+            statistics.new_pass(window.numel())
+            block_runs.run_until_stopped(model, window, device)
     _compress(model, rest, plan, statistics.finish())
     return model.to(next(teacher.parameters()).device)

@@ -30,8 +30,8 @@ import torch
 
 from llmtailor import files
 from llmtailor.arch import Architecture
+from llmtailor.compression.blocks import decoder_blocks, run_until_stopped, stopping_before
 from llmtailor.compression.calibration import CalibrationStats
-from llmtailor.compression.sequential import decoder_blocks
 from llmtailor.plan import PlanError, Student
 
 
@@ -65,9 +65,10 @@ def block_influence(model: Any, arch: Architecture, windows: torch.Tensor) -> li
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
-        for window in windows:
-            model(input_ids=window[None].to(device), use_cache=False)
-            tokens += window.numel()
+        with stopping_before(model.get_output_embeddings()):  # the logits are not needed
+            for window in windows:
+                run_until_stopped(model, window, device)
+                tokens += window.numel()
     finally:
         for handle in handles:
             handle.remove()
