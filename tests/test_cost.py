@@ -306,7 +306,8 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     real_measure = host.measure
     monkeypatch.setattr(host, "measure", lambda: real_measure(probe_bytes=32 << 20))
     monkeypatch.setattr(host, "matmul_tflops", lambda dtype: 0.05 if dtype == torch.float32 else 0.02)
-    monkeypatch.setattr(host, "int8_dynamic_rates", lambda: (0.08, 0.3))
+    probes = iter([(0.08, 0.3), (0.2, 0.1), (0.1, 0.5)])  # the int8 layer is probed three times: medians are kept
+    monkeypatch.setattr(host, "int8_dynamic_rates", lambda: next(probes))
     monkeypatch.setattr(host, "int8_dynamic_weight_copies", lambda: 2.03)
     monkeypatch.setattr(host, "weight_only_tflops", lambda bits: 0.03 if bits == 8 else 0.0)  # no int4 kernel
     monkeypatch.setattr(host, "prompt_head_read_gbps", lambda dtype, vocab, width, repeats:
@@ -320,6 +321,8 @@ def test_calibrate_measures_this_machine_into_the_host_profile(monkeypatch, tmp_
     assert 0 < profile.peak_tflops["fp32"] < 1000 and 0 < profile.peak_tflops["fp16"] < 1000
     assert "int8_activations" in profile.kernels and profile.weight_copies_at_load == {"int8_activations": 2.03}
     assert profile.int8_activation_ns_per_value == 0.3
+    assert profile.peak_tflops["int8"] == pytest.approx(0.1 * min(1.0, profile.peak_tflops["fp16"] / 0.02), rel=1e-3)
+    assert "0.08, 0.2, 0.1" in host.profile_path().read_text()  # the probes, recorded
     assert profile.prompt_head_read_gbps["fp16"]["49152x576"] == 0.576 and "fp32" not in profile.prompt_head_read_gbps
     assert profile.prompt_head_gbps("fp16", 49152, 600) == 0.576  # the nearest measured shape
     assert profile.prompt_head_gbps("fp16", 150000, 1500) == 1.536 and profile.prompt_head_gbps("fp32", 10, 10) is None
