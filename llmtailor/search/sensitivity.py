@@ -112,6 +112,7 @@ def build(teacher: Any, arch: Architecture, options: list[LayerPrecision], ancho
         for precision in options:
             approx = _compressed(teacher, arch, layer, precision, stats, cache)
             errors[layer][option_name(precision)] = output_error(weight, approx, hessian)
+            del approx  # (before the next option's is made: two of a head's are 226 MB)
         anchor_kl[layer] = single_layer_kl(teacher, arch, layer, anchor, stats, reference, cache)
     return Sensitivity(option_name(anchor), anchor_kl, errors)
 
@@ -138,6 +139,7 @@ def for_space(space: Any, teacher: Any, tokenizer: Any, arch: Architecture, stat
         raise ValueError("a guided space must measure every layer at one anchor option")
     anchor = anchors.pop()
     described = json.dumps({"calibration": calibration_key, "anchor": asdict(anchor), "windows": SENSITIVITY_WINDOWS,
+                            "top_k": quality.SEARCH_TOP_K,
                             "options": {k: [asdict(p) for p in v] for k, v in options.items()}}, sort_keys=True)
     path = folder / f"{hashlib.sha256(described.encode()).hexdigest()[:20]}.json"
 
@@ -145,7 +147,9 @@ def for_space(space: Any, teacher: Any, tokenizer: Any, arch: Architecture, stat
         windows, tokens = SENSITIVITY_WINDOWS
         documents = text.split(spec.source).calibration
         ids = calibration_windows(tokenizer, documents, windows, tokens, seed=spec.seed + 1)
-        reference = quality.Reference.of_windows(teacher, ids)
+        # The teacher's top-k log-probabilities, as a search keeps them: whole ones would be 201 MB held through
+        # the build (4 x 256 positions x 49152 tokens in float32), most of a cold sweep's peak beyond 3x the teacher.
+        reference = quality.Reference.of_windows(teacher, ids, top_k=quality.SEARCH_TOP_K)
         every = list({option_name(p): p for v in options.values() for p in v}.values())
         return build(teacher, arch, every, anchor, stats, reference, cache, [lin.name for lin in layers], progress)
 

@@ -1,0 +1,113 @@
+"""Peak resident memory of a guided sweep's first run on an empty cache, per preparation step (issue 18).
+
+    python benchmarks/bench_cold_start.py [--space benchmarks/spaces/search-guided.yaml]
+
+A sweep's first run makes, in its own process, what later runs read from the cache:
+the calibration statistics (``calibration.collect``), the layer sensitivities
+(``sensitivity.build``, which also fills the per-layer cache with its GPTQ solves) and
+the structured-cut importance (``structure.importance``). This script runs
+`llmtailor fit --memory 160MB --trials 1` with that space in this process, on a fresh
+cache folder (the converted default model is linked in from the user's cache, so
+loading is the same as in any run), and samples this process's resident memory every
+20 ms, labelled by the step running. The bound is 3x the teacher's float32 size.
+
+Writes benchmarks/results/bench_cold_start.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "bench_cold_start.json"
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default=str(HERE / "spaces" / "search-guided.yaml"))
+    args = parser.parse_args()
+
+    user_cache = Path(os.environ.get("LLMTAILOR_CACHE") or Path.home() / ".cache" / "llmtailor")
+    cache = Path(tempfile.mkdtemp(prefix="llmtailor-cold-"))
+    for kept in ("gguf", "host"):  # the converted model and the host profile; nothing the preparation makes
+        if (user_cache / kept).exists():
+            (cache / kept).symlink_to(user_cache / kept)
+    os.environ["LLMTAILOR_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    step, peaks, seconds = ["start"], {}, {}
+
+    def sample() -> None:
+        while True:
+            peaks[step[0]] = max(peaks.get(step[0], 0), resident_bytes())
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    from llmtailor import cli, models
+    from llmtailor.compression import calibration, structure
+    from llmtailor.search import sensitivity
+
+    def labelled(module, name: str, label: str) -> None:
+        function = getattr(module, name)
+
+        def run(*a, **k):
+            before, started = step[0], time.perf_counter()
+            step[0] = label
+            try:
+                return function(*a, **k)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - started
+                step[0] = before
+
+        setattr(module, name, run)
+
+    labelled(models, "load", "load the teacher")
+    labelled(calibration, "collect", "calibration statistics")
+    labelled(sensitivity, "build", "sensitivities")
+    labelled(structure, "importance", "importance")
+    step[0] = "other (windows, references, the trial)"
+    started = time.perf_counter()
+    code = cli.main(["fit", "--memory", "160MB", "--trials", "1", "--study", "cold", "--results", str(cache / "results"),
+                     "--space", args.space, "--tasks", "none", "--eval-windows", "4", "--window-tokens", "256",
+                     "--no-progress"])
+    wall = time.perf_counter() - started
+    if code != 0:
+        sys.exit(f"llmtailor fit failed ({code})")
+    float32_bytes = 4 * models.load_architecture(None)[0].total_params  # (from the config: no second teacher)
+    result = {
+        "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+                                                     f"{os.cpu_count()} cores",
+        "space": Path(args.space).name, "teacher_float32_bytes": float32_bytes, "wall_seconds": round(wall, 1),
+        "steps": {label: {"peak_rss_bytes": peaks.get(label, 0), "peak_over_teacher_float32":
+                          round(peaks.get(label, 0) / float32_bytes, 3), "seconds": round(seconds.get(label, 0.0), 1)}
+                  for label in peaks if label != "start"},
+    }
+    result["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in result["steps"].values())
+    result["peak_over_teacher_float32"] = round(result["peak_rss_bytes"] / float32_bytes, 3)
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print("| step | seconds | peak resident MB | x float32 teacher |\n|---|---:|---:|---:|")
+    for label, s in result["steps"].items():
+        print(f"| {label} | {s['seconds']:.0f} | {s['peak_rss_bytes'] / 1e6:.0f} | {s['peak_over_teacher_float32']:.2f} |")
+    print(f"\npeak {result['peak_rss_bytes'] / 1e6:.0f} MB = {result['peak_over_teacher_float32']:.2f}x the float32 "
+          f"teacher ({float32_bytes / 1e6:.0f} MB); {wall:.0f} s; cache folder {cache}")
+
+
+if __name__ == "__main__":
+    main()
