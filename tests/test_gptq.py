@@ -292,3 +292,18 @@ def test_gptq_of_a_large_layer_solved_a_block_of_rows_at_a_time_matches_one_solv
     assert (blocked.codes == whole.codes).float().mean() > 0.999
     assert blocked.codes.shape == whole.codes.shape and blocked.scales.shape == whole.scales.shape
     assert torch.allclose(blocked.dequantize(), whole.dequantize(), atol=1e-3)
+
+
+def test_dequantize_equals_the_codes_scaled_per_group_weight_by_weight():
+    from llmtailor.compression.quantize import QuantizedWeight
+
+    torch.manual_seed(0)
+    for width, size in ((64, 32), (70, 32), (48, 48)):  # whole groups, a short last group, one group per row
+        groups = -(-width // size)
+        codes = torch.randint(0, 16, (9, width), dtype=torch.uint8)
+        scales, zeros = torch.rand(9, groups).half(), torch.randint(0, 16, (9, groups), dtype=torch.uint8)
+        expected = torch.empty(9, width)
+        for column in range(width):  # the definition: (code - zero) * scale of the weight's group
+            g = column // size
+            expected[:, column] = (codes[:, column].float() - zeros[:, g].float()) * scales[:, g].float()
+        assert torch.equal(QuantizedWeight(codes, scales, zeros, 4, size, False).dequantize(), expected)

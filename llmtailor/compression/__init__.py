@@ -115,21 +115,24 @@ def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, 
 
     ``inputs``: the input columns of the teacher's layer that a structured cut kept (H is cut to them);
     ``kept``: what the cut kept of the layer (``structure.Cut.kept``), part of its cache key."""
-    hessian = _hessian(calibration, name, precision, sparsity)
-    if hessian is not None and inputs is not None:
-        index = inputs.to(hessian.device)
-        hessian = hessian.index_select(0, index).index_select(1, index)
+    def hessian() -> torch.Tensor | None:  # read only for a layer computed here: a cached one needs none
+        found = _hessian(calibration, name, precision, sparsity)
+        if found is not None and inputs is not None:
+            index = inputs.to(found.device)
+            found = found.index_select(0, index).index_select(1, index)
+        return found
+
     solved = (precision.bits < 16 and precision.method in CALIBRATED) or (
         not sparsity.is_identity and sparsity.method == "sparsegpt")
     if cache is None or not solved:
-        return compress_layer(weight, precision, sparsity, hessian)
+        return compress_layer(weight, precision, sparsity, hessian())
     key = cache.key(name, precision, sparsity, kept)
     stored = cache.get(key)
     if stored is not None:
         dense, quantized, mask = stored
         dense = quantized.dequantize() if quantized is not None else dense
         return dense.to(weight.device, weight.dtype), quantized, None if mask is None else mask.to(weight.device)
-    dense, quantized, mask = compress_layer(weight, precision, sparsity, hessian)
+    dense, quantized, mask = compress_layer(weight, precision, sparsity, hessian())
     cache.put(key, quantized if quantized is not None else dense, mask)
     return dense, quantized, mask
 

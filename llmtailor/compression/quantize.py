@@ -41,10 +41,14 @@ class QuantizedWeight:
         """The float32 weights these codes stand for (made a block of rows at a time, so that a large layer, such
         as a 262k-token embedding, needs no float32 temporaries of its whole size besides the result)."""
         out, width = self.codes.shape
-        expand = lambda t: t.float().repeat_interleave(self.group_size, dim=1)[:, :width]  # noqa: E731
+        size = self.group_size
+        groups = math.ceil(width / size)
         result = torch.empty(out, width, device=self.codes.device)
         for rows in row_blocks(out, width):
-            result[rows] = (self.codes[rows].float() - expand(self.zeros[rows])) * expand(self.scales[rows])
+            # [rows, groups, size] against [rows, groups, 1]: broadcast, not the scales and zeros repeated per weight
+            values = _grouped(self.codes[rows].float(), size)
+            values.sub_(self.zeros[rows].float()[..., None]).mul_(self.scales[rows].float()[..., None])
+            result[rows] = values.reshape(len(values), groups * size)[:, :width]
         return result
 
 
