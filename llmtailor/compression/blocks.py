@@ -129,3 +129,16 @@ def run_until_stopped(model: Any, window: torch.Tensor, device: torch.device | s
     """One forward pass of a window, which a ``stopping_before`` hook may end early."""
     with contextlib.suppress(_Captured):
         model(input_ids=window[None].to(device), use_cache=False)
+
+
+@torch.no_grad()
+def run_to_head(model: Any, arch: Architecture, blocks: torch.nn.ModuleList, calls: list, form: Any,
+                windows: torch.Tensor, device: torch.device | str, before: Callable[[torch.Tensor], None]) -> None:
+    """Once every block has run (``calls`` hold the last block's outputs), one pass per window of what the model
+    runs outside its blocks, the blocks replayed and the pass stopped before the head (``before(window)`` runs
+    first): how the head's input statistics are collected without running the blocks again or the logits."""
+    finals = [hidden_of(call) for call in calls]
+    with replayed(blocks, finals, form), stopping_before(model.get_submodule(arch.lm_head_name)):
+        for window in windows:
+            before(window)
+            run_until_stopped(model, window, device)

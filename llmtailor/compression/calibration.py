@@ -298,12 +298,8 @@ def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str |
                 hessians[key] = matrix
             input_of.update(found.input_of)
         statistics = InputStatistics({name: module for name, module in layers.items() if name not in input_of})
-        finals = [block_runs.hidden_of(call) for call in calls]
-        del calls
-        with block_runs.replayed(blocks, finals, form), block_runs.stopping_before(model.get_submodule(arch.lm_head_name)):
-            for window in windows:
-                statistics.new_pass(window.numel())
-                block_runs.run_until_stopped(model, window, device)
+        block_runs.run_to_head(model, arch, blocks, calls, form, windows, device,
+                               lambda window, s=statistics: s.new_pass(window.numel()))
         found = statistics.finish()
         for key, matrix in found.hessians.items():
             hessians[key] = matrix

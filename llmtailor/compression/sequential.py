@@ -66,12 +66,8 @@ def compress_sequential(plan: CompressionPlan, teacher: Any, arch: Architecture,
     modules = {name: model.get_submodule(arch.lm_head_name if name == arch.embedding.name else name) for name in rest
                if name != arch.embedding.name or arch.tie_embeddings}
     statistics = InputStatistics(modules)
-    finals = [block_runs.hidden_of(call) for call in calls]
-    del calls
     # The blocks' outputs are known: the last pass replays them and stops before the logits.
-    with block_runs.replayed(blocks, finals, form), block_runs.stopping_before(model.get_submodule(arch.lm_head_name)):
-        for window in windows:
-            statistics.new_pass(window.numel())
-            block_runs.run_until_stopped(model, window, device)
+    block_runs.run_to_head(model, arch, blocks, calls, form, windows, device,
+                           lambda window: statistics.new_pass(window.numel()))
     _compress(model, rest, plan, statistics.finish())
     return model.to(next(teacher.parameters()).device)

@@ -30,7 +30,6 @@ and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` a
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import math
@@ -676,9 +675,6 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
         if done >= total or evaluator.stop or trial.number + 1 >= limit:
             study_.stop()
 
-    # The teacher, its references and the libraries live as long as the sweep: frozen, the collection after each
-    # trial (which keeps a long sweep's memory flat) walks only what trials made (it walked all: 0.28 s a trial).
-    gc.freeze()
     try:
         while True:
             try:
@@ -701,7 +697,6 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
                     raise KeyboardInterrupt from None
                 raise
     finally:
-        gc.unfreeze()
         bar.close()
     if evaluator.fatal is not None:
         raise evaluator.fatal
