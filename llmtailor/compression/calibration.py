@@ -283,6 +283,12 @@ def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str |
     hessians: dict[str, torch.Tensor] | _StatsFile = _StatsFile(into) if into is not None else {}
     input_of: dict[str, str] = {}
     metadata, statistics = None, None
+
+    def keep(found: CalibrationStats) -> None:  # a block's (or the head's) statistics, into the whole
+        for key, matrix in found.hessians.items():
+            hessians[key] = matrix
+        input_of.update(found.input_of)
+
     model.to(device)
     try:
         blocks = block_runs.decoder_blocks(model, arch)
@@ -293,17 +299,12 @@ def collect(model: Any, arch: Architecture, windows: torch.Tensor, device: str |
             statistics = InputStatistics({name: layers[name] for name in names})
             form = block_runs.run_block(blocks[index], calls, before=lambda call, s=statistics: s.new_pass(
                 block_runs.hidden_of(call).shape[:-1].numel()))
-            found = statistics.finish()
-            for key, matrix in found.hessians.items():
-                hessians[key] = matrix
-            input_of.update(found.input_of)
+            keep(statistics.finish())
         statistics = InputStatistics({name: module for name, module in layers.items() if name not in input_of})
         block_runs.run_to_head(model, arch, blocks, calls, form, windows, device,
                                lambda window, s=statistics: s.new_pass(window.numel()))
         found = statistics.finish()
-        for key, matrix in found.hessians.items():
-            hessians[key] = matrix
-        input_of.update(found.input_of)
+        keep(found)
         metadata = {"input_of": json.dumps(input_of), "tokens": str(found.tokens)}
     finally:
         if statistics is not None:

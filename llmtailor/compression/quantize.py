@@ -41,14 +41,12 @@ class QuantizedWeight:
         """The float32 weights these codes stand for (made a block of rows at a time, so that a large layer, such
         as a 262k-token embedding, needs no float32 temporaries of its whole size besides the result)."""
         out, width = self.codes.shape
-        size = self.group_size
-        groups = math.ceil(width / size)
         result = torch.empty(out, width, device=self.codes.device)
         for rows in row_blocks(out, width):
             # [rows, groups, size] against [rows, groups, 1]: broadcast, not the scales and zeros repeated per weight
-            values = _grouped(self.codes[rows].float(), size)
+            values = _grouped(self.codes[rows].float(), self.group_size)
             values.sub_(self.zeros[rows].float()[..., None]).mul_(self.scales[rows].float()[..., None])
-            result[rows] = values.reshape(len(values), groups * size)[:, :width]
+            result[rows] = values.reshape(len(values), -1)[:, :width]
         return result
 
 

@@ -65,9 +65,14 @@ class Sensitivity:
         return cls(**json.loads(text))
 
 
-def _weight(model: Any, arch: Architecture, layer: str) -> torch.Tensor:
+def _parameter(model: Any, arch: Architecture, layer: str) -> torch.nn.Parameter:
+    """The layer's weight parameter (a tied embedding's is the head's: one parameter in two places)."""
     name = arch.lm_head_name if layer == arch.embedding.name and arch.tie_embeddings else layer
-    return model.get_submodule(name).weight.data
+    return model.get_submodule(name).weight
+
+
+def _weight(model: Any, arch: Architecture, layer: str) -> torch.Tensor:
+    return _parameter(model, arch, layer).data
 
 
 def _compressed(teacher: Any, arch: Architecture, layer: str, precision: LayerPrecision, stats: CalibrationStats,
@@ -85,8 +90,7 @@ def single_layer_kl(teacher: Any, arch: Architecture, layer: str, precision: Lay
                     reference: quality.Reference, cache: LayerCache | None = None) -> float:
     """KL to the teacher with only this layer compressed (its tensor swapped into the teacher's parameter, then the
     original swapped back: no copy of the original is made, which for a tied embedding/head is 113 MB)."""
-    name = arch.lm_head_name if layer == arch.embedding.name and arch.tie_embeddings else layer
-    parameter = teacher.get_submodule(name).weight
+    parameter = _parameter(teacher, arch, layer)
     original = parameter.data
     compressed = _compressed(teacher, arch, layer, precision, stats, cache)
     try:
