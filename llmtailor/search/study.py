@@ -30,6 +30,7 @@ and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` a
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ from llmtailor.evaluators import cost, quality
 from llmtailor.evaluators import tasks as lm_tasks
 from llmtailor.hw_profiles import DeviceProfile, format_size, host
 from llmtailor.search import hypervolume
+from llmtailor.search import interrupts as interrupts_mod
 from llmtailor.search import objectives as objectives_mod
 from llmtailor.search import storage as storage_mod
 from llmtailor.search.objectives import Objective
@@ -368,6 +370,7 @@ class TrialEvaluator:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = False  # set when the asked total is reached while this process was sampling
         self.fatal: Exception | None = None  # an error after which this process must not measure again
+        self.interrupts = interrupts_mod.TrialBoundary()  # installed as the SIGINT handler while a sweep runs
 
     def _teacher_item_scores(self, fingerprint: str, log: Any) -> dict[str, list[float]]:
         """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
@@ -387,7 +390,8 @@ class TrialEvaluator:
         started = time.perf_counter()
         storage_mod.beat_now(trial)
         try:
-            return self._evaluate(trial, started)
+            with self.interrupts.trial():
+                return self._evaluate(trial, started)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -672,38 +676,53 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
             done = measured(study_)
         bar.n = done
         bar.set_postfix_str(f"{trial.number + 1} sampled")
-        if done >= total or evaluator.stop or trial.number + 1 >= limit:
+        if done >= total or evaluator.stop or trial.number + 1 >= limit or evaluator.interrupts.held:
             study_.stop()
 
+    # Everything made so far (the teacher, its references, the statistics) lives as long as the sweep: frozen, it is
+    # left out of the collection Optuna runs after each trial, which walked the whole teacher (0.28 s a trial).
+    gc.collect()
+    gc.freeze()
     try:
-        while True:
-            try:
-                study.optimize(evaluator, catch=(Exception,), callbacks=[stop_when_done], gc_after_trial=True)
-                break
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
-                # SQLite has no row locks, so two processes can claim the same enqueued trial; the one that
-                # finishes second cannot record it ("Cannot tell a COMPLETE trial"). Its result is already in
-                # the study: go on with the next trial.
-                if "Cannot tell a" not in str(exc) and not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
-                    raise
-                done = measured(study)
-                if done >= total or evaluator.stop:
-                    break
-            except UnboundLocalError as exc:
-                # Optuna 5.0's _run_trial turns a Ctrl-C while it records a finished trial into this (its `finally`
-                # reads a result the interrupted call never set): give the interrupt back. The trial, if left
-                # RUNNING, is failed by heartbeat and redone.
-                if isinstance(exc.__context__, KeyboardInterrupt):
-                    raise KeyboardInterrupt from None
-                raise
+        with evaluator.interrupts.installed():
+            _optimize_until_done(study, evaluator, stop_when_done)
     finally:
+        gc.unfreeze()
         bar.close()
     if evaluator.fatal is not None:
         raise evaluator.fatal
+    done = measured(study)
     if done < total:
         log(f"only {done} of {len(study.trials)} sampled plans were measured (the rest were over budget or "
             "repeated plans); stopped sampling")
     return study
+
+
+def _optimize_until_done(study: optuna.Study, evaluator: TrialEvaluator, stop_when_done: Any) -> None:
+    """Optuna's optimize, gone on with after another process's claim of the same enqueued trial; a Ctrl-C held
+    between two trials is raised here, once Optuna has stopped."""
+    total = evaluator.setup.config.trials
+    while True:
+        try:
+            study.optimize(evaluator, catch=(Exception,), callbacks=[stop_when_done], gc_after_trial=True)
+            break
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            # SQLite has no row locks, so two processes can claim the same enqueued trial; the one that
+            # finishes second cannot record it ("Cannot tell a COMPLETE trial"). Its result is already in
+            # the study: go on with the next trial.
+            if "Cannot tell a" not in str(exc) and not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                raise
+            done = measured(study)
+            if done >= total or evaluator.stop:
+                break
+        except UnboundLocalError as exc:
+            # Optuna 5.0's _run_trial turns a second Ctrl-C (the first is held to the trial boundary) while it
+            # records a finished trial into this (its `finally` reads a result the interrupted call never set):
+            # give the interrupt back. The trial, if left RUNNING, is failed by heartbeat and redone.
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
+    evaluator.interrupts.raise_if_held()  # (only after a normal stop: an error on the way out is not masked)
 
 
 def _remove_if_untouched(study: optuna.Study, setup: Setup, new_paths: list[Path]) -> None:
