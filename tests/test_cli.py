@@ -341,7 +341,7 @@ def test_a_joint_guided_search_allocates_bits_and_cuts_prunes_and_distills(tiny_
     assert code == 0, err
     study = optuna.load_study(study_name="jg", storage=f"sqlite:///{tmp_path / 'jg' / 'study.db'}")
     plans = [json.loads(t.user_attrs["plan"]) for t in study.trials if t.user_attrs.get("status") == "evaluated"]
-    assert all("weight_budget" in t.params and "tilt_depth" in t.params for t in study.trials)
+    assert all("weight_budget" in t.params for t in study.trials)
     assert any(p.get("sparsity") for p in plans) and any(p.get("student", {}).get("layers") for p in plans)
     assert any(p.get("student", {}).get("distillation", {}).get("steps") for p in plans)
     assert study.user_attrs["llmtailor"]["space_choices"]["precision"] == "guided"

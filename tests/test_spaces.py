@@ -56,7 +56,7 @@ def _fake_sensitivity(arch):
 def test_guided_space_spends_a_sampled_budget_on_the_least_damage(tiny):
     from llmtailor.evaluators.cost import stored_layers
     from llmtailor.search.sensitivity import option_name
-    from llmtailor.spaces.guided import TILTS, _byte_range
+    from llmtailor.spaces.guided import _byte_range
 
     unbound = spaces.get("guided")
     with pytest.raises(RuntimeError, match="with_sensitivity"):
@@ -77,8 +77,8 @@ def test_guided_space_spends_a_sampled_budget_on_the_least_damage(tiny):
     # The tied embedding is one of the allocator's layers.
     assert tiny.arch.embedding.name in space.plan({"weight_budget": 0.0}, tiny.arch).precision
     assert len(stored_layers(tiny.arch)) == len(space.layers(tiny.arch))
-    for params in space.baselines(tiny.arch):  # the plain allocator's plans: tilts named, at 0
-        assert 0.0 <= params["weight_budget"] <= 1.0 and all(params[t] == 0.0 for t in TILTS)
+    for params in space.baselines(tiny.arch):
+        assert 0.0 <= params["weight_budget"] <= 1.0
     assert space.budget_share(tiny.arch, low) == 0.0 and space.budget_share(tiny.arch, high) == 1.0
     assert space.budget_share(tiny.arch, (low + high) // 2) == pytest.approx(0.5, abs=1e-3)
     trial = optuna.create_study().ask()
@@ -165,10 +165,6 @@ def test_joint_guided_asks_the_sensitivities_the_guided_space_asks(tiny):
     for lin in joint.layers(tiny.arch):
         assert joint.options(lin, tiny.arch) == guided.options(lin, tiny.arch)
         assert joint.anchor(lin, tiny.arch) == guided.anchor(lin, tiny.arch)
-    from llmtailor.spaces.guided import TILTS
-
-    # Its enqueued plans are the plain allocator's (tilts left unnamed would be drawn by the sampler).
-    assert all(params[t] == 0.0 for params in joint.baselines(tiny.arch) for t in TILTS)
 
 
 def test_the_gp_sampler_scores_candidates_in_blocks_with_the_values_of_one_evaluation(monkeypatch):
@@ -213,37 +209,3 @@ def test_an_optuna_without_the_gp_method_to_patch_is_left_alone_with_a_warning(m
     monkeypatch.setattr(acqf, "BaseAcquisitionFunc", type("Renamed", (), {}))
     with pytest.warns(UserWarning, match="no GP acquisition function to score in blocks"):
         assert samplers.score_candidates_in_blocks() is False
-
-
-def test_guided_tilts_move_bytes_to_the_layers_whose_damage_they_raise(tiny):
-    from llmtailor.spaces.guided import ATTENTION_KINDS, TILTS, _bytes, _tilt
-
-    space = spaces.get("guided").with_sensitivity(_fake_sensitivity(tiny.arch))
-    layers = space.layers(tiny.arch)
-
-    def plan(**tilts):
-        made = space.plan({"weight_budget": 0.4, **tilts}, tiny.arch)
-        made.validate(tiny.arch)
-        return made
-
-    def bytes_where(made, keep) -> int:
-        return sum(_bytes(lin, made.precision_of(lin.name)) for lin in layers if keep(lin))
-
-    attention = lambda lin: lin.kind in ATTENTION_KINDS  # noqa: E731
-    last_half = lambda lin: lin.block is not None and lin.block >= tiny.arch.num_layers / 2  # noqa: E731
-    plain = plan()
-    assert plain == plan(**dict.fromkeys(TILTS, 0.0))  # tilts of 0 are the plain allocator
-    raised, lowered = plan(tilt_attention=2.0), plan(tilt_attention=-2.0)
-    assert bytes_where(raised, attention) >= bytes_where(plain, attention) >= bytes_where(lowered, attention)
-    assert bytes_where(raised, attention) > bytes_where(lowered, attention), "the attention tilt moved nothing"
-    assert bytes_where(plan(tilt_depth=2.0), last_half) > bytes_where(plan(tilt_depth=-2.0), last_half)
-    by_name = {lin.name: lin for lin in layers}
-    first = next(lin for lin in layers if lin.block == 0)
-    last = next(lin for lin in layers if lin.block == tiny.arch.num_layers - 1 and not attention(lin))
-    assert _tilt(last, tiny.arch, {"tilt_depth": 2.0}) == 2.0
-    assert _tilt(first, tiny.arch, {"tilt_depth": 2.0}) == 0.5
-    head = by_name[tiny.arch.embedding.name]
-    assert _tilt(head, tiny.arch, {"tilt_embedding": -1.0, "tilt_attention": 2.0}) == 0.5
-    trial = optuna.create_study().ask()
-    sampled = space.sample(trial, tiny.arch)
-    assert set(trial.params) == {"weight_budget", *TILTS} and sampled == space.plan(trial.params, tiny.arch)

@@ -7,14 +7,6 @@ every layer the option of least summed predicted damage whose bytes fit
 against quality far faster than one over hundreds of per-layer choices, and each
 point of it is the best per-layer mix the sensitivities know of.
 
-The allocator adds single-layer damages, but per-layer errors do not add up (EvoPress,
-Sieberling et al. 2024, found this with whole-model KL). So a trial also samples three
-tilts that reweigh the predicted damage before the allocator spends the budget: of the
-attention layers against the MLP layers, of the embedding/head, and from the first
-blocks to the last (each a power of two, from 1/4 to 4). The search measures the whole
-model, so it learns where the additive model is wrong; tilts of 0 are the plain
-allocator (the enqueued plans use them).
-
 Every layer, the tied embedding/head included (it stays tied: one layer), is offered
 16 bits or GPTQ at 8 bits per row, 4 bits in groups of 128 or per row, 3 or 2 bits
 in groups of 128. An untied embedding has no inputs to weigh its error by, so this
@@ -36,9 +28,6 @@ OPTIONS = ((8, 0), (4, 128), (4, 0), (3, 128), (2, 128))  # (bits, group size); 
 ANCHOR = (4, 128)  # the option whose single-layer KL is measured for every layer (search.sensitivity)
 # Uniform plans whose bytes become budgets tried first: (bits, group size, embedding bits).
 BASELINES = ((8, 0, 8), (4, 128, 16), (4, 128, 4), (3, 128, 8))
-TILTS = ("tilt_attention", "tilt_embedding", "tilt_depth")  # log2 of the damage factors (see the module's doc)
-TILT_RANGE = 2.0
-ATTENTION_KINDS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
 
 
 class GuidedSpace(SearchSpace):
@@ -73,19 +62,8 @@ class GuidedSpace(SearchSpace):
         low, high = _byte_range(arch)
         return min(max((weight_bytes - low) / (high - low), 0.0), 1.0)
 
-    @staticmethod
-    def sample_params(trial: Any) -> dict[str, float]:
-        """The budget share and the damage tilts of one trial."""
-        return {"weight_budget": trial.suggest_float("weight_budget", 0.0, 1.0),
-                **{name: trial.suggest_float(name, -TILT_RANGE, TILT_RANGE) for name in TILTS}}
-
-    @staticmethod
-    def untilted() -> dict[str, float]:
-        """The tilts of the plain allocator (an enqueued plan names them, or the sampler would draw them)."""
-        return dict.fromkeys(TILTS, 0.0)
-
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
-        return self.plan(self.sample_params(trial), arch)
+        return self.plan({"weight_budget": trial.suggest_float("weight_budget", 0.0, 1.0)}, arch)
 
     def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
         if self.sensitivity is None:
@@ -96,8 +74,7 @@ class GuidedSpace(SearchSpace):
         budget = low + round(min(max(params["weight_budget"], 0.0), 1.0) * (high - low))
         choices = {
             lin.name: [Option(LayerPrecision(), _bytes(lin, LayerPrecision()), 0.0)]
-            + [Option(p, _bytes(lin, p), self.sensitivity.damage(lin.name, option_name(p)) * _tilt(lin, arch, params))
-               for p in self.options(lin, arch)]
+            + [Option(p, _bytes(lin, p), self.sensitivity.damage(lin.name, option_name(p))) for p in self.options(lin, arch)]
             for lin in self.layers(arch)
         }
         chosen = allocate(choices, budget)
@@ -109,8 +86,7 @@ class GuidedSpace(SearchSpace):
 
     def baselines(self, arch: Architecture) -> list[dict[str, Any]]:
         """Budgets at the bytes of uniform plans, so the front is anchored where users compare."""
-        return [{"weight_budget": self.budget_share(arch, self.uniform_bytes(arch, *b)), **self.untilted()}
-                for b in BASELINES]
+        return [{"weight_budget": self.budget_share(arch, self.uniform_bytes(arch, *b))} for b in BASELINES]
 
     def uniform(self, arch: Architecture, bits: int, group: int, embed_bits: int) -> CompressionPlan:
         """A uniform GPTQ plan over the allocator's layers (8 bits are per row, as among the options)."""
@@ -133,18 +109,6 @@ def _byte_range(arch: Architecture) -> tuple[int, int]:
     layers = GuidedSpace.layers(arch)
     low = sum(min(_bytes(lin, p) for p in GuidedSpace.options(lin, arch)) for lin in layers)
     return low, sum(_bytes(lin, LayerPrecision()) for lin in layers)
-
-
-def _tilt(lin: Linear, arch: Architecture, params: dict[str, Any]) -> float:
-    """The factor on a layer's predicted damage from the trial's tilts (1 when it has none: a plain allocation)."""
-    if lin.block is None:
-        exponent = params.get("tilt_embedding", 0.0)
-    else:
-        depth = lin.block / max(arch.num_layers - 1, 1) - 0.5  # -0.5 at the first block, 0.5 at the last
-        exponent = params.get("tilt_depth", 0.0) * depth
-        if lin.kind in ATTENTION_KINDS:
-            exponent += params.get("tilt_attention", 0.0)
-    return 2.0 ** exponent
 
 
 def _bytes(lin: Linear, precision: LayerPrecision) -> int:

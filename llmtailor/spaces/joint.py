@@ -164,7 +164,7 @@ class JointSpace(SearchSpace):
     def sample(self, trial: Any, arch: Architecture) -> CompressionPlan:
         c = self.choices
         if c.precision == "guided":
-            params = self.guided.sample_params(trial)
+            params = {"weight_budget": trial.suggest_float("weight_budget", 0.0, 1.0)}
         else:
             params = self.direct.sample_precision(trial, arch)
 
@@ -283,7 +283,7 @@ class JointSpace(SearchSpace):
         if self.choices.precision == "guided":
             share = 1.0 if bits == 16 else self.guided.budget_share(arch, self.guided.uniform_bytes(arch, bits, group,
                                                                                                      embed))
-            return {"weight_budget": share, **self.guided.untilted()}
+            return {"weight_budget": share}
         return self.direct.uniform_precision(arch, bits, group, embed)
 
     def _expressible(self, params: dict[str, Any]) -> bool:
