@@ -74,3 +74,14 @@ def postgres_url():
     finally:
         subprocess.run([*as_user, binaries / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as in a terminal: a test run started in a script's background inherits SIGINT ignored, and then no
+    Ctrl-C a test sends itself would arrive."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -14,6 +14,11 @@ from llmtailor.search import interrupts
 from llmtailor.search import study as study_mod
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_in_a_terminal(ctrl_c_raises):
+    yield
+
+
 def ctrl_c_here() -> None:
     signal.raise_signal(signal.SIGINT)  # in this thread (os.kill lets the kernel pick any of the process's threads)
     time.sleep(0.05)  # the handler has run by here, inside Optuna's code
@@ -40,6 +45,29 @@ def test_a_second_ctrl_c_while_one_is_held_raises_at_once():
         ctrl_c_here()
         with pytest.raises(KeyboardInterrupt):
             ctrl_c_here()
+
+
+def test_a_process_started_with_ctrl_c_ignored_keeps_ignoring_it():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    boundary = interrupts.TrialBoundary()
+    with boundary.installed():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        with boundary.trial():
+            ctrl_c_here()  # nothing raised
+        assert not boundary.held
+        signal.raise_signal(signal.SIGTERM)  # a stop request still stops it (a --workers parent sends this)
+        assert boundary.held
+
+
+def test_a_stop_request_is_held_between_trials_like_a_ctrl_c():
+    boundary = interrupts.TrialBoundary()
+    before = signal.getsignal(signal.SIGTERM)
+    with boundary.installed():
+        signal.raise_signal(signal.SIGTERM)
+        assert boundary.held
+        with pytest.raises(KeyboardInterrupt), boundary.trial():
+            pass
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def running(study: optuna.Study) -> list[int]:

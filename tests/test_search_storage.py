@@ -178,7 +178,7 @@ def test_looking_for_a_study_creates_no_journal_file(tiny_model_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_ctrl_c_during_a_journal_write_comes_after_the_lock_is_given_back(tmp_path, monkeypatch):
+def test_a_ctrl_c_during_a_journal_write_comes_after_the_lock_is_given_back(tmp_path, monkeypatch, ctrl_c_raises):
     from optuna.storages.journal import JournalFileSymlinkLock
 
     storage = storage_mod.open_storage(f"journal://{tmp_path / 'study.log'}")

@@ -1,6 +1,6 @@
 """Ctrl-C during a sweep ends the running trial, never Optuna's bookkeeping between two trials.
 
-A Ctrl-C (or the SIGTERM the CLI turns into one) inside the objective raises at once:
+A Ctrl-C (or a SIGTERM, which a sweep takes as one) inside the objective raises at once:
 Optuna records that trial as failed ("interrupted") and the same command redoes it. One
 that lands in Optuna's own code (asking for the next trial, telling the last one) would
 leave a trial RUNNING that nothing fails until its heartbeat goes stale, or break the
@@ -33,15 +33,21 @@ class TrialBoundary:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[TrialBoundary]:
-        """This process's SIGINT handler for the block (only the main thread receives signals, and may set one)."""
+        """This process's handler of SIGINT and SIGTERM for the block (a stop request is a Ctrl-C; only the main
+        thread receives signals, and may set a handler). A signal the process was started ignoring (SIGINT in the
+        background of a shell script, under nohup) stays ignored."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        for number, handler in previous.items():
+            if handler != signal.SIG_IGN:
+                signal.signal(number, self._on_interrupt)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     @contextlib.contextmanager
     def trial(self) -> Iterator[None]:

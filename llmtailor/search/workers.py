@@ -83,10 +83,11 @@ class Workers:
         return failures
 
     def stop(self) -> None:
-        """Interrupt every child still running, as Ctrl-C would; kill those not done STOP_WAIT_S later."""
+        """Ask every child still running to stop, as Ctrl-C would (SIGTERM: a child started with SIGINT ignored, as
+        from a script's background, still stops); kill those not done STOP_WAIT_S later."""
         running = [p for p, _ in self.children if p.poll() is None]
         for process in running:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_WAIT_S
         for process in running:
             try:
