@@ -218,8 +218,10 @@ def test_a_ctrl_c_while_optuna_records_a_trial_stays_an_interrupt(tiny_model_dir
 def worker_process(args: list[str], prelude: str = "") -> subprocess.Popen:
     code = textwrap.dedent(prelude) + "\nimport sys\nfrom llmtailor import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as in a terminal: a test run in a script's background would hand the process SIGINT ignored, and a
+    # sweep keeps ignoring a signal it was started ignoring.
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_a_killed_process_on_a_journal_leaves_a_trial_failed_by_heartbeat(tiny_model_dir, tmp_path, monkeypatch):
