@@ -218,12 +218,7 @@ def _sigterm_as_ctrl_c():
     if threading.current_thread() is not threading.main_thread():  # (only the main thread may set handlers)
         yield
         return
-
-    def as_ctrl_c(signum: int, frame: Any) -> None:  # whatever Ctrl-C does now (a sweep holds it between trials)
-        handler = signal.getsignal(signal.SIGINT)
-        (handler if callable(handler) else signal.default_int_handler)(signal.SIGINT, frame)
-
-    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # (a sweep and a journal write hold it)
     try:
         yield
     finally:

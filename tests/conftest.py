@@ -78,10 +78,11 @@ def postgres_url():
 
 @pytest.fixture
 def ctrl_c_raises():
-    """Ctrl-C as in a terminal: a test run started in a script's background inherits SIGINT ignored, and then no
-    Ctrl-C a test sends itself would arrive."""
+    """Ctrl-C as in a terminal (a test run started in a script's background inherits SIGINT ignored, and then no
+    Ctrl-C a test sends itself would arrive), and SIGTERM as the CLI takes it: a Ctrl-C."""
     import signal
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {number: signal.signal(number, signal.default_int_handler) for number in (signal.SIGINT, signal.SIGTERM)}
     yield
-    signal.signal(signal.SIGINT, previous)
+    for number, handler in previous.items():
+        signal.signal(number, handler)

@@ -178,7 +178,9 @@ def test_looking_for_a_study_creates_no_journal_file(tiny_model_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_ctrl_c_during_a_journal_write_comes_after_the_lock_is_given_back(tmp_path, monkeypatch, ctrl_c_raises):
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_ctrl_c_during_a_journal_write_comes_after_the_lock_is_given_back(tmp_path, monkeypatch, ctrl_c_raises,
+                                                                            number):
     from optuna.storages.journal import JournalFileSymlinkLock
 
     storage = storage_mod.open_storage(f"journal://{tmp_path / 'study.log'}")
@@ -187,9 +189,7 @@ def test_a_ctrl_c_during_a_journal_write_comes_after_the_lock_is_given_back(tmp_
     release = JournalFileSymlinkLock.release
 
     def interrupted_release(self):
-        # Raised in this thread (os.kill lets the kernel pick any thread, and a signal taken by another one is
-        # handled only at the main thread's next bytecode: the likely cause of one unexplained failure of this test):
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(number)  # in this thread (os.kill lets the kernel pick any of the process's)
         time.sleep(0.05)  # with the lock still held
         return release(self)
 

@@ -18,6 +18,27 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a stop request (systemd, Kubernetes, kill), taken as one
+
+
+@contextlib.contextmanager
+def handling(handler: Any) -> Iterator[dict[int, Any]]:
+    """``handler`` takes SIGINT and SIGTERM for the block, then the handlers before it come back; yields those. Only
+    the main thread receives signals and may set a handler (elsewhere this does nothing); a signal the process was
+    started ignoring (SIGINT in the background of a shell script, under nohup) stays ignored."""
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    if threading.current_thread() is not threading.main_thread():
+        yield previous
+        return
+    for number, before in previous.items():
+        if before != signal.SIG_IGN:
+            signal.signal(number, handler)
+    try:
+        yield previous
+    finally:
+        for number, before in previous.items():
+            signal.signal(number, before)
+
 
 class TrialBoundary:
     """Where a sweep's interrupts land: at once inside a trial, held between trials."""
@@ -33,27 +54,14 @@ class TrialBoundary:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[TrialBoundary]:
-        """This process's handler of SIGINT and SIGTERM for the block (a stop request is a Ctrl-C; only the main
-        thread receives signals, and may set a handler). A signal the process was started ignoring (SIGINT in the
-        background of a shell script, under nohup) stays ignored."""
-        if threading.current_thread() is not threading.main_thread():
+        """This boundary as the process's handler of Ctrl-C and stop requests for the block (see ``handling``)."""
+        with handling(self._on_interrupt):
             yield self
-            return
-        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-        for number, handler in previous.items():
-            if handler != signal.SIG_IGN:
-                signal.signal(number, self._on_interrupt)
-        try:
-            yield self
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
 
     @contextlib.contextmanager
     def trial(self) -> Iterator[None]:
         """The objective's body: an interrupt held since the last trial ends this one before it starts."""
-        if self.held:
-            raise KeyboardInterrupt
+        self.raise_if_held()
         self.inside = True
         try:
             yield

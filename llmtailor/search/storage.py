@@ -27,7 +27,6 @@ import os
 import random
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 
 from llmtailor import files
 from llmtailor.errors import UserError
+from llmtailor.search import interrupts
 
 HEARTBEAT_INTERVAL_S = 30
 STALE_AFTER_S = 120  # a running trial with no heartbeat for this long belongs to a dead process
@@ -156,26 +156,22 @@ class Storage(optuna.storages.RDBStorage):
 
 @contextlib.contextmanager
 def _interrupts_held_off() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) in the main thread until the block ends, then deliver it.
+    """Hold a Ctrl-C or stop request (SIGINT, SIGTERM) in the main thread until the block ends, then deliver it.
 
     Optuna's journal file lock is not safe against one: interrupted while it waits for
     the lock it gives back the lock of whichever process holds it, and interrupted while
     giving its own back it raises FileNotFoundError instead, which a sweep catches as a
-    failed trial and goes on after. Only the main thread receives signals.
+    failed trial and goes on after.
     """
-    if threading.current_thread() is not threading.main_thread():
+    held: list[tuple[int, Any]] = []
+    with interrupts.handling(lambda signum, frame: held.append((signum, frame))) as previous:
         yield
-        return
-    held: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(signal.SIGINT, held[0])
-        elif held and previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)
+    if held:
+        signum, frame = held[0]
+        if callable(previous[signum]):
+            previous[signum](signum, frame)
+        elif previous[signum] == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
 
 
 class _JournalFile(optuna.storages.journal.JournalFileBackend):

@@ -370,7 +370,7 @@ class TrialEvaluator:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = False  # set when the asked total is reached while this process was sampling
         self.fatal: Exception | None = None  # an error after which this process must not measure again
-        self.interrupts = interrupts_mod.TrialBoundary()  # installed as the SIGINT handler while a sweep runs
+        self.interrupts = interrupts_mod.TrialBoundary()  # takes Ctrl-C and SIGTERM while a sweep runs
 
     def _teacher_item_scores(self, fingerprint: str, log: Any) -> dict[str, list[float]]:
         """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
