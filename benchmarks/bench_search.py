@@ -117,31 +117,36 @@ def analyse(study: optuna.Study, trials: int, objectives, bounds, guided: bool =
     allocator's mixed plans at the bytes of uniform plans, not uniform plans: `mixed_points` counts them in."""
     measured = first_measured(study, trials)
     spent = spent_seconds(study, measured)
-    points = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE and status(t) == "evaluated"
-              and all(v <= 0 for v in t.constraints.values())]
+    # Every measured plan (all fit the budget), and those of them that are feasible: within the quality floor too,
+    # where the study has one. Times, stages and memory are over all measured plans; fronts over the feasible.
+    evaluated = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE and status(t) == "evaluated"]
+    points = [t for t in evaluated if all(v <= 0 for v in t.constraints.values())]
     signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
     baselines = [t for t in points if "fixed_params" in t.system_attrs]
     sampled = [t for t in points if "fixed_params" not in t.system_attrs]
     dominated = [any(_dominates(s.values, b.values, signs) for s in sampled) for b in baselines]
     mixed = [s for s in sampled if not any(_dominates(b.values, s.values, signs) for b in baselines)]
     front = [t for t in points if not any(_dominates(o.values, t.values, signs) for o in points)]
-    stages = [t.user_attrs.get("stage", "kl") for t in points]
+    stages = [t.user_attrs.get("stage", "kl") for t in evaluated]
     stage_seconds: dict[str, list[float]] = {}
-    for t in points:
+    for t in evaluated:
         for stage, seconds in t.user_attrs.get("stage_seconds", {}).items():
             stage_seconds.setdefault(stage, []).append(seconds)
-    warm = [t.user_attrs["seconds"] for t in points if t.user_attrs.get("layer_cache_misses", 1) == 0]
+    warm = [t.user_attrs["seconds"] for t in evaluated if t.user_attrs.get("layer_cache_misses", 1) == 0]
     return {
-        "measured": len(measured), "feasible_measured": len(points),
+        "measured": len(measured), "evaluated": len(evaluated), "feasible_measured": len(points),
         "hypervolume": hypervolume.of(points, objectives, bounds),
         "baselines": len(baselines), "baselines_dominated_by_sampled": sum(dominated),
         "sampled_not_dominated_by_a_baseline": len(mixed),
         "sampled_on_front_not_dominated_by_a_baseline": sum(1 for s in mixed if s in front),
         "share_stopped_at_kl_slice": stages.count("kl_slice") / max(1, len(stages)),
-        "median_trial_seconds": statistics.median(t.user_attrs["seconds"] for t in points) if points else None,
+        # Measured plans that add nothing to the box (KL at or beyond its bound; the default quality floor too).
+        "share_measured_beyond_kl_bound": sum(1 for t in evaluated if t.user_attrs["kl"] >= bounds["kl"])
+        / max(1, len(evaluated)),
+        "median_trial_seconds": statistics.median(t.user_attrs["seconds"] for t in evaluated) if evaluated else None,
         "median_warm_trial_seconds": statistics.median(warm) if warm else None, "warm_trials": len(warm),
         "median_stage_seconds": {k: statistics.median(v) for k, v in stage_seconds.items()},
-        "peak_rss_bytes": max((t.user_attrs.get("peak_rss_bytes", 0) for t in points), default=0),
+        "peak_rss_bytes": max((t.user_attrs.get("peak_rss_bytes", 0) for t in evaluated), default=0),
         "spent_seconds": max(spent.values(), default=0.0),
         "hypervolume_by_seconds": [[spent[t.number], hypervolume.of([p for p in points if spent[p.number] <= spent[t.number]],
                                                                     objectives, bounds)] for t in points],
@@ -248,6 +253,7 @@ def main() -> None:
                                                                 if m["sampled_on_front_not_dominated_by_a_baseline"]),
             "median_trial_seconds": statistics.median(m["median_trial_seconds"] for m in members),
             "share_stopped_at_kl_slice": statistics.mean(m["share_stopped_at_kl_slice"] for m in members),
+            "share_measured_beyond_kl_bound": statistics.mean(m["share_measured_beyond_kl_bound"] for m in members),
             "peak_rss_bytes_max": max(m["peak_rss_bytes"] for m in members)})
     # Cheap before dear at equal seconds: each (space, sampler, seed) pair of runs compared at the trial seconds the
     # quicker of the two spent on its N measured trials.
@@ -288,8 +294,8 @@ def main() -> None:
           f"{result['peak_rss_over_teacher_float32']:.2f}")
     print("| space | sampler | stop early | seeds | hypervolume | x random | enqueued dominated | uniform baselines "
           "weakly dominated | runs with a mixed plan no baseline dominates | median s/trial | stopped at slice | "
-          "peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "beyond the KL bound | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         ratio = "" if s["vs_random"] is None else f"{s['vs_random']:.2f}"
         print(f"| {s['space']} | {s['sampler']} | {s['mode'] == 'early'} | {s['seeds']} | "
@@ -297,7 +303,8 @@ def main() -> None:
               f"{s['baselines_dominated_by_sampled_mean']:.1f} of {s['baselines']} | "
               f"{s['uniform_baselines_weakly_dominated_mean']:.1f} of {s['uniform_baselines']} | "
               f"{s['runs_with_a_mixed_plan_no_baseline_dominates']} of {s['seeds']} | {s['median_trial_seconds']:.1f} | "
-              f"{s['share_stopped_at_kl_slice']:.0%} | {s['peak_rss_bytes_max'] / 1e6:.0f} MB |")
+              f"{s['share_stopped_at_kl_slice']:.0%} | {s['share_measured_beyond_kl_bound']:.0%} | "
+              f"{s['peak_rss_bytes_max'] / 1e6:.0f} MB |")
     print("\nCheap before dear at equal trial seconds (the quicker run's total):\n")
     print("| space | sampler | seed | seconds | hypervolume, stop early | hypervolume, full | early / full |")
     print("|---|---|---|---:|---:|---:|---:|")

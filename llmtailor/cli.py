@@ -69,6 +69,9 @@ def _search_options(parser: argparse.ArgumentParser, default_trials: int, defaul
     parser.add_argument("--no-stop-early", action="store_true", help="measure every plan that fits on all "
                         "evaluation windows and train every student its whole budget (default: a plan far behind "
                         "the front on a quarter of the windows, or after a quarter of its training, stops there)")
+    parser.add_argument("--max-kl", default="1.0", metavar="NATS", help="the quality floor: a plan whose KL to the "
+                        "teacher (nats/token) exceeds it is kept in the study but not on the front, and the sampler "
+                        "learns to avoid its region (default: 1.0; none: no floor)")
     parser.add_argument("--storage", help="Optuna storage URL, shared by processes and machines: "
                         "sqlite:///path/study.db, postgresql+psycopg2://user@host/db, or Optuna's journal file "
                         "journal:///absolute/path/study.log (default: SQLite in the study's results folder)")
@@ -175,8 +178,18 @@ def _config(args: argparse.Namespace):
         workload=workload, seed=args.seed,
         trust_remote_code=args.trust_remote_code, torch_device=args.torch_device, calibration=args.calibration,
         calibration_windows=args.calibration_windows, eval_texts=tuple(args.eval_text or ()),
-        quality_text=args.quality_text, stop_early=not args.no_stop_early,
+        quality_text=args.quality_text, stop_early=not args.no_stop_early, max_kl=_max_kl(args.max_kl),
     )
+
+
+def _max_kl(value: str) -> float | None:
+    """--max-kl: a number of nats per token, or none (its range is checked with the other inputs)."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--max-kl must be a number of nats per token or none, got {value!r}") from None
 
 
 def _quiet_libraries() -> None:
@@ -225,6 +238,22 @@ def _sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _no_front_reason(study: Any, setup: Any, budget: str) -> str:
+    """Why a finished search has no front: nothing that fits was measured, or nothing measured is within the floor."""
+    from llmtailor.search.study import STUDY_ATTR, status
+
+    floor = study.user_attrs[STUDY_ATTR].get("max_kl")
+    measured = [t for t in study.get_trials(deepcopy=False) if status(t) == "evaluated" and "kl" in t.user_attrs]
+    if floor is None or not measured:
+        return (f"No plan that fits {budget} was evaluated in {setup.config.trials} trials: run again with more "
+                "--trials (the study resumes).")
+    closest = min(measured, key=lambda t: t.user_attrs["kl"])
+    return (f"None of the {len(measured)} measured plans that fit {budget} is within the quality floor (KL to the "
+            f"teacher at most {floor:g} nats/token): the closest, trial {closest.number}, has KL "
+            f"{closest.user_attrs['kl']:.3f} at {closest.user_attrs['memory_bytes'] / 1e6:.1f} MB. Give more memory, "
+            "more --trials (the study resumes), or a larger --max-kl (a new --study).")
+
+
 def _run_search(args: argparse.Namespace, setup: Any) -> int:
     import pandas as pd
 
@@ -249,8 +278,7 @@ def _run_search(args: argparse.Namespace, setup: Any) -> int:
     front = search.front(study, setup.objectives)
     budget = format_size(setup.profile.usable_memory_bytes)
     if front.empty:
-        print(f"No plan that fits {budget} was evaluated in {setup.config.trials} trials: run again with more "
-              f"--trials (the study resumes). Trials: {paths['trials']}")
+        print(_no_front_reason(study, setup, budget) + f" Trials: {paths['trials']}")
         return 1
     best = front.iloc[0]
     print(f"\nBest plan that fits {setup.profile.name} ({budget}): trial {best['trial']}  [{paths['front'].parent}/plans/"

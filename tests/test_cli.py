@@ -250,7 +250,7 @@ def test_a_distill_search_trains_each_student_once_ranks_short_runs_first_and_re
         assert (t.user_attrs["fidelity"] == "short") == (t.user_attrs["distill_steps"] < t.params["distill_steps"])
         assert t.values[2] == t.user_attrs["train_seconds"]
     for t in distilled:
-        if t.user_attrs["fidelity"] == "short":  # stopped by a measured trial far ahead at no higher cost
+        if t.user_attrs["fidelity"] == "short" and "stopped_by" in t.user_attrs:  # by a trial far ahead, no dearer
             ahead = study.trials[t.user_attrs["stopped_by"]]
             assert ahead.values[0] * 2 <= t.values[0] and ahead.values[1] <= t.values[1]
     assert all(t.user_attrs["train_seconds"] == 0 for t in done if not t.user_attrs["distill_steps"])
@@ -315,6 +315,7 @@ def test_cheap_before_dear_stops_far_behind_plans_at_a_slice_and_gives_accuracy_
         assert ("accuracy" in a) == (a["stage"] == "accuracy") and set(a["stage_seconds"]) >= {"apply", "kl_slice"}
         assert a["eval_tokens"] == (64 if a["stage"] == "kl_slice" else 256)
         if a["stage"] == "kl_slice":
+            assert "stopped_over_floor" not in a  # (the default floor is far above the tiny model's KL)
             ahead = study.trials[a["stopped_by"]]
             assert ahead.values[0] <= t.values[0] and all(x <= y for x, y in zip(ahead.values[1:], t.values[1:], strict=True))
         if a["stage"] == "accuracy":
@@ -328,6 +329,64 @@ def test_cheap_before_dear_stops_far_behind_plans_at_a_slice_and_gives_accuracy_
     front = csv.DictReader((tmp_path / "stages" / "front.csv").open())
     assert all(row["accuracy"] for row in front)  # every plan on the front was measured in full, with accuracy
     assert "stopped after KL on a slice" in (tmp_path / "stages" / "report.html").read_text()
+
+
+def test_a_quality_floor_keeps_plans_beyond_it_off_the_front_and_says_so(tiny_model_dir, tmp_path, capsys):
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 4, "--results", tmp_path, "--tasks", "none", *FAST]
+    load = lambda name: optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}")  # noqa: E731
+    code, _, err = run([*argv, "--study", "open", "--max-kl", "none"], capsys)
+    assert code == 0, err
+    done = [t for t in load("open").trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert all(list(t.constraints) == ["memory_over_budget_bytes"] for t in done)
+    floor = min(t.user_attrs["kl"] for t in done if t.user_attrs["status"] == "evaluated") / 10
+    # A floor below every plan's KL: each is measured, kept and infeasible, and the answer says why there is none.
+    code, out, err = run([*argv, "--study", "floored", "--max-kl", floor], capsys)
+    assert code == 1, err
+    assert f"None of the 4 measured plans that fit 500.0 kB is within the quality floor (KL to the teacher at most " \
+           f"{floor:g} nats/token): the closest, trial " in out and "a larger --max-kl" in out
+    study = load("floored")
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        a = t.user_attrs
+        assert sorted(t.constraints) == [study_mod.KL_CONSTRAINT, "memory_over_budget_bytes"]  # on every trial
+        if a["status"] == "over_budget":
+            assert t.constraints[study_mod.KL_CONSTRAINT] == 0.0  # not measured: not known to exceed it
+        else:
+            assert t.constraints[study_mod.KL_CONSTRAINT] == pytest.approx(a["kl"] - floor)
+            assert t.constraints[study_mod.KL_CONSTRAINT] > 0
+            # Beyond the floor on the first slice by the margin: not measured further.
+            assert a["stage"] == "kl_slice"
+            assert a["status"] == "duplicate" or "stopped_by" in a or a["stopped_over_floor"] == floor
+    assert any("stopped_over_floor" in t.user_attrs for t in study.trials)
+    assert study.user_attrs["hypervolume_reference"]["kl"] == floor
+    assert "4 measured plans beyond the quality floor (KL to the teacher above" in (tmp_path / "floored" / "report.html").read_text()
+    code, _, err = run([*argv, "--study", "floored", "--trials", 5], capsys)  # (the default floor, 1.0)
+    assert code == 2 and "made with another quality floor (--max-kl)" in err
+    # A study made before the floor existed (no max_kl in its fingerprint) resumes without one.
+    older = load("open")
+    made_for = older.user_attrs[study_mod.STUDY_ATTR]
+    del made_for["max_kl"]
+    older.set_user_attr(study_mod.STUDY_ATTR, made_for)
+    code, _, err = run([*argv, "--study", "open", "--trials", 6], capsys)
+    assert code == 0, err
+    assert study_mod.measured(load("open")) == 6
+    assert all(list(t.constraints) == ["memory_over_budget_bytes"] for t in load("open").trials
+               if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def test_the_gp_sampler_runs_a_study_whose_trials_carry_the_floor_besides_the_budget(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    """GPSampler models each constraint and needs the same ones on every trial: plans over budget (not measured)
+    carry the floor's too. Beyond its 10 start-up trials it reads them, and a differing count would raise."""
+    argv = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 13, "--results", tmp_path, "--tasks", "none",
+            "--sampler", "gp", "--study", "gp", *FAST]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="gp", storage=f"sqlite:///{tmp_path / 'gp' / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) > 11 and any(t.user_attrs["status"] == "over_budget" for t in done)
+    assert all(len(t.constraints) == 2 for t in done)
 
 
 def test_a_joint_guided_search_allocates_bits_and_cuts_prunes_and_distills(tiny_model_dir, tmp_path, capsys,

@@ -115,7 +115,10 @@ def test_the_hypervolume_history_has_one_point_per_measured_trial_and_never_decr
 
     # The reference is fixed when the study starts, from what is known before any trial.
     bounds = study.user_attrs[hypervolume.REFERENCE_ATTR]
-    assert bounds["memory"] == 500_000 and bounds["kl"] == pytest.approx(math.log(512))  # budget; ln(vocabulary)
+    assert bounds["memory"] == 500_000 and bounds["kl"] == study_mod.DEFAULT_MAX_KL  # the budget; the quality floor
+    without_floor = hypervolume.reference(pareto.objectives_of(study), study_mod.models.load_architecture(
+        str(tiny_model_dir))[0], study_mod.device_profile(None, "500kB"), study_mod.cost.Workload())
+    assert without_floor["kl"] == pytest.approx(math.log(512))  # ln(vocabulary)
     assert bounds["latency"] > 0
     objectives = pareto.objectives_of(study)
     assert history["hypervolume"].iloc[-1] == pytest.approx(hypervolume.of(study.trials, objectives, bounds))

@@ -66,7 +66,8 @@ def _stages(trials: Any) -> str:
     stages = trials["stage"].value_counts().to_dict()
     if not stages:
         return ""
-    names = {"kl_slice": "stopped after KL on a slice of the evaluation windows (far behind the front)",
+    names = {"kl_slice": ("stopped after KL on a slice of the evaluation windows (far behind the front, or "
+                          "beyond the quality floor)"),
              "kl": "measured on every window", "accuracy": "reached the front and got lm-eval accuracy"}
     text = "Measured trials: " + "; ".join(f"{stages[k]} {v}" for k, v in names.items() if k in stages) + "."
     ci = trials["accuracy_ci95"].dropna()
@@ -114,6 +115,15 @@ def _table(frame: pd.DataFrame, columns: list[str], best: int | None = None) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _floor(info: dict[str, Any], evaluated: pd.DataFrame) -> str:
+    """How many measured plans the quality floor kept off the front (nothing for a study without a floor)."""
+    floor = info.get("max_kl")
+    if floor is None:
+        return ""
+    beyond = int((evaluated["kl"].astype(float) > floor).sum())
+    return f"{beyond} measured plans beyond the quality floor (KL to the teacher above {floor:g} nats/token: kept, not on the front). "
+
+
 def html(name: str, info: dict[str, Any], front: pd.DataFrame, trials: pd.DataFrame,
          by_number: dict[int, optuna.trial.FrozenTrial]) -> str:
     """The report page: target, the front as a table, plots, and the best plan."""
@@ -156,7 +166,7 @@ of {escape(_evaluation_texts(info))}
 and {tasks}{calibrated}.</p>
 <p>{len(trials)} trials: {statuses.get("evaluated", 0)} measured, {over} over budget (rejected by the cost model before
 any weight was touched), {statuses.get("duplicate", 0)} repeated plans (result copied, not measured again),
-{statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. Pareto front: {len(front)} plans.
+{statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. {escape(_floor(info, evaluated))}Pareto front: {len(front)} plans.
 {escape(_stages(trials))}</p>
 <div class="plots">{"".join(plots)}</div>
 <h2>Pareto front</h2>

@@ -4,8 +4,9 @@ Scale-free: each objective is divided by a bound fixed when the study is first r
 (stored on it as ``hypervolume_reference``), so the reference point is 1 on every axis
 and the hypervolume is the share of the box from 0 to the bounds that the front
 dominates, between 0 and 1. The bounds are known before any trial:
-- kl: ln(vocabulary size). KL(teacher || uniform) = ln V - H(teacher) <= ln V, so a
-  plan at the bound predicts no better than uniform guessing would;
+- kl: the study's quality floor (``--max-kl``), beyond which a plan is infeasible;
+  without one, ln(vocabulary size): KL(teacher || uniform) = ln V - H(teacher) <= ln V,
+  so a plan at that bound predicts no better than uniform guessing would;
 - perplexity: compared as ln(perplexity) (cross-entropy, nats/token), with the same
   bound ln V, a uniform predictor's;
 - accuracy: compared as 1 - accuracy, bound 1 (accuracy 0);
@@ -58,10 +59,10 @@ SCALES = {"perplexity": math.log, "accuracy": lambda accuracy: 1.0 - accuracy}
 
 
 def reference(objectives: list[Objective], arch: Architecture, profile: DeviceProfile,
-              workload: cost.Workload) -> dict[str, float]:
+              workload: cost.Workload, max_kl: float | None = None) -> dict[str, float]:
     """The bound of each objective (see the module docstring), by objective name."""
     dense = cost.estimate(CompressionPlan(), arch, profile, workload).latency
-    bounds = {"kl": math.log(arch.vocab_size), "perplexity": math.log(arch.vocab_size), "accuracy": 1.0,
+    bounds = {"kl": max_kl or math.log(arch.vocab_size), "perplexity": math.log(arch.vocab_size), "accuracy": 1.0,
               "memory": float(profile.usable_memory_bytes), "latency": COST_MARGIN * dense.decode_s_per_token,
               "energy": COST_MARGIN * dense.energy_j_per_token, "train_steps": TRAIN_STEPS_BOUND,
               "train_seconds": TRAIN_SECONDS_BOUND}
@@ -69,11 +70,11 @@ def reference(objectives: list[Objective], arch: Architecture, profile: DevicePr
 
 
 def fixed_reference(study: optuna.Study, objectives: list[Objective], arch: Architecture, profile: DeviceProfile,
-                    workload: cost.Workload) -> dict[str, float]:
+                    workload: cost.Workload, max_kl: float | None = None) -> dict[str, float]:
     """The study's bounds: the stored ones, or these, stored now (every process computes the same)."""
     stored = study.user_attrs.get(REFERENCE_ATTR)
     if stored is None:
-        stored = reference(objectives, arch, profile, workload)
+        stored = reference(objectives, arch, profile, workload, max_kl)
         study.set_user_attr(REFERENCE_ATTR, stored)
     return stored
 

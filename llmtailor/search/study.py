@@ -25,6 +25,19 @@ Every finished trial carries a ``status`` user attribute:
 measured by another process, or the asked total was reached), ``interrupted`` (Ctrl-C)
 and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` and
 ``failed`` count toward ``--trials``; interrupted and dead trials are redone.
+
+A quality floor (``--max-kl``, default ``DEFAULT_MAX_KL`` nats/token of KL to the
+teacher) is a second constraint, ``kl_over_floor_nats``: a measured plan beyond it is
+kept in the study but is not on the front, and the constrained samplers learn to
+leave its region. Without it the third objective, latency, made every plan with the
+fewest blocks Pareto-optimal however broken: in the tenth session's grid 70% of TPE's
+measured trials were beyond 1 nat/token (bench_search.py's hypervolume box's own bound),
+and the demo's sampled front points were plans at KL 1.7-3.4 with perplexity 92-491. A plan whose
+KL on the first slice is already ``1 + SLICE_MARGIN`` times the floor stops there.
+Every trial carries both constraints (GPSampler needs the same ones on every trial): a
+plan not measured (over budget) is given 0 for the floor, not known to exceed it. A
+study made before the floor existed runs without one (its trials have no such
+constraint).
 """
 
 from __future__ import annotations
@@ -82,6 +95,11 @@ FIDELITY_MARGIN = 1.0
 # measurement.
 SLICE_SHARE = 4
 SLICE_MARGIN = 0.5
+# The quality floor's default: 1 nat/token of KL to the teacher. On the default model and pydoc's evaluation text
+# (the tenth session's demo) a plan at KL 1.14 has perplexity 42.9 and plans at 1.7-3.4 have 92-491, where 8-bit
+# plans are at about 17.5 (bench_allocator.py), 4-bit RTN at KL 0.38 (perplexity 22.1) and 4-bit GPTQ at 0.08-0.13.
+DEFAULT_MAX_KL = 1.0
+KL_CONSTRAINT = "kl_over_floor_nats"
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,7 @@ class SearchConfig:
     eval_texts: tuple[str, ...] = ()  # sources whose evaluation splits KL and perplexity are measured on (): --text
     quality_text: str | None = None  # the one of them the kl/perplexity objectives use (None: their mean)
     stop_early: bool = True  # cheap before dear: stop a plan far behind the front at the slice or short training
+    max_kl: float | None = DEFAULT_MAX_KL  # the quality floor (nats/token); None: none
 
     def evaluation_sources(self) -> tuple[str, ...]:
         """Where KL and perplexity are measured: the --eval-text sources, or the --text source."""
@@ -148,6 +167,7 @@ class Setup:
         choices = spaces.describe(self.space)
         if choices is not None:
             made_for["space_choices"] = choices
+        made_for["max_kl"] = c.max_kl
         if c.eval_texts:  # (studies made before several evaluation texts keep their fingerprint)
             made_for["eval_texts"], made_for["quality_text"] = list(c.eval_texts), c.quality_text
         if self.space.calibrated:
@@ -179,6 +199,8 @@ def prepare(config: SearchConfig) -> Setup:
         raise UserError("need at least 4 task items, 1 evaluation window and 16 tokens per window")
     if config.calibration_windows < 1:
         raise UserError(f"--calibration-windows must be at least 1, got {config.calibration_windows}")
+    if config.max_kl is not None and not (math.isfinite(config.max_kl) and config.max_kl > 0):
+        raise UserError(f"--max-kl must be a positive number of nats per token, or none, got {config.max_kl}")
     models.torch_device(config.torch_device)
     profile = device_profile(config.device, config.memory)
     space = spaces.get(config.space)
@@ -264,6 +286,8 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
     for key in ("eval_texts", "quality_text"):
         if made_for.get(key) != wanted.get(key):
             differs.append(key.replace("_", " "))
+    if "max_kl" in made_for and made_for["max_kl"] != wanted["max_kl"]:  # (older studies have no floor)
+        differs.append("quality floor (--max-kl)")
     if differs:
         hint = ""
         if "device" in differs and (made_for.get("device") or {}).get("name") == wanted["device"]["name"]:
@@ -371,6 +395,7 @@ class TrialEvaluator:
         self.stop = False  # set when the asked total is reached while this process was sampling
         self.fatal: Exception | None = None  # an error after which this process must not measure again
         self.interrupts = interrupts_mod.TrialBoundary()  # takes Ctrl-C and SIGTERM while a sweep runs
+        self.max_kl = c.max_kl  # the quality floor; the study's own once it is known (``_optimize``)
 
     def _teacher_item_scores(self, fingerprint: str, log: Any) -> dict[str, list[float]]:
         """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
@@ -430,6 +455,8 @@ class TrialEvaluator:
             self._reuse_or_skip(trial, attrs)
             if attrs.get("status") != "duplicate":
                 attrs.update(self._measure_with_fidelity(trial, plan, attrs), status="evaluated")
+        if self.max_kl is not None:
+            trial.set_constraint(KL_CONSTRAINT, attrs["kl"] - self.max_kl if "kl" in attrs else 0.0)
         attrs["seconds"] = time.perf_counter() - started
         # This process's memory after the trial (it should not grow over a long sweep) and its peak so far.
         attrs["rss_bytes"] = host.resident_bytes()
@@ -477,22 +504,20 @@ class TrialEvaluator:
         lap("kl_slice")
         stage, behind = "kl_slice", None
         if self.setup.config.stop_early and any(len(r.input_ids) > first for r in self.references.values()):
-            behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}),
-                                      SLICE_MARGIN)
+            behind = self._stop_reason(trial, {**attrs, **measured}, SLICE_MARGIN)
         if behind is None:
             for source, reference in self.references.items():
                 if len(reference.input_ids) > first:
                     parts[source].append(quality.measure(model, reference, slice(first, None)))
             measured, stage = self._quality(parts, plan), "kl"
             lap("kl")
-            if self.tasks and self._on_front(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured})):
+            if self.tasks and self._within_floor(measured) and self._on_front(
+                    trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured})):
                 measured.update(self._accuracy(model))
                 stage = "accuracy"
                 lap("accuracy")
         measured["stage"] = stage
-        if behind is not None:
-            measured["stopped_by"] = behind
-        return measured
+        return {**measured, **(behind or {})}
 
     def _accuracy(self, model: Any) -> dict[str, Any]:
         """Task accuracy (the mean over tasks) with its 95% half-width, and the difference to the teacher on the same
@@ -549,12 +574,24 @@ class TrialEvaluator:
                 plan.student, distillation=dataclasses.replace(recipe, steps=short_steps)))
             measured = self._measure(short, trial, attrs)
             spent = measured["train_seconds_spent"]
-            behind = self._far_behind(trial, objectives_mod.values(self.setup.objectives, {**attrs, **measured}),
-                                      FIDELITY_MARGIN)
+            behind = self._stop_reason(trial, {**attrs, **measured}, FIDELITY_MARGIN)
             if behind is not None:
-                return {**measured, "fidelity": "short", "plan": short.to_json(), "stopped_by": behind}
+                return {**measured, "fidelity": "short", "plan": short.to_json(), **behind}
         measured = self._measure(plan, trial, attrs)
         return {**measured, "fidelity": "full", "train_seconds_spent": spent + measured["train_seconds_spent"]}
+
+    def _within_floor(self, measured: dict[str, Any], margin: float = 0.0) -> bool:
+        return self.max_kl is None or measured["kl"] <= self.max_kl * (1 + margin)
+
+    def _stop_reason(self, trial: optuna.Trial, measured: dict[str, Any], margin: float) -> dict[str, Any] | None:
+        """Why a cheaply measured plan need not be measured further: ``stopped_by`` a measured trial far ahead of it,
+        or ``stopped_over_floor`` (its KL is beyond the quality floor by the margin); None: measure it in full."""
+        ahead = self._far_behind(trial, objectives_mod.values(self.setup.objectives, measured), margin)
+        if ahead is not None:
+            return {"stopped_by": ahead}
+        if not self._within_floor(measured, margin):
+            return {"stopped_over_floor": self.max_kl}
+        return None
 
     def _far_behind(self, trial: optuna.Trial, values: list[float], margin: float) -> int | None:
         """The number of a measured trial at no higher predicted cost that beats `values` by `margin` on every
@@ -659,10 +696,12 @@ def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, prog
     total = setup.config.trials
     seed = process_seed(setup.config.seed, len(study.trials))
     study.sampler = SAMPLERS[setup.config.sampler](seed)
+    evaluator.max_kl = study.user_attrs[STUDY_ATTR].get("max_kl")  # (a study made before the floor has none)
     done = measured(study)
     bar = tqdm(total=total, initial=done, desc="measured plans", unit="plan", disable=not progress, file=sys.stderr)
     limit = len(study.trials) + MAX_REJECTIONS_PER_TRIAL * total
-    bounds = hypervolume.fixed_reference(study, setup.objectives, setup.arch, setup.profile, setup.config.workload)
+    bounds = hypervolume.fixed_reference(study, setup.objectives, setup.arch, setup.profile, setup.config.workload,
+                                         evaluator.max_kl)
 
     def stop_when_done(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal done
