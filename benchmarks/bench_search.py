@@ -6,7 +6,8 @@ own): `--memory 160MB`, the joint space of benchmarks/spaces/search-{direct,guid
 narrower than the `joint` preset: that file), `--trials N` measured plans, objectives
 KL, memory and latency, no lm-eval (accuracy is no objective here and would only add
 seconds to plans on the front), with cheap before dear on (`early`) or off (`full`,
-`--no-stop-early`). Runs are resumable: a study already at N measured trials is read,
+`--no-stop-early`), and the tool's default quality floor (`--max-kl 1`, the box's KL side; studies made
+before the floor existed have none). Runs are resumable: a study already at N measured trials is read,
 not rerun, so the grid can be filled over several sessions.
 
 From the studies, over each study's first N measured trials:
@@ -14,7 +15,8 @@ From the studies, over each study's first N measured trials:
   memory / the budget, decode latency / (1.1 x the uncompressed model's), from 0;
 - whether each uniform baseline (the enqueued trials) is dominated by a sampled plan,
   and whether the front holds a sampled plan that no baseline dominates;
-- median seconds per measured trial and per stage, and the share stopped per stage;
+- median seconds per measured trial and per stage, and the share stopped per stage, over every measured plan;
+- the share of measured plans at or beyond the box's KL side (they add nothing to the hypervolume);
 - a trial's time against one teacher forward pass over the same evaluation tokens,
   for trials whose layers all came from the warm per-layer cache;
 - peak resident memory of each sweep against the teacher's float32 size;
