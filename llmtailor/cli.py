@@ -240,9 +240,9 @@ def _sigterm_as_ctrl_c():
 
 def _no_front_reason(study: Any, setup: Any, budget: str) -> str:
     """Why a finished search has no front: nothing that fits was measured, or nothing measured is within the floor."""
-    from llmtailor.search.study import STUDY_ATTR, status
+    from llmtailor.search.study import STUDY_ATTR, quality_floor, status
 
-    floor = study.user_attrs[STUDY_ATTR].get("max_kl")
+    floor = quality_floor(study.user_attrs[STUDY_ATTR])
     measured = [t for t in study.get_trials(deepcopy=False) if status(t) == "evaluated" and "kl" in t.user_attrs]
     if floor is None or not measured:
         return (f"No plan that fits {budget} was evaluated in {setup.config.trials} trials: run again with more "

@@ -17,7 +17,7 @@ from llmtailor.hw_profiles import format_size
 from llmtailor.report.svg import scatter
 from llmtailor.search import objectives as objectives_mod
 from llmtailor.search import pareto
-from llmtailor.search.study import STUDY_ATTR
+from llmtailor.search.study import STUDY_ATTR, quality_floor
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1180px; color: #1d2430; }
@@ -117,7 +117,7 @@ def _table(frame: pd.DataFrame, columns: list[str], best: int | None = None) -> 
 
 def _floor(info: dict[str, Any], evaluated: pd.DataFrame) -> str:
     """How many measured plans the quality floor kept off the front (nothing for a study without a floor)."""
-    floor = info.get("max_kl")
+    floor = quality_floor(info)
     if floor is None:
         return ""
     beyond = int((evaluated["kl"].astype(float) > floor).sum())

@@ -286,7 +286,7 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
     for key in ("eval_texts", "quality_text"):
         if made_for.get(key) != wanted.get(key):
             differs.append(key.replace("_", " "))
-    if "max_kl" in made_for and made_for["max_kl"] != wanted["max_kl"]:  # (older studies have no floor)
+    if "max_kl" in made_for and quality_floor(made_for) != wanted["max_kl"]:  # (an older study runs without)
         differs.append("quality floor (--max-kl)")
     if differs:
         hint = ""
@@ -690,13 +690,19 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
         raise
 
 
+def quality_floor(made_for: dict[str, Any]) -> float | None:
+    """A study's quality floor in nats/token of KL, from its fingerprint; None where it has none
+    (``--max-kl none``, or a study made before the floor existed, which resumes without one)."""
+    return made_for.get("max_kl")
+
+
 def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, progress: bool, log: Any) -> optuna.Study:
     from tqdm.auto import tqdm
 
     total = setup.config.trials
     seed = process_seed(setup.config.seed, len(study.trials))
     study.sampler = SAMPLERS[setup.config.sampler](seed)
-    evaluator.max_kl = study.user_attrs[STUDY_ATTR].get("max_kl")  # (a study made before the floor has none)
+    evaluator.max_kl = quality_floor(study.user_attrs[STUDY_ATTR])
     done = measured(study)
     bar = tqdm(total=total, initial=done, desc="measured plans", unit="plan", disable=not progress, file=sys.stderr)
     limit = len(study.trials) + MAX_REJECTIONS_PER_TRIAL * total
