@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import optuna  # noqa: E402
 
-from llmtailor.compression import originals  # noqa: E402
 from llmtailor.evaluators import quality  # noqa: E402
 from llmtailor.plan import CompressionPlan  # noqa: E402
 from llmtailor.search import study as study_mod  # noqa: E402
@@ -46,16 +45,14 @@ def main() -> None:
     setup = study_mod.prepare(config)
     evaluator = study_mod.TrialEvaluator(setup, log=lambda message: None)
     reference = next(iter(evaluator.references.values()))
-    first = max(1, config.eval_windows // study_mod.SLICE_SHARE)
+    first = study_mod.slice_windows(config.eval_windows)
     study = optuna.load_study(study_name=args.study, storage=f"sqlite:///{Path(args.folder) / args.study / 'study.db'}")
     pairs = []
     for trial in study.trials:
         if trial.user_attrs.get("status") != "evaluated":
             continue
         plan = CompressionPlan.from_json(trial.user_attrs["plan"])
-        with originals.applied(plan, evaluator.teacher.model, setup.arch, evaluator.originals,
-                               calibration=evaluator.calibration, cache=evaluator.layer_cache,
-                               importance=evaluator.importance, students=evaluator.students) as model:
+        with evaluator.applied(plan) as model:
             on_slice = quality.measure(model, reference, slice(0, first))
             rest = quality.measure(model, reference, slice(first, None))
         full = quality.combined([on_slice, rest])

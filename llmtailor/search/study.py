@@ -472,8 +472,6 @@ class TrialEvaluator:
         measured trial at no higher cost beats it by SLICE_MARGIN) stops at ``stage: kl_slice``; the others are
         measured on every window (``stage: kl``), and lm-eval accuracy runs only for a plan that is then on the
         front of the measured trials (``stage: accuracy``). Seconds per stage in ``stage_seconds``."""
-        from llmtailor.compression import originals
-
         clock = time.perf_counter()
         seconds: dict[str, float] = {}
 
@@ -484,8 +482,7 @@ class TrialEvaluator:
             clock = now
 
         misses = self.layer_cache.misses if self.layer_cache is not None else 0
-        with originals.applied(plan, self.teacher.model, self.setup.arch, self.originals, calibration=self.calibration,
-                               cache=self.layer_cache, importance=self.importance, students=self.students) as model:
+        with self.applied(plan) as model:
             lap("apply")
             measured = self._measure_applied(model, plan, trial, attrs, lap)
         lap("restore")
@@ -494,10 +491,18 @@ class TrialEvaluator:
             measured["layer_cache_misses"] = self.layer_cache.misses - misses
         return measured
 
+    def applied(self, plan: Any) -> Any:
+        """The teacher with the plan applied from the warm caches (calibration, layers, importance, students), as
+        a context manager that restores the teacher's own weights on exit."""
+        from llmtailor.compression import originals
+
+        return originals.applied(plan, self.teacher.model, self.setup.arch, self.originals, calibration=self.calibration,
+                                 cache=self.layer_cache, importance=self.importance, students=self.students)
+
     def _measure_applied(self, model: Any, plan: Any, trial: optuna.Trial, attrs: dict[str, Any],
                          lap: Any) -> dict[str, Any]:
         """The stages after the plan is applied (see ``_measure``)."""
-        first = max(1, self.setup.config.eval_windows // SLICE_SHARE)
+        first = slice_windows(self.setup.config.eval_windows)
         parts = {source: [quality.measure(model, reference, slice(0, first))]
                  for source, reference in self.references.items()}
         measured = self._quality(parts, plan)
@@ -688,6 +693,11 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
         if created_study:
             _remove_if_untouched(study, setup, new_paths)
         raise
+
+
+def slice_windows(eval_windows: int) -> int:
+    """How many of the evaluation windows, from the first, make the slice a plan is measured on first."""
+    return max(1, eval_windows // SLICE_SHARE)
 
 
 def quality_floor(made_for: dict[str, Any]) -> float | None:
