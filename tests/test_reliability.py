@@ -119,6 +119,21 @@ def test_a_resumed_run_draws_new_plans_and_reuses_measured_ones(tiny_model_dir, 
     assert study_mod.measured(study) == 21
 
 
+def test_under_nsga2_a_repeated_plan_is_pruned_so_a_generation_holds_distinct_plans(tiny_model_dir, tmp_path):
+    study = run(argv(tiny_model_dir, tmp_path, "nsga", 8, "--sampler", "nsga2"))
+    twin = next(t for t in study.trials if study_mod.status(t) == "evaluated")
+    study.enqueue_trial(twin.params)
+    study = run(argv(tiny_model_dir, tmp_path, "nsga", 9, "--sampler", "nsga2"))
+    copies = [t for t in study.trials if t.user_attrs.get("duplicate_of") == twin.number]
+    assert copies and all(study_mod.status(c) == "duplicate" for c in copies)
+    assert all(c.state == optuna.trial.TrialState.PRUNED and c.values is None for c in copies)
+    # Optuna's NSGA-II breeds from COMPLETE trials: no plan is in them twice, and the total is still reached.
+    complete = [t.user_attrs["plan_key"] for t in study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE and "plan_key" in t.user_attrs]
+    assert len(complete) == len(set(complete))
+    assert study_mod.measured(study) == 9
+
+
 def test_a_killed_process_leaves_a_trial_failed_with_its_reason(tiny_model_dir, tmp_path, monkeypatch):
     args = argv(tiny_model_dir, tmp_path, "killed", 6)
     dies_on_third_measurement = """

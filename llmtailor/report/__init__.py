@@ -165,7 +165,7 @@ objectives: {escape(", ".join(info["objectives"]))}; quality measured on {info["
 of {escape(_evaluation_texts(info))}
 and {tasks}{calibrated}.</p>
 <p>{len(trials)} trials: {statuses.get("evaluated", 0)} measured, {over} over budget (rejected by the cost model before
-any weight was touched), {statuses.get("duplicate", 0)} repeated plans (result copied, not measured again),
+any weight was touched), {statuses.get("duplicate", 0)} repeated plans (not measured again),
 {statuses.get("skipped", 0)} skipped, {counts.get("FAIL", 0)} failed. {escape(_floor(info, evaluated))}Pareto front: {len(front)} plans.
 {escape(_stages(trials))}</p>
 <div class="plots">{"".join(plots)}</div>

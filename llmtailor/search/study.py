@@ -21,7 +21,8 @@ hypervolume of the feasible front so far is stored on the study (``search.hyperv
 Every finished trial carries a ``status`` user attribute:
 ``evaluated`` (measured), ``failed`` (an error in a method; ``fail_reason`` says which),
 ``over_budget`` (rejected by the cost model), ``duplicate`` (the same plan as trial
-``duplicate_of``, whose result it copies), ``skipped`` (pruned: the same plan is being
+``duplicate_of``, whose result it copies; under NSGA-II it is pruned instead, with no values,
+so that a generation holds distinct plans), ``skipped`` (pruned: the same plan is being
 measured by another process, or the asked total was reached), ``interrupted`` (Ctrl-C)
 and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` and
 ``failed`` count toward ``--trials``; interrupted and dead trials are redone.
@@ -72,7 +73,7 @@ from llmtailor.search import interrupts as interrupts_mod
 from llmtailor.search import objectives as objectives_mod
 from llmtailor.search import storage as storage_mod
 from llmtailor.search.objectives import Objective
-from llmtailor.search.samplers import SAMPLERS
+from llmtailor.search.samplers import BREEDS_A_POPULATION, SAMPLERS
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 COUNTED = ("evaluated", "failed")  # statuses that count toward --trials
@@ -616,6 +617,10 @@ class TrialEvaluator:
         twins = [t for t in others if t.number != trial.number and t.user_attrs.get("plan_key") == attrs["plan_key"]]
         for twin in twins:
             if twin.state == optuna.trial.TrialState.COMPLETE and status(twin) == "evaluated":
+                if self.setup.config.sampler in BREEDS_A_POPULATION:
+                    trial.set_user_attr("duplicate_of", twin.number)
+                    self._skip(trial, f"the same plan as trial {twin.number}: a generation holds distinct plans",
+                               "duplicate")
                 attrs.update({k: twin.user_attrs[k] for k in twin.user_attrs
                               if k in MEASURED_ATTRS or k.startswith("accuracy_")})
                 attrs.update(status="duplicate", duplicate_of=twin.number)
@@ -630,8 +635,8 @@ class TrialEvaluator:
             self._skip(trial, f"the study reached the asked {total} measured trials")
 
     @staticmethod
-    def _skip(trial: optuna.Trial, reason: str) -> None:
-        trial.set_user_attr("status", "skipped")
+    def _skip(trial: optuna.Trial, reason: str, why: str = "skipped") -> None:
+        trial.set_user_attr("status", why)
         trial.set_user_attr("skip_reason", reason)
         raise optuna.TrialPruned(reason)
 
