@@ -1,7 +1,7 @@
 """Samplers, cheap before dear, and guided against direct precision, on the default model (issue 18).
 
 Each run is one `llmtailor fit` study in its own process (so its peak memory is its
-own): `--memory 160MB`, the joint space of benchmarks/spaces/search-{direct,guided}.yaml
+own): `--memory 160MB`, the joint space of benchmarks/spaces/search-{direct,guided,joint}.yaml
 (GPTQ per group of layers or by a guided weight budget, Wanda pruning, depth cuts; why
 narrower than the `joint` preset: that file), `--trials N` measured plans, objectives
 KL, memory and latency, no lm-eval (accuracy is no objective here and would only add
@@ -21,10 +21,14 @@ From the studies, over each study's first N measured trials:
   for trials whose layers all came from the warm per-layer cache;
 - peak resident memory of each sweep against the teacher's float32 size;
 - cheap before dear at equal seconds: each pair of runs (stop early on and off, same
-  space, sampler and seed) compared at the trial seconds the quicker one spent.
+  space, sampler and seed) compared at the trial seconds the quicker one spent;
+- students (the `joint` space: search-guided.yaml's space plus KV-group and MLP cuts and
+  40-step distillation): the front's plans with a structured cut and with a distilled
+  student, the seconds spent training, and each joint run against the guided run of the
+  same sampler, mode and seed at the seconds the quicker one spent.
 
     python benchmarks/bench_search.py [--trials 60] [--seeds 0 1 2] [--samplers tpe nsga2 gp random]
-        [--spaces direct guided] [--modes early full] [--report-only]
+        [--spaces direct guided joint] [--modes early full] [--report-only]
 
 Writes benchmarks/results/bench_search.json, benchmarks/results/bench_search_front.svg
 and prints Markdown tables.
@@ -153,9 +157,28 @@ def analyse(study: optuna.Study, trials: int, objectives, bounds, guided: bool =
         "hypervolume_by_seconds": [[spent[t.number], hypervolume.of([p for p in points if spent[p.number] <= spent[t.number]],
                                                                     objectives, bounds)] for t in points],
         "front": [[t.values, t.number, "fixed_params" in t.system_attrs] for t in front],
+        "front_with_a_cut": sum(1 for t in front if _cut(t)),
+        "front_distilled": sum(1 for t in front if t.user_attrs.get("distill_steps", 0) > 0),
+        "measured_distilled": sum(1 for t in evaluated if t.user_attrs.get("distill_steps", 0) > 0),
+        "stopped_at_short_training": sum(1 for t in evaluated if t.user_attrs.get("fidelity") == "short"),
+        # Seconds this study spent training students (a student another study trained first is read, not trained).
+        "train_seconds": sum(t.user_attrs.get("train_seconds_spent", 0.0) for t in evaluated),
         "baseline_points": [[b.values, b.number] for b in baselines],
         "mixed_points": [t.values for t in sampled] + ([b.values for b in baselines] if guided else []),
     }
+
+
+def _cut(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial's plan removes blocks, KV groups or MLP channels."""
+    return any(trial.params.get(name, 0.0) > 0 for name in ("cut_blocks", "cut_heads", "cut_mlp"))
+
+
+def at_equal_seconds(a: dict, b: dict) -> tuple[float, float, float]:
+    """Two runs' hypervolumes at the trial seconds the quicker of the two spent on its N measured trials."""
+    budget = min(a["spent_seconds"], b["spent_seconds"])
+    first, second = (max((hv for seconds, hv in r["hypervolume_by_seconds"] if seconds <= budget), default=0.0)
+                     for r in (a, b))
+    return budget, first, second
 
 
 def teacher_facts() -> dict:
@@ -224,7 +247,7 @@ def main() -> None:
         if study is None or len(first_measured(study, args.trials)) < args.trials:
             continue
         runs[name] = {"space": space, "sampler": sampler, "mode": mode, "seed": seed,
-                      **analyse(study, args.trials, objectives, bounds, guided=space == "guided")}
+                      **analyse(study, args.trials, objectives, bounds, guided=space != "direct")}
         if name in wall:
             runs[name]["wall_seconds_this_call"] = wall[name]
     # The uniform baselines are the direct space's enqueued plans (int8, 4-bit g128 GPTQ, 4-bit + 50% Wanda, 2:4, a
@@ -266,12 +289,24 @@ def main() -> None:
         full = runs.get(study_name(run["space"], run["sampler"], "full", run["seed"]))
         if full is None:
             continue
-        budget = min(run["spent_seconds"], full["spent_seconds"])
-        at = {mode: max((hv for seconds, hv in r["hypervolume_by_seconds"] if seconds <= budget), default=0.0)
-              for mode, r in (("early", run), ("full", full))}
+        budget, early, late = at_equal_seconds(run, full)
         equal_seconds.append({"space": run["space"], "sampler": run["sampler"], "seed": run["seed"],
-                              "seconds": budget, "hypervolume_early": at["early"], "hypervolume_full": at["full"],
+                              "seconds": budget, "hypervolume_early": early, "hypervolume_full": late,
                               "spent_seconds_early": run["spent_seconds"], "spent_seconds_full": full["spent_seconds"]})
+    # Students against none: each joint run against the guided run of the same sampler, mode and seed.
+    students_vs_none = []
+    for run in runs.values():
+        guided = runs.get(study_name("guided", run["sampler"], run["mode"], run["seed"]))
+        if run["space"] != "joint" or guided is None:
+            continue
+        budget, joint_hv, guided_hv = at_equal_seconds(run, guided)
+        students_vs_none.append({
+            "sampler": run["sampler"], "mode": run["mode"], "seed": run["seed"],
+            "hypervolume_joint": run["hypervolume"], "hypervolume_guided": guided["hypervolume"],
+            "seconds": budget, "hypervolume_joint_at_seconds": joint_hv, "hypervolume_guided_at_seconds": guided_hv,
+            "spent_seconds_joint": run["spent_seconds"], "spent_seconds_guided": guided["spent_seconds"],
+            "train_seconds_joint": run["train_seconds"], "front_distilled_joint": run["front_distilled"],
+            "front_with_a_cut_joint": run["front_with_a_cut"]})
     warm = [m["median_warm_trial_seconds"] for m in runs.values() if m["median_warm_trial_seconds"] is not None]
     result = {
         "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
@@ -286,7 +321,7 @@ def main() -> None:
         "warm_trial_over_forward": statistics.median(warm) / facts["forward_seconds"] if warm else None,
         "peak_rss_over_teacher_float32": max((r["peak_rss_bytes"] for r in runs.values()), default=0)
         / facts["teacher_float32_bytes"],
-        "summary": summary, "equal_seconds": equal_seconds, "runs": runs}
+        "summary": summary, "equal_seconds": equal_seconds, "students_vs_none": students_vs_none, "runs": runs}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if runs:
         best = max(runs.items(), key=lambda item: item[1]["hypervolume"])
@@ -314,6 +349,17 @@ def main() -> None:
         ratio = e["hypervolume_early"] / e["hypervolume_full"] if e["hypervolume_full"] else float("nan")
         print(f"| {e['space']} | {e['sampler']} | {e['seed']} | {e['seconds']:.0f} | {e['hypervolume_early']:.4f} | "
               f"{e['hypervolume_full']:.4f} | {ratio:.2f} |")
+    if students_vs_none:
+        print("\nStudents against none: each joint run against the guided run of the same sampler, mode and seed, "
+              "after 60 measured trials and at the seconds the quicker one spent:\n")
+        print("| sampler | stop early | seed | joint | guided | seconds | joint at them | guided at them | "
+              "front: distilled / cut | seconds training |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+        for e in sorted(students_vs_none, key=lambda e: (e["sampler"], e["mode"], e["seed"])):
+            print(f"| {e['sampler']} | {e['mode'] == 'early'} | {e['seed']} | {e['hypervolume_joint']:.4f} | "
+                  f"{e['hypervolume_guided']:.4f} | {e['seconds']:.0f} | {e['hypervolume_joint_at_seconds']:.4f} | "
+                  f"{e['hypervolume_guided_at_seconds']:.4f} | {e['front_distilled_joint']} / "
+                  f"{e['front_with_a_cut_joint']} | {e['train_seconds_joint']:.0f} |")
 
 
 if __name__ == "__main__":
