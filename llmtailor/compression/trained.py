@@ -39,6 +39,7 @@ import torch
 
 from llmtailor.arch import Architecture
 from llmtailor.compression import distill
+from llmtailor.hw_profiles import host
 from llmtailor.plan import CompressionPlan, Distillation, LayerPrecision, PlanError
 
 WINDOW_TOKENS = 128
@@ -151,6 +152,7 @@ class TrainedStudents:
                 bar.close()
         self.last = Record(run.steps, run.seconds, run.losses, trained_now=True)
         self._store(key, cut_model)
+        host.release_freed_memory()  # training's gradients and optimizer moments, freed, would stay resident
         return cut_model
 
     def _load(self, key: str, like: Any) -> Any:

@@ -343,6 +343,22 @@ def return_large_blocks_to_the_os() -> bool:
         return False
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap pages this process has freed back to the OS (glibc's ``malloc_trim``). Blocks below
+    LARGE_BLOCK_BYTES stay in glibc's heap when freed, interleaved with live ones, so after a distillation run (its
+    gradients, optimizer moments and activations, most of them smaller blocks) a sweep kept 4.1 GB resident where it
+    holds 1.0 GB: memory no other worker on the machine could use. False where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def resident_bytes(peak: bool = False) -> int | None:
     """This process's resident memory now (VmRSS), or its peak so far (VmHWM); None where /proc is not readable."""
     return _proc_kib("/proc/self/status", "VmHWM" if peak else "VmRSS")

@@ -459,6 +459,8 @@ class TrialEvaluator:
         if self.max_kl is not None:
             trial.set_constraint(KL_CONSTRAINT, attrs["kl"] - self.max_kl if "kl" in attrs else 0.0)
         attrs["seconds"] = time.perf_counter() - started
+        if plan.student.distillation.steps:  # the student this trial loaded or trained is freed, but would stay resident
+            host.release_freed_memory()
         # This process's memory after the trial (it should not grow over a long sweep) and its peak so far.
         attrs["rss_bytes"] = host.resident_bytes()
         attrs["peak_rss_bytes"] = host.resident_bytes(peak=True)
