@@ -1,0 +1,121 @@
+"""Resident memory of a search process while it trains a student, and after (issue 18's 3x bound).
+
+A sweep holds the float32 teacher, its runtime and the teacher's top-64 targets; a trial
+that distills adds a cut student and its training: gradients, AdamW's two moments and
+the activations of a batch (4 windows of 128 tokens, as ``compression.trained`` trains).
+Each variant runs in a fresh process (a peak is per process) on the default model with
+the student the joint space cuts most often on a CPU, the MLP cut by 25% (which
+channels does not matter for memory; the first are kept), and reports:
+- resident memory before the student exists (teacher, runtime, targets), after the cut,
+  the peak while training, after training with the student alive, after
+  ``host.release_freed_memory`` (what the search now calls), and once the student is freed;
+- the seconds of the steps.
+Variants: ``kd`` (the search's recipe: KD to the top-64 at T=2, AdamW, every weight
+trains), ``kd-checkpointing`` (the same with activation checkpointing, not in the
+product: what recomputing activations would save) and ``lora`` (rank-16 adapters only,
+``Distillation.lora_rank``).
+
+    python benchmarks/bench_distill_memory.py [--steps 3] [--variants kd kd-checkpointing lora]
+
+Writes benchmarks/results/bench_distill_memory.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "bench_distill_memory.json"
+MLP_KEPT = 0.75
+
+
+def one(variant: str, steps: int) -> dict:
+    """Run one variant in this process and return its figures (MB, s)."""
+    import torch
+
+    from llmtailor import models
+    from llmtailor.compression import distill, structure, trained
+    from llmtailor.compression.calibration import CalibrationSpec
+    from llmtailor.compression.layer_cache import model_fingerprint
+    from llmtailor.hw_profiles import host
+    from llmtailor.plan import Distillation, Student
+
+    def mb() -> float:
+        return host.resident_bytes() / 1e6
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    teacher = models.load(None)
+    arch = teacher.arch
+    spec = CalibrationSpec()
+    key = spec.key(model_fingerprint(teacher.model))
+    pieces = spec.make_windows(teacher.model, teacher.tokenizer).reshape(-1, trained.WINDOW_TOKENS)
+    targets = distill.load_or_compute_targets(teacher.model, pieces, 2.0, 64, f"{key}-w{trained.WINDOW_TOKENS}",
+                                              models.cache_dir(), "cpu")
+    figures = {"variant": variant, "steps": steps, "teacher_float32_mb": 4 * sum(p.numel() for p in
+                                                                                teacher.model.parameters()) / 1e6}
+    figures["before_student_mb"] = mb()
+    width = int(arch.intermediate_size * MLP_KEPT) // 8 * 8
+    order = [torch.arange(arch.intermediate_size, 0, -1).float()] * arch.num_layers
+    scores = structure.Importance([0.0] * arch.num_layers, [torch.ones(arch.num_kv_heads)] * arch.num_layers, order)
+    student = structure.cut(teacher.model, arch, structure.choose(arch, Student(mlp_width={
+        b: width for b in range(arch.num_layers)}), scores))
+    figures["student_params_m"] = sum(p.numel() for p in student.parameters()) / 1e6
+    figures["after_cut_mb"] = mb()
+    if variant == "kd-checkpointing":
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    recipe = Distillation(steps=steps, learning_rate=1e-3 if variant == "lora" else 2e-4,
+                          lora_rank=16 if variant == "lora" else 0)
+    started = time.perf_counter()
+    distill.distill(student, targets, recipe, batch_size=trained.BATCH_SIZE)
+    figures["train_seconds"] = time.perf_counter() - started
+    figures["peak_mb"] = host.resident_bytes(peak=True) / 1e6
+    figures["after_training_mb"] = mb()
+    figures["released"] = host.release_freed_memory()
+    figures["after_release_mb"] = mb()
+    del student
+    host.release_freed_memory()
+    figures["student_freed_mb"] = mb()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="training steps (the peak comes in the first)")
+    parser.add_argument("--variants", nargs="+", default=["kd", "kd-checkpointing", "lora"])
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant here and print its figures as JSON
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.steps)))
+        return
+    rows = []
+    for variant in args.variants:
+        done = subprocess.run([sys.executable, __file__, "--one", variant, "--steps", str(args.steps)],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode:
+            raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+              "model": "SmolLM2-135M-Instruct", "student": f"MLP cut to {MLP_KEPT:.0%} of its channels",
+              "batch": "4 windows of 128 tokens", "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print("| variant | student params (M) | before the student (MB) | peak training (MB) | peak / fp32 teacher | "
+          "after training | after release | student freed | s per step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['student_params_m']:.1f} | {r['before_student_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['peak_mb'] / r['teacher_float32_mb']:.2f}x | {r['after_training_mb']:.0f} | "
+              f"{r['after_release_mb']:.0f} | {r['student_freed_mb']:.0f} | {r['train_seconds'] / r['steps']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
