@@ -101,6 +101,28 @@ def test_a_teacher_that_cannot_be_restored_stops_the_sweep_with_one_line(tiny_mo
     assert [t.state for t in trials if t.user_attrs.get("status") == "failed"] == [optuna.trial.TrialState.FAIL]
 
 
+def test_a_full_disk_stops_the_sweep_with_one_line_and_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real = study_mod.TrialEvaluator._measure
+
+    def full(self, plan, trial, attrs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(study_mod.TrialEvaluator, "_measure", full)
+    args = ["fit", str(tiny_model_dir), "--memory", "500kB", "--trials", "4", "--results", str(tmp_path),
+            "--study", "full", *FAST]
+    code, _, err = run(args, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "no space left on the disk" in last and "run the same command again" in last
+    trials = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'full' / 'study.db'}").trials
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.FAIL]) == 1
+    monkeypatch.setattr(study_mod.TrialEvaluator, "_measure", real)
+    code, _, _ = run(args, capsys)
+    trials = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'full' / 'study.db'}").trials
+    assert code == 0 and sum(study_mod.status(t) == "evaluated" for t in trials) == 4
+
+
 def test_fit_searches_without_calibration_and_a_sweep_every_axis_by_default():
     parser = cli.build_parser()
     assert parser.parse_args(["fit", "--memory", "1GB"]).space == "coarse"

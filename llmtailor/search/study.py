@@ -23,7 +23,8 @@ Every finished trial carries a ``status`` user attribute:
 ``over_budget`` (rejected by the cost model), ``duplicate`` (the same plan as trial
 ``duplicate_of``, whose result it copies; under NSGA-II it is pruned instead, with no values,
 so that a generation holds distinct plans), ``skipped`` (pruned: the same plan is being
-measured by another process, or the asked total was reached), ``interrupted`` (Ctrl-C)
+measured by another process, or the asked total was reached), ``interrupted`` (Ctrl-C, or the
+disk ran full: ``DiskFull`` stops the sweep)
 and ``died`` (its process was killed; failed by heartbeat). Only ``evaluated`` and
 ``failed`` count toward ``--trials``; interrupted and dead trials are redone.
 
@@ -44,6 +45,7 @@ constraint).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -429,7 +431,13 @@ class TrialEvaluator:
 
             if isinstance(exc, TeacherChanged):  # every later trial would measure a wrong teacher
                 self.fatal, self.stop = exc, True
-            trial.set_user_attr("status", "duplicate" if isinstance(exc, RepeatedFailure) else "failed")
+            elif _disk_full(exc):  # every later trial would fail the same way, and the study's own writes with it
+                self.stop = True
+                self.fatal = DiskFull(f"no space left on the disk ({type(exc).__name__}: {exc}"[:300] + "): the sweep "
+                                      "stopped; free some space and run the same command again to continue")
+            # A trial the disk stopped is redone on resume, as an interrupted one is: the plan did not fail.
+            kind = "duplicate" if isinstance(exc, RepeatedFailure) else "interrupted" if isinstance(self.fatal, DiskFull) else "failed"
+            trial.set_user_attr("status", kind)
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
 
@@ -641,6 +649,23 @@ class TrialEvaluator:
         trial.set_user_attr("status", why)
         trial.set_user_attr("skip_reason", reason)
         raise optuna.TrialPruned(reason)
+
+
+class DiskFull(UserError):
+    """A trial ran out of disk space (a cache entry, a student, the study itself): the sweep stops, resumable."""
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is the disk running out of space; safetensors and the storage's driver wrap
+    the OS error in exceptions of their own, so their message is read too. A full disk in the thirteenth session's
+    grid failed 128 trials in a row in seconds (the study could not even record why) before the sweep's limit."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _measured_values(trial: optuna.Trial) -> Iterator[tuple[int, list[float]]]:
