@@ -333,14 +333,18 @@ def return_large_blocks_to_the_os() -> bool:
     so a sweep's resident memory would stay at the largest temporaries it ever made (a 262k-token window's logits,
     a dequantized embedding). Activations of a forward pass stay smaller than this and are unaffected. False where
     the C library has no mallopt (not glibc)."""
+    try:
+        return bool(_libc().mallopt(-3, LARGE_BLOCK_BYTES))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _libc():
+    """The C library of this process (glibc's memory calls; OSError or AttributeError where there is none)."""
     import ctypes
     import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, LARGE_BLOCK_BYTES))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def release_freed_memory() -> bool:
@@ -348,12 +352,8 @@ def release_freed_memory() -> bool:
     LARGE_BLOCK_BYTES stay in glibc's heap when freed, interleaved with live ones, so after a distillation run (its
     gradients, optimizer moments and activations, most of them smaller blocks) a sweep kept 4.1 GB resident where it
     holds 1.0 GB: memory no other worker on the machine could use. False where the C library has no malloc_trim."""
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        _libc().malloc_trim(0)
         return True
     except (OSError, AttributeError):
         return False
