@@ -10,12 +10,17 @@ channels does not matter for memory; the first are kept), and reports:
   the peak while training, after training with the student alive, after
   ``host.release_freed_memory`` (what the search now calls), and once the student is freed;
 - the seconds of the steps.
-Variants: ``kd`` (the search's recipe: KD to the top-64 at T=2, AdamW, every weight
-trains), ``kd-checkpointing`` (the same with activation checkpointing, not in the
-product: what recomputing activations would save) and ``lora`` (rank-16 adapters only,
-``Distillation.lora_rank``).
+Training recomputes each block's activations in the backward pass, forms the logits
+128 tokens at a time and takes a step's windows one at a time (``compression.distill``
+and ``compression.trained.CPU_WINDOWS_PER_PASS``, since the fourteenth session). Variants:
+``kd`` (KD to the top-64 at T=2, AdamW, every weight trains: a plan whose recipe has no
+``lora_rank``, applied outside the search), ``lora`` (rank-16 adapters only,
+``Distillation.lora_rank``, on a cut that copies every tensor), ``search`` (the
+search's recipe: the same adapters on a cut that shares every tensor it leaves whole
+with the teacher, ``structure.cut(share=True)``) and ``search-whole-batch`` (the same with
+a step's 4 windows in one pass: what taking them one at a time saves).
 
-    python benchmarks/bench_distill_memory.py [--steps 3] [--variants kd kd-checkpointing lora]
+    python benchmarks/bench_distill_memory.py [--steps 3] [--variants kd lora search search-whole-batch]
 
 Writes benchmarks/results/bench_distill_memory.json and prints a Markdown table.
 """
@@ -52,6 +57,7 @@ def one(variant: str, steps: int) -> dict:
         return host.resident_bytes() / 1e6
 
     torch.set_num_threads(os.cpu_count() or 1)
+    host.return_large_blocks_to_the_os()  # as a sweep does
     teacher = models.load(None)
     arch = teacher.arch
     spec = CalibrationSpec()
@@ -66,16 +72,18 @@ def one(variant: str, steps: int) -> dict:
     order = [torch.arange(arch.intermediate_size, 0, -1).float()] * arch.num_layers
     scores = structure.Importance([0.0] * arch.num_layers, [torch.ones(arch.num_kv_heads)] * arch.num_layers, order)
     student = structure.cut(teacher.model, arch, structure.choose(arch, Student(mlp_width={
-        b: width for b in range(arch.num_layers)}), scores))
+        b: width for b in range(arch.num_layers)}), scores), share=variant.startswith("search"))
     figures["student_params_m"] = sum(p.numel() for p in student.parameters()) / 1e6
     figures["after_cut_mb"] = mb()
-    if variant == "kd-checkpointing":
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.config.use_cache = False
-    recipe = Distillation(steps=steps, learning_rate=1e-3 if variant == "lora" else 2e-4,
-                          lora_rank=16 if variant == "lora" else 0)
+    adapters = variant in ("lora", "search", "search-whole-batch")
+    per_pass = None if variant == "search-whole-batch" else trained.CPU_WINDOWS_PER_PASS
+    recipe = Distillation(steps=steps, learning_rate=1e-3 if adapters else 2e-4, lora_rank=16 if adapters else 0)
+    figures["predicted_rise_mb"] = distill.training_bytes(  # the guard's prediction (trained.TrainedStudents)
+        student, recipe, (per_pass or trained.BATCH_SIZE) * trained.WINDOW_TOKENS,
+        {p.data_ptr() for p in teacher.model.parameters()}) / 1e6
     started = time.perf_counter()
-    distill.distill(student, targets, recipe, batch_size=trained.BATCH_SIZE)
+    distill.distill(student, targets, recipe, batch_size=trained.BATCH_SIZE,
+                    windows_per_pass=per_pass)
     figures["train_seconds"] = time.perf_counter() - started
     figures["peak_mb"] = host.resident_bytes(peak=True) / 1e6
     figures["after_training_mb"] = mb()
@@ -90,7 +98,7 @@ def one(variant: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="training steps (the peak comes in the first)")
-    parser.add_argument("--variants", nargs="+", default=["kd", "kd-checkpointing", "lora"])
+    parser.add_argument("--variants", nargs="+", default=["kd", "lora", "search", "search-whole-batch"])
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant here and print its figures as JSON
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -106,14 +114,16 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
               "model": "SmolLM2-135M-Instruct", "student": f"MLP cut to {MLP_KEPT:.0%} of its channels",
-              "batch": "4 windows of 128 tokens", "rows": rows}
+              "batch": "4 windows of 128 tokens, one at a time", "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("| variant | student params (M) | before the student (MB) | peak training (MB) | peak / fp32 teacher | "
-          "after training | after release | student freed | s per step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | student params (M) | before the student (MB) | after the cut | peak training (MB) | "
+          "peak / fp32 teacher | rise over the cut: measured / predicted | after training | after release | "
+          "student freed | s per step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['student_params_m']:.1f} | {r['before_student_mb']:.0f} | {r['peak_mb']:.0f} | "
-              f"{r['peak_mb'] / r['teacher_float32_mb']:.2f}x | {r['after_training_mb']:.0f} | "
+        print(f"| {r['variant']} | {r['student_params_m']:.1f} | {r['before_student_mb']:.0f} | "
+              f"{r['after_cut_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] / r['teacher_float32_mb']:.2f}x | "
+              f"{r['peak_mb'] - r['after_cut_mb']:.0f} / {r['predicted_rise_mb']:.0f} | {r['after_training_mb']:.0f} | "
               f"{r['after_release_mb']:.0f} | {r['student_freed_mb']:.0f} | {r['train_seconds'] / r['steps']:.1f} |")
 
 

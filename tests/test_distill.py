@@ -180,6 +180,69 @@ def test_lora_trains_low_rank_updates_and_merges_them(tiny):
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
 
 
+def test_lora_only_reads_the_frozen_weights_so_a_student_may_share_its_teachers(tiny):
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8)
+    arch = tiny.arch
+    teacher = {n: p.clone() for n, p in tiny.model.named_parameters()}
+    student = structure.cut(tiny.model, arch, structure.Cut((0, 3), {}, {}, arch.num_heads, arch.intermediate_size),
+                            share=True)  # two whole blocks: every tensor is the teacher's
+    shared = student.model.layers[0].mlp.down_proj.weight
+    assert shared is tiny.model.model.layers[0].mlp.down_proj.weight
+    distill.distill(student, targets, Distillation(steps=5, learning_rate=3e-3, lora_rank=2))
+    assert all(torch.equal(p, teacher[n]) for n, p in tiny.model.named_parameters())  # the teacher is untouched
+    assert student.model.layers[0].mlp.down_proj.weight is not shared  # the student has its own merged weight
+    assert not torch.equal(student.model.layers[0].mlp.down_proj.weight, shared)
+    assert not any("lora" in n for n, _ in student.named_parameters())  # the adapters are gone
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce", "kl+ce"])
+def test_the_loss_formed_piece_by_piece_equals_the_whole_logits_loss_and_its_gradient(tiny, monkeypatch, loss):
+    monkeypatch.setattr(distill, "LOSS_TOKENS", 48)  # 4 windows of 32 tokens: two pieces and a shorter third
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8, hidden=True)
+    recipe = Distillation(steps=1, loss=loss, hidden_weight=0.5, ce_weight=0.7)
+    student = two_block_student(tiny).requires_grad_(True)
+    index = torch.tensor([5, 0, 3, 6])
+    assert distill._head_is_separable(student, targets.windows[:1, :8])
+    figures = []
+    for form in (lambda: distill._loss(student, targets.windows[index], index, targets, recipe, None),
+                 lambda: distill._loss_by_pieces(student, targets.windows[index], index, targets, recipe)):
+        student.zero_grad()
+        value = form()
+        value.backward()
+        figures.append((value.item(), student.model.layers[1].mlp.up_proj.weight.grad.clone(),
+                        student.lm_head.weight.grad.clone()))
+    (whole, up, head), (pieces, up_pieces, head_pieces) = figures
+    assert pieces == pytest.approx(whole, rel=1e-5)
+    assert torch.allclose(up_pieces, up, rtol=1e-4, atol=1e-7) and torch.allclose(head_pieces, head, rtol=1e-4,
+                                                                                     atol=1e-7)
+
+
+def test_a_step_taken_one_window_at_a_time_is_the_same_step(tiny):
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8)
+    recipe = Distillation(steps=2, learning_rate=3e-3, loss="kl+ce")
+    runs = []
+    for per_pass in (None, 1, 3):  # 3: passes of 3 and 1 windows
+        student = two_block_student(tiny)
+        runs.append((distill.distill(student, targets, recipe, seed=1, windows_per_pass=per_pass),
+                     student.model.layers[1].mlp.up_proj.weight.clone()))
+    (whole, weight), *others = runs
+    for run, other in others:
+        assert run.losses == pytest.approx(whole.losses, rel=1e-5)
+        assert torch.allclose(other, weight, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(weight, two_block_student(tiny).model.layers[1].mlp.up_proj.weight)  # it trained
+
+
+def test_a_head_that_caps_its_logits_is_trained_on_whole_logits(tiny, monkeypatch):
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8)
+    student = two_block_student(tiny)
+    assert distill._head_is_separable(student, targets.windows[:1, :8])
+    student.get_output_embeddings().register_forward_hook(lambda m, args, out: 3 * torch.tanh(out / 3))
+    assert not distill._head_is_separable(student, targets.windows[:1, :8])
+    monkeypatch.setattr(distill, "_loss_by_pieces", None)  # called, it would fail
+    trained = distill.distill(student, targets, Distillation(steps=3, learning_rate=3e-3))
+    assert trained.steps == 3
+
+
 def test_lora_with_qat_and_a_negative_rank_are_refused():
     with pytest.raises(PlanError, match="not supported yet"):
         Distillation(qat=True, lora_rank=4)
@@ -265,3 +328,48 @@ assert host.release_freed_memory()
 print(before - host.resident_bytes())
 """
     assert host.in_a_fresh_process(code) > 100e6
+
+
+def test_a_student_that_would_not_fit_in_memory_is_refused_before_training_with_the_figures(tiny, tmp_path,
+                                                                                            monkeypatch):
+    from llmtailor import compression, text
+    from llmtailor.compression import calibration, trained
+
+    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
+    stats = calibration.collect(tiny.model, tiny.arch, ids)
+    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
+    students = trained.TrainedStudents(tiny.model, lambda: ids, "text-key", tmp_path)
+    lora = Distillation(steps=3, learning_rate=3e-3, lora_rank=2)
+    plan = CompressionPlan(student=Student(layers=(0, 3), distillation=lora))
+    cut = structure.cut(tiny.model, tiny.arch, structure.choose(tiny.arch, plan.student, scores), share=True)
+    need = distill.training_bytes(cut, lora, trained.WINDOW_TOKENS, {p.data_ptr() for p in tiny.model.parameters()})
+    alone = distill.training_bytes(cut, lora, trained.WINDOW_TOKENS)
+    full = distill.training_bytes(cut, Distillation(steps=3), trained.WINDOW_TOKENS)
+    assert alone < need < full  # merging adapters into shared weights makes new ones; full training keeps moments
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: need - 1)
+    with pytest.raises(distill.NotEnoughMemory, match=r"needs about [\d,]+ MB more memory and [\d,]+ MB is available"):
+        compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
+    assert not (tmp_path / "students").exists()  # nothing trained, nothing kept
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: need)
+    compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
+    assert students.last.trained_now
+
+
+def test_a_kept_lora_student_shares_what_training_left_alone_with_the_teacher_only_when_asked(tiny, tmp_path):
+    from llmtailor import compression, text
+    from llmtailor.compression import calibration, trained
+
+    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
+    stats = calibration.collect(tiny.model, tiny.arch, ids)
+    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
+    students = trained.TrainedStudents(tiny.model, lambda: ids, "text-key", tmp_path)
+    lora = Distillation(steps=3, learning_rate=3e-3, lora_rank=2)
+    plan = CompressionPlan(student=Student(layers=(0, 3), distillation=lora))
+    compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
+    kept = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
+    assert not students.last.trained_now
+    assert kept.model.embed_tokens.weight is tiny.model.model.embed_tokens.weight  # untrained: the teacher's own
+    assert kept.model.layers[0].mlp.up_proj.weight is not tiny.model.model.layers[0].mlp.up_proj.weight  # trained
+    assert not torch.equal(kept.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight)
+    own = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    assert not any(p is q for p in own.parameters() for q in tiny.model.parameters())  # share=False: its own

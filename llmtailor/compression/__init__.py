@@ -173,14 +173,16 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
                 cache: LayerCache | None, importance: Any, students: Any = None, share: bool = False):
     """The cut (and trained) model, the cut (or None), and for each layer the plan compresses: (teacher name,
     module, result). A trained student's layers are cached under its training key: their weights are its own.
-    ``share``: untouched tensors are the teacher's (never for a student to train: training changes them in place)."""
+    ``share``: untouched tensors are the teacher's (for a student that trains every weight, none: training changes
+    them in place; LoRA training only reads them and merges its adapters into new tensors)."""
     plan.validate(arch)
     check_supported(plan, calibration is not None, arch, importance is not None)
     _check_students(plan, students)
-    model, chosen = _structured(plan, teacher, arch, importance, share and not plan.student.distillation.steps)
+    recipe = plan.student.distillation
+    model, chosen = _structured(plan, teacher, arch, importance, share and (not recipe.steps or recipe.lora_rank > 0))
     trained = None
     if plan.student.distillation.steps:  # the cut student trained (``compression.trained``)
-        model = students.trained(plan, model, arch, chosen)
+        model = students.trained(plan, model, arch, chosen, share=share)
         trained = f"student {students.key(plan, arch)}"
     per_group = arch.num_heads // arch.num_kv_heads
 

@@ -29,8 +29,18 @@ plan's quantizer (RTN or GPTQ) to quantize: they have learned to sit well on its
 
 LoRA recovery (``recipe.lora_rank`` r > 0): every linear layer of the decoder blocks keeps
 its weight frozen and learns W + B·A·(LORA_ALPHA / r) with A (r × inputs, small random) and
-B (outputs × r, zeros, so training starts from the cut model); the product is merged into
-W at the end, so the student is again a plain model of the same shapes.
+B (outputs × r, zeros, so training starts from the cut model); the adapters add x·Aᵀ·Bᵀ to
+the layer's output (W + B·A is never formed during training), and at the end each layer
+gets a new merged weight, so the student is again a plain model of the same shapes and W,
+only ever read, may be the teacher's own tensor (the search's students share them).
+
+Memory of a step: each decoder block's activations are recomputed in the backward pass
+(``recomputed_activations``), and the logits are formed ``LOSS_TOKENS`` tokens at a time
+and recomputed too (``_loss_by_pieces``), where the model's logits are its head applied to
+its final hidden states (checked once per run; otherwise the whole logits, as with the
+teacher online). ``windows_per_pass`` splits a step's batch into passes whose gradients
+add up. ``training_bytes`` predicts what a run adds at its peak, which
+``compression.trained`` checks against the memory available before it trains.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from llmtailor.compression.quantize import QUANTIZERS
 from llmtailor.plan import Distillation, LayerPrecision, PlanError
 
 WARMUP_SHARE = 0.05
+LOSS_TOKENS = 128  # tokens whose logits one piece of the loss forms (`_loss_by_pieces`)
 CLIP_NORM = 1.0
 LORA_ALPHA = 16.0
 
@@ -180,8 +191,8 @@ def fake_quantized(model: Any, precision: Mapping[str, LayerPrecision]) -> Itera
             parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
 
 
-class LowRankUpdate(torch.nn.Module):
-    """A weight parametrization: W + B·A·scale, with W frozen and A, B the only trained parameters."""
+class LowRankAdapter(torch.nn.Module):
+    """The trained part of a LoRA linear layer: x ↦ (x·Aᵀ)·Bᵀ·scale, added to the frozen layer's output."""
 
     def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
         super().__init__()
@@ -190,30 +201,67 @@ class LowRankUpdate(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))
         self.scale = LORA_ALPHA / rank
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.b @ self.a) * self.scale
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a), self.b) * self.scale
+
+    @torch.no_grad()
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """A new tensor W + B·A·scale (never written into W: a student may share W with its teacher)."""
+        return weight + (self.b @ self.a).to(weight) * self.scale
 
 
 @contextlib.contextmanager
 def low_rank_adapters(model: Any, rank: int, seed: int) -> Iterator[None]:
-    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit they are merged."""
-    from torch.nn.utils import parametrize
-
+    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit each layer's
+    weight is replaced by a new merged tensor. The adapters add their output to the frozen layer's (a forward
+    hook), so no full-size weight is formed per step; the frozen weights are only read, so they may be shared."""
     generator = torch.Generator().manual_seed(seed)
     chosen = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     if not chosen:
         raise PlanError("LoRA recovery found no linear layers in the student's decoder blocks")
     model.requires_grad_(False)
+    hooks = []
     for module in chosen:
-        parametrize.register_parametrization(module, "weight", LowRankUpdate(module.weight, rank, generator))
-        module.parametrizations.weight.original.requires_grad_(False)
+        module.add_module("lora_adapter", LowRankAdapter(module.weight, rank, generator))
+        hooks.append(module.register_forward_hook(lambda m, args, out: out + m.lora_adapter(args[0])))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module in chosen:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for hook in hooks:
+            hook.remove()
+        for module in chosen:
+            module.weight = torch.nn.Parameter(module.lora_adapter.merged(module.weight), requires_grad=False)
+            del module.lora_adapter
         model.requires_grad_(False)
+
+
+# What a training step holds beyond its trained state, activations and logits: glibc's heap keeps freed activation
+# blocks between live ones. Measured on the default model (bench_distill_memory.py): 240-320 MB over the rest.
+HEAP_ALLOWANCE_BYTES = 256 << 20
+
+
+def training_bytes(student: Any, recipe: Distillation, tokens_per_pass: int, shared: set[int] = frozenset()) -> int:
+    """What training `student` under `recipe` adds at its peak to the memory the student already takes, predicted
+    (bytes, float32): the trained state (for full-weight training each weight's gradient and AdamW's two moments;
+    with LoRA the adapters' weights, gradients and moments), the merged weights LoRA makes new where the student
+    shares a layer's weight (`shared`: the data pointers of tensors that stay, such as the teacher's), a pass's
+    activations (each block's input kept, recomputed once in the backward pass) and its logits in pieces, and
+    ``HEAP_ALLOWANCE_BYTES``. An upper bound on the measured rise of every variant of bench_distill_memory.py."""
+    config = student.config
+    blocks = [m for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    if recipe.lora_rank:
+        adapters = sum(recipe.lora_rank * sum(m.weight.shape) for m in blocks)
+        merged = sum(m.weight.numel() for m in blocks if m.weight.data_ptr() in shared)
+        state = 4 * adapters + merged
+    else:
+        state = 3 * sum(p.numel() for p in student.parameters())
+    activations = tokens_per_pass * config.hidden_size * 2 * (config.num_hidden_layers + 8)
+    logits = 4 * min(tokens_per_pass, LOSS_TOKENS) * config.vocab_size
+    return 4 * (state + activations + logits) + HEAP_ALLOWANCE_BYTES
+
+
+class NotEnoughMemory(PlanError):
+    """Training a student would take more memory than the machine has available: refused before it starts."""
 
 
 @dataclass
@@ -227,13 +275,16 @@ class Trained:
 
 def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, device: str | torch.device = "cpu",
             seed: int = 0, batch_size: int = 4, progress: Callable[[int, float], None] | None = None,
-            qat_precision: Mapping[str, LayerPrecision] | None = None, teacher: Any = None) -> Trained:
+            qat_precision: Mapping[str, LayerPrecision] | None = None, teacher: Any = None,
+            windows_per_pass: int | None = None) -> Trained:
     """Train `student` in place for `recipe.steps` steps on the targets; it ends in eval mode where it started.
 
     `progress(step, loss)` is called after every step (a progress bar, a log). With `recipe.lora_rank`, only
     low-rank adapters train and are merged at the end. With `recipe.qat`, `qat_precision` names the student's
     linear layers (module names) and the precision each is trained for. Given the `teacher` (on `device`), the
-    loss uses its full distribution and hidden states, computed for every batch, instead of the kept top k."""
+    loss uses its full distribution and hidden states, computed for every batch, instead of the kept top k.
+    ``windows_per_pass``: a step's windows go through the student that many at a time, their gradients summed
+    (less memory, same step; the hidden-state term is then normalized per pass), None: all at once."""
     if recipe.steps < 1:
         raise PlanError(f"a distillation run needs at least 1 step, got {recipe.steps}")
     if recipe.qat and not qat_precision:
@@ -242,14 +293,16 @@ def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, devi
         raise PlanError("hidden-state matching needs the teacher's hidden states: compute the targets with hidden=True")
     if recipe.lora_rank:
         with low_rank_adapters(student, recipe.lora_rank, seed):
-            return _train(student, targets, recipe, device, seed, batch_size, progress, teacher)
+            return _train(student, targets, recipe, device, seed, batch_size, progress, teacher, windows_per_pass)
     student.requires_grad_(True)
     with fake_quantized(student, qat_precision or {}) if recipe.qat else contextlib.nullcontext():
-        return _train(student, targets, recipe, device, seed, batch_size, progress, teacher)
+        return _train(student, targets, recipe, device, seed, batch_size, progress, teacher, windows_per_pass)
 
 
 def _loss(student: Any, windows: torch.Tensor, index: torch.Tensor, targets: TeacherTargets, recipe: Distillation,
           teacher: Any) -> torch.Tensor:
+    """The loss over whole logits: with the teacher online (its full distributions), or a student whose output head
+    is not a plain map of its final hidden states (see `_head_is_separable`)."""
     device = windows.device
     out = student(windows, output_hidden_states=bool(recipe.hidden_weight))
     logits, loss = out.logits, torch.zeros((), device=device)
@@ -272,31 +325,119 @@ def _loss(student: Any, windows: torch.Tensor, index: torch.Tensor, targets: Tea
     return loss
 
 
+@torch.no_grad()
+def _head_is_separable(student: Any, window: torch.Tensor) -> bool:
+    """Whether the student's logits are its output head's weight (and bias) applied to its decoder's final hidden
+    states, as `_loss_by_pieces` forms them (true of the Llama-like families; a model that scales or caps its
+    logits after the head is not), checked on a few tokens."""
+    try:
+        whole = student(window).logits
+        head = student.get_output_embeddings()
+        split = F.linear(student.get_decoder()(input_ids=window).last_hidden_state, head.weight, head.bias)
+    except (AttributeError, NotImplementedError, TypeError):
+        return False
+    return whole.shape == split.shape and torch.allclose(whole, split, rtol=1e-4, atol=1e-4)
+
+
+def _piece_loss(hidden: torch.Tensor, head: torch.Tensor, head_bias: torch.Tensor | None, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                next_ids: torch.Tensor, recipe: Distillation, temperature: float, tokens: int,
+                predicted: int) -> torch.Tensor:
+    """One piece of the loss: its tokens' logits, then their share of the mean KD and cross-entropy terms."""
+    logits = F.linear(hidden, head, head_bias)
+    loss = torch.zeros((), device=hidden.device)
+    if recipe.loss in ("kl", "kl+ce"):
+        loss = loss + kd_loss(logits, top_ids, top_logprobs, temperature) * (len(hidden) / tokens)
+    if recipe.loss in ("ce", "kl+ce"):
+        loss = loss + recipe.ce_weight * F.cross_entropy(logits.float(), next_ids, ignore_index=-100,
+                                                         reduction="sum") / predicted
+    return loss
+
+
+def _loss_by_pieces(student: Any, windows: torch.Tensor, index: torch.Tensor, targets: TeacherTargets,
+                    recipe: Distillation) -> torch.Tensor:
+    """The same loss as `_loss`, with the logits formed ``LOSS_TOKENS`` tokens at a time and recomputed in the
+    backward pass: a step never holds the whole (batch × tokens × vocabulary) logits, their softmax and gradient,
+    which for the default model's 49,152 tokens are 100 MB each at 4 windows of 128 tokens (a piece: 25 MB)."""
+    from torch.utils.checkpoint import checkpoint
+
+    device = windows.device
+    hidden = student.get_decoder()(input_ids=windows).last_hidden_state
+    loss = torch.zeros((), device=device)
+    if recipe.hidden_weight:
+        loss = loss + recipe.hidden_weight * hidden_loss(hidden, targets.hidden[index].to(device))
+    flat = hidden.flatten(0, 1)
+    top_ids = targets.top_ids[index].flatten(0, 1).to(device)
+    top_logprobs = targets.top_logprobs[index].flatten(0, 1).to(device)
+    ignored = torch.full_like(windows[:, :1], -100)
+    next_ids = torch.cat([windows[:, 1:], ignored], dim=1).flatten()  # the last token of a window predicts nothing
+    head = student.get_output_embeddings()
+    tokens, predicted = len(flat), windows.shape[0] * (windows.shape[1] - 1)
+    for start in range(0, tokens, LOSS_TOKENS):
+        piece = slice(start, start + LOSS_TOKENS)
+        loss = loss + checkpoint(_piece_loss, flat[piece], head.weight, head.bias, top_ids[piece], top_logprobs[piece],
+                                 next_ids[piece], recipe, targets.temperature, tokens, predicted,
+                                 use_reentrant=False)
+    return loss
+
+
 def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: str | torch.device, seed: int,
-           batch_size: int, progress: Callable[[int, float], None] | None, teacher: Any) -> Trained:
+           batch_size: int, progress: Callable[[int, float], None] | None, teacher: Any,
+           windows_per_pass: int | None) -> Trained:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     home = next(student.parameters()).device
-    student.to(device).train()
+    student.to(device)
+    by_pieces = teacher is None and _head_is_separable(student.eval(), targets.windows[:1, :8].to(device))
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.0)
     result, started = Trained(), time.perf_counter()
     order = torch.empty(0, dtype=torch.long)
-    for step in range(recipe.steps):
-        if len(order) < batch_size:  # a fresh seeded pass over the windows
-            order = torch.cat([order, torch.randperm(len(targets.windows), generator=generator)])
-        index, order = order[:batch_size], order[batch_size:]
-        loss = _loss(student, targets.windows[index].to(device), index, targets, recipe, teacher)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, recipe.steps, recipe.learning_rate)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM)
-        optimizer.step()
-        result.losses.append(loss.item())
-        result.steps = step + 1
-        if progress is not None:
-            progress(step + 1, result.losses[-1])
+    with recomputed_activations(student):
+        student.train()
+        for step in range(recipe.steps):
+            if len(order) < batch_size:  # a fresh seeded pass over the windows
+                order = torch.cat([order, torch.randperm(len(targets.windows), generator=generator)])
+            index, order = order[:batch_size], order[batch_size:]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, recipe.steps, recipe.learning_rate)
+            optimizer.zero_grad(set_to_none=True)
+            value = 0.0
+            for part in index.split(windows_per_pass or batch_size):  # gradients add up over the passes
+                windows = targets.windows[part].to(device)
+                if by_pieces:
+                    loss = _loss_by_pieces(student, windows, part, targets, recipe)
+                else:
+                    loss = _loss(student, windows, part, targets, recipe, teacher)
+                loss = loss * (len(part) / len(index))
+                loss.backward()
+                value += loss.item()
+                del loss  # held into the next pass, its graph (with recomputed activations) would stay resident
+            torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM)
+            optimizer.step()
+            result.losses.append(value)
+            result.steps = step + 1
+            if progress is not None:
+                progress(step + 1, result.losses[-1])
     result.seconds = time.perf_counter() - started
     student.eval().requires_grad_(False).to(home)
     return result
+
+
+@contextlib.contextmanager
+def recomputed_activations(model: Any) -> Iterator[None]:
+    """Within the block, each decoder block's activations are recomputed in the backward pass instead of kept
+    (Hugging Face's gradient checkpointing, where the model supports it): a step holds one block's activations
+    and the blocks' inputs, not every block's. Measured on the default model (bench_distill_memory.py): 850 MB
+    less at a peak, 12% more seconds per step. The model's ``use_cache`` is off meanwhile (a cache is useless to
+    training and refused with checkpointing)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        yield
+        return
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = use_cache

@@ -44,6 +44,11 @@ from llmtailor.plan import CompressionPlan, Distillation, LayerPrecision, PlanEr
 
 WINDOW_TOKENS = 128
 BATCH_SIZE = 4
+# On a CPU a step's windows go through the student one at a time, their gradients summed (the same step): the
+# activations of 4 windows at once left holes in glibc's heap that kept a sweep 400 MB above what it held, and
+# one at a time keeps a sweep that trains a student within 3x the float32 teacher (bench_distill_memory.py), at
+# about 40% more seconds per step. On a GPU activations are not in the process's memory: the whole batch at once.
+CPU_WINDOWS_PER_PASS = 1
 
 
 @dataclass
@@ -121,9 +126,12 @@ class TrainedStudents:
             self._targets[wanted] = made
         return self._targets[wanted]
 
-    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None) -> Any:
+    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None,
+                share: bool = False) -> Any:
         """The plan's student trained from `cut_model` (the teacher cut by `chosen`, a ``structure.Cut``, or an
-        uncut copy; changed in place when trained now), or from the cache when kept."""
+        uncut copy; changed in place when trained now), or from the cache when kept. ``share``: a kept student
+        takes the teacher's own tensor wherever its tensor of the same name is equal (training left it alone: the
+        embeddings and norms under LoRA), for reading only, as ``compression.apply(share=True)`` promises."""
         recipe = plan.student.distillation
         qat, qat_modules = qat_grid(plan, arch, chosen)
         if recipe.qat and not qat:
@@ -132,7 +140,9 @@ class TrainedStudents:
         key = self.key(plan, arch)
         kept = self._load(key, cut_model)
         if kept is not None:
-            return kept
+            return _sharing_equal_tensors(kept, self.teacher) if share else kept
+        per_pass = CPU_WINDOWS_PER_PASS if torch.device(self.device).type == "cpu" else None
+        self._check_memory(cut_model, recipe, per_pass or BATCH_SIZE)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -146,7 +156,8 @@ class TrainedStudents:
 
         try:
             run = distill.distill(cut_model, self.targets(recipe), recipe, device=self.device, seed=self.seed,
-                                  batch_size=BATCH_SIZE, progress=progress, qat_precision=qat_modules or None)
+                                  batch_size=BATCH_SIZE, progress=progress, qat_precision=qat_modules or None,
+                                  windows_per_pass=per_pass)
         finally:
             if bar is not None:
                 bar.close()
@@ -154,6 +165,22 @@ class TrainedStudents:
         self._store(key, cut_model)
         host.release_freed_memory()  # training's gradients and optimizer moments, freed, would stay resident
         return cut_model
+
+    def _check_memory(self, student: Any, recipe: Distillation, windows_per_pass: int) -> None:
+        """Refuse, with the figures, a training run whose predicted peak (``distill.training_bytes``) exceeds the
+        memory available to it (the OS's for a CPU, the GPU's free memory on CUDA): a process the OS kills for
+        memory leaves no reason behind, and a sweep would retry its trial in vain."""
+        shared = {p.data_ptr() for p in self.teacher.parameters()}
+        need = distill.training_bytes(student, recipe, windows_per_pass * WINDOW_TOKENS, shared)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            free, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+        else:
+            free, where = host.available_memory_bytes(), "available"
+        if need > free:
+            raise distill.NotEnoughMemory(
+                f"training this student needs about {need / 1e6:,.0f} MB more memory and {free / 1e6:,.0f} MB is "
+                f"{where}: free memory (fewer workers), or choose a smaller cut or no distillation")
 
     def _load(self, key: str, like: Any) -> Any:
         if self.folder is None:
@@ -187,3 +214,25 @@ class TrainedStudents:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@torch.no_grad()
+def _sharing_equal_tensors(student: Any, teacher: Any) -> Any:
+    """`student` with each parameter that equals the teacher's of the same name replaced by the teacher's own (a
+    tied pair stays tied: both names point to the one replaced parameter)."""
+    theirs = dict(teacher.named_parameters())
+    names: dict[int, str] = {}
+    for name, parameter in student.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), name)
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for module in student.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None:
+                continue
+            if id(parameter) not in replaced:
+                twin = theirs.get(names[id(parameter)])
+                same = twin is not None and twin.shape == parameter.shape and twin.dtype == parameter.dtype \
+                    and twin.device == parameter.device and torch.equal(twin, parameter)
+                replaced[id(parameter)] = twin if same else parameter
+            module._parameters[name] = replaced[id(parameter)]
+    return student

@@ -17,10 +17,14 @@ A trial samples, each axis only where the space's ``Choices`` offer more than on
   N:M). Magnitude pruning is not offered: at 50% it leaves the default model at
   perplexity 249 against Wanda's 28 (BENCHMARKS.md, bench_pruning.py);
 - **distillation** of a cut student (only when the cut removes something: the teacher
-  is its own best copy) for a step budget, KD to the teacher's top-64 at T=2 at peak
-  learning rate ``DISTILL_LEARNING_RATE`` (measured in bench_distill.py); trained
-  students are kept by ``compression.trained``, and the search's fidelity levels train a
-  quarter of a budget first (``search.study``).
+  is its own best copy) for a step budget, KD to the teacher's top-64 at T=2, training
+  rank-``DISTILL_LORA_RANK`` adapters of the block linears at peak learning rate
+  ``DISTILL_LEARNING_RATE`` (measured in bench_distill.py). Adapters, not every weight:
+  the student's frozen weights are then the teacher's own wherever the cut leaves them
+  whole and AdamW keeps moments for the adapters only, which keeps a sweep that trains a
+  student within 3x the float32 teacher's memory (full-weight training peaked at 8x,
+  bench_distill_memory.py); trained students are kept by ``compression.trained``, and
+  the search's fidelity levels train a quarter of a budget first (``search.study``).
 
 Layers pruned by SparseGPT and quantized by GPTQ are solved jointly in input order, so
 they get ``act_order=False``. Which blocks a depth cut keeps and how OWL spreads a ratio
@@ -53,7 +57,8 @@ from llmtailor.spaces.grouped import GroupedSpace, _without_identities, by_depth
 from llmtailor.spaces.guided import GuidedSpace
 
 WIDTH_MULTIPLE = 8
-DISTILL_LEARNING_RATE = 2e-4
+DISTILL_LEARNING_RATE = 1e-3  # adapters train at a higher rate than whole weights
+DISTILL_LORA_RANK = 16
 PATTERNS = ("dense", "unstructured", "2:4", "4:8")
 METHODS = ("wanda", "sparsegpt")
 
@@ -226,7 +231,8 @@ class JointSpace(SearchSpace):
         steps = params.get("distill_steps", 0)
         if not (layers is not None or heads or mlp_width):
             steps = 0  # a share too small to remove a block, head group or channel of this model cuts nothing
-        recipe = Distillation(steps=steps, learning_rate=DISTILL_LEARNING_RATE) if steps else Distillation()
+        recipe = (Distillation(steps=steps, learning_rate=DISTILL_LEARNING_RATE, lora_rank=DISTILL_LORA_RANK) if steps
+                  else Distillation())
         return Student(layers=layers, heads=heads, mlp_width=mlp_width, distillation=recipe)
 
     def block_ratios(self, params: dict[str, Any], kept: list[int]) -> dict[int, float]:
