@@ -373,3 +373,24 @@ def test_a_kept_lora_student_shares_what_training_left_alone_with_the_teacher_on
     assert not torch.equal(kept.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight)
     own = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
     assert not any(p is q for p in own.parameters() for q in tiny.model.parameters())  # share=False: its own
+
+
+def test_a_kept_student_that_does_not_match_its_cut_is_trained_again(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from llmtailor import compression, text
+    from llmtailor.compression import calibration, trained
+
+    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
+    stats = calibration.collect(tiny.model, tiny.arch, ids)
+    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
+    students = trained.TrainedStudents(tiny.model, lambda: ids, "text-key", tmp_path)
+    plan = CompressionPlan(student=Student(layers=(0, 3), distillation=Distillation(steps=2, lora_rank=2)))
+    compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
+    entry = tmp_path / "students" / students.key(plan, tiny.arch)
+    for damage in ("shape", "missing"):
+        stored = next(entry.glob("*.safetensors"))
+        tensors = {"model.embed_tokens.weight": torch.zeros(3, 3)} if damage == "shape" else {}
+        save_file({**tensors, "unrelated": torch.zeros(1)}, str(stored))
+        compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
+        assert students.last.trained_now and (entry / "training.json").is_file()  # trained and kept again

@@ -182,7 +182,7 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
     model, chosen = _structured(plan, teacher, arch, importance, share and (not recipe.steps or recipe.lora_rank > 0))
     trained = None
     if plan.student.distillation.steps:  # the cut student trained (``compression.trained``)
-        model = students.trained(plan, model, arch, chosen, share=share)
+        model = students.trained(plan, model, arch, chosen)
         trained = f"student {students.key(plan, arch)}"
     per_group = arch.num_heads // arch.num_kv_heads
 
@@ -214,11 +214,15 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
     ``in_place`` = (is_teachers, written): a compressed weight whose parameter is_teachers is written into it, and
     the parameter appended to written (``compression.originals.applied`` restores them)."""
     model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students, share)
+    teachers = {id(p) for p in teacher.parameters()}
     # old parameter's id -> (old, new); the old one is held so that its id is not reused while this runs
     replaced: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     with torch.no_grad():
         for _, module, (compressed, _, _) in layers:
             old = module.weight
+            if id(old) not in teachers:  # the model's own (a cut's slice, a student's weight): no second copy
+                old.copy_(compressed.to(old.dtype))
+                continue
             if in_place is not None and in_place[0](old):
                 in_place[1].append(old)
                 old.data.copy_(compressed.to(old.dtype))

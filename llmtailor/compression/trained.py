@@ -126,21 +126,19 @@ class TrainedStudents:
             self._targets[wanted] = made
         return self._targets[wanted]
 
-    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None,
-                share: bool = False) -> Any:
-        """The plan's student trained from `cut_model` (the teacher cut by `chosen`, a ``structure.Cut``, or an
-        uncut copy; changed in place when trained now), or from the cache when kept. ``share``: a kept student
-        takes the teacher's own tensor wherever its tensor of the same name is equal (training left it alone: the
-        embeddings and norms under LoRA), for reading only, as ``compression.apply(share=True)`` promises."""
+    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None) -> Any:
+        """The plan's student: `cut_model` (the teacher cut by `chosen`, a ``structure.Cut``, or an uncut copy)
+        trained in place now, or given the kept student's weights in place when the cache holds it. A kept tensor
+        equal to the one `cut_model` holds is not replaced, so a cut that shares the teacher's tensors keeps
+        sharing what training left alone (the embeddings and norms under LoRA) and never holds a second copy."""
         recipe = plan.student.distillation
         qat, qat_modules = qat_grid(plan, arch, chosen)
         if recipe.qat and not qat:
             raise PlanError("quantization-aware training needs quantized layers: give some layer bits < 16, "
                             "or set qat to false")
         key = self.key(plan, arch)
-        kept = self._load(key, cut_model)
-        if kept is not None:
-            return _sharing_equal_tensors(kept, self.teacher) if share else kept
+        if self._load(key, cut_model):
+            return cut_model
         per_pass = CPU_WINDOWS_PER_PASS if torch.device(self.device).type == "cpu" else None
         self._check_memory(cut_model, recipe, per_pass or BATCH_SIZE)
         bar = None
@@ -182,22 +180,33 @@ class TrainedStudents:
                 f"training this student needs about {need / 1e6:,.0f} MB more memory and {free / 1e6:,.0f} MB is "
                 f"{where}: free memory (fewer workers), or choose a smaller cut or no distillation")
 
-    def _load(self, key: str, like: Any) -> Any:
+    def _load(self, key: str, skeleton: Any) -> bool:
+        """Whether the student under `key` is kept; if so, its weights are now `skeleton`'s (tensor by tensor, so
+        a kept student never exists beside its skeleton). An entry that does not match the skeleton's names and
+        shapes is deleted (trained again); one that breaks while its tensors are read is deleted too, and the
+        error raised, since the skeleton is then half filled."""
         if self.folder is None:
-            return None
+            return False
         path = self.folder / key
         if not (path / "training.json").is_file():
-            return None
-        from transformers import AutoModelForCausalLM
+            return False
+        from safetensors import safe_open
 
         try:
             record = json.loads((path / "training.json").read_text())
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=next(like.parameters()).dtype)
-        except Exception:  # a damaged entry: train it again
+            readers = [safe_open(str(f), "pt") for f in sorted(path.glob("*.safetensors"))]
+            stored = {name: reader for reader in readers for name in reader.keys()}
+            _check_matches(skeleton, stored)
+        except Exception:  # a damaged or foreign entry: train it again
             shutil.rmtree(path, ignore_errors=True)
-            return None
+            return False
+        try:
+            _fill(skeleton, stored)
+        except Exception:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         self.last = Record(record["steps"], record["seconds"], record["losses"])
-        return model.to(next(like.parameters()).device).eval().requires_grad_(False)
+        return True
 
     def _store(self, key: str, model: Any) -> None:
         if self.folder is None or self.last is None:
@@ -216,23 +225,38 @@ class TrainedStudents:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _parameter_names(model: Any) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
+
+
+def _check_matches(skeleton: Any, stored: dict[str, Any]) -> None:
+    """Raise ValueError unless every parameter of `skeleton` (a tied pair by either name) is stored, shaped alike."""
+    for names in _parameter_names(skeleton).values():
+        name = next((n for n in names if n in stored), None)
+        if name is None:
+            raise ValueError(f"the kept student has no {names[0]}")
+        shape = tuple(stored[name].get_slice(name).get_shape())
+        if shape != tuple(skeleton.get_parameter(name).shape):
+            raise ValueError(f"the kept student's {name} is {shape}, the cut's {tuple(skeleton.get_parameter(name).shape)}")
+
+
 @torch.no_grad()
-def _sharing_equal_tensors(student: Any, teacher: Any) -> Any:
-    """`student` with each parameter that equals the teacher's of the same name replaced by the teacher's own (a
-    tied pair stays tied: both names point to the one replaced parameter)."""
-    theirs = dict(teacher.named_parameters())
-    names: dict[int, str] = {}
-    for name, parameter in student.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), name)
+def _fill(skeleton: Any, stored: dict[str, Any]) -> None:
+    """Give `skeleton` the stored tensors, one at a time: a new parameter where the stored one differs, the
+    skeleton's own (perhaps the teacher's) where it is equal; a tied pair stays one parameter."""
+    names = _parameter_names(skeleton)
     replaced: dict[int, torch.nn.Parameter] = {}
-    for module in student.modules():
-        for name, parameter in list(module._parameters.items()):
+    for module in skeleton.modules():
+        for attribute, parameter in list(module._parameters.items()):
             if parameter is None:
                 continue
             if id(parameter) not in replaced:
-                twin = theirs.get(names[id(parameter)])
-                same = twin is not None and twin.shape == parameter.shape and twin.dtype == parameter.dtype \
-                    and twin.device == parameter.device and torch.equal(twin, parameter)
-                replaced[id(parameter)] = twin if same else parameter
-            module._parameters[name] = replaced[id(parameter)]
-    return student
+                name = next(n for n in names[id(parameter)] if n in stored)
+                tensor = stored[name].get_tensor(name).to(parameter.dtype).to(parameter.device)
+                replaced[id(parameter)] = parameter if torch.equal(tensor, parameter) else \
+                    torch.nn.Parameter(tensor, requires_grad=False)
+            module._parameters[attribute] = replaced[id(parameter)]
+    skeleton.eval().requires_grad_(False)
