@@ -21,6 +21,17 @@ def two_block_student(tiny):
     return structure.cut(tiny.model, arch, structure.Cut((0, 3), {}, {}, arch.num_heads, arch.intermediate_size))
 
 
+def importance_and_students(tiny, tmp_path):
+    """The tiny model's importance scores and its students kept in tmp_path, from 4 calibration windows."""
+    from llmtailor import text
+    from llmtailor.compression import calibration, trained
+
+    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
+    stats = calibration.collect(tiny.model, tiny.arch, ids)
+    return structure.importance(tiny.model, tiny.arch, stats, ids), trained.TrainedStudents(
+        tiny.model, lambda: ids, "text-key", tmp_path)
+
+
 def full_kl(teacher_logits, student_logits, temperature):
     p = torch.log_softmax(teacher_logits / temperature, -1)
     q = torch.log_softmax(student_logits / temperature, -1)
@@ -332,13 +343,10 @@ print(before - host.resident_bytes())
 
 def test_a_student_that_would_not_fit_in_memory_is_refused_before_training_with_the_figures(tiny, tmp_path,
                                                                                             monkeypatch):
-    from llmtailor import compression, text
-    from llmtailor.compression import calibration, trained
+    from llmtailor import compression
+    from llmtailor.compression import trained
 
-    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
-    stats = calibration.collect(tiny.model, tiny.arch, ids)
-    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
-    students = trained.TrainedStudents(tiny.model, lambda: ids, "text-key", tmp_path)
+    scores, students = importance_and_students(tiny, tmp_path)
     lora = Distillation(steps=3, learning_rate=3e-3, lora_rank=2)
     plan = CompressionPlan(student=Student(layers=(0, 3), distillation=lora))
     cut = structure.cut(tiny.model, tiny.arch, structure.choose(tiny.arch, plan.student, scores), share=True)
@@ -356,13 +364,9 @@ def test_a_student_that_would_not_fit_in_memory_is_refused_before_training_with_
 
 
 def test_a_kept_lora_student_shares_what_training_left_alone_with_the_teacher_only_when_asked(tiny, tmp_path):
-    from llmtailor import compression, text
-    from llmtailor.compression import calibration, trained
+    from llmtailor import compression
 
-    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
-    stats = calibration.collect(tiny.model, tiny.arch, ids)
-    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
-    students = trained.TrainedStudents(tiny.model, lambda: ids, "text-key", tmp_path)
+    scores, students = importance_and_students(tiny, tmp_path)
     lora = Distillation(steps=3, learning_rate=3e-3, lora_rank=2)
     plan = CompressionPlan(student=Student(layers=(0, 3), distillation=lora))
     compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
@@ -378,13 +382,9 @@ def test_a_kept_lora_student_shares_what_training_left_alone_with_the_teacher_on
 def test_a_kept_student_that_does_not_match_its_cut_is_trained_again(tiny, tmp_path):
     from safetensors.torch import save_file
 
-    from llmtailor import compression, text
-    from llmtailor.compression import calibration, trained
+    from llmtailor import compression
 
-    ids = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=4, tokens=128)
-    stats = calibration.collect(tiny.model, tiny.arch, ids)
-    scores = structure.importance(tiny.model, tiny.arch, stats, ids)
-    students = trained.TrainedStudents(tiny.model, lambda: ids, "text-key", tmp_path)
+    scores, students = importance_and_students(tiny, tmp_path)
     plan = CompressionPlan(student=Student(layers=(0, 3), distillation=Distillation(steps=2, lora_rank=2)))
     compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=True)
     entry = tmp_path / "students" / students.key(plan, tiny.arch)
