@@ -21,9 +21,9 @@ A trial samples, each axis only where the space's ``Choices`` offer more than on
   rank-``DISTILL_LORA_RANK`` adapters of the block linears at peak learning rate
   ``DISTILL_LEARNING_RATE`` (measured in bench_distill.py). Adapters, not every weight:
   the student's frozen weights are then the teacher's own wherever the cut leaves them
-  whole and AdamW keeps moments for the adapters only, which keeps a sweep that trains a
-  student within 3x the float32 teacher's memory (full-weight training peaked at 8x,
-  bench_distill_memory.py); trained students are kept by ``compression.trained``, and
+  whole and AdamW keeps moments for the adapters only, which keeps training a student
+  within 3x the float32 teacher's memory (2.9x; full-weight training 6.2x, before this
+  recipe 8x: bench_distill_memory.py); trained students are kept by ``compression.trained``, and
   the search's fidelity levels train a quarter of a budget first (``search.study``).
 
 Layers pruned by SparseGPT and quantized by GPTQ are solved jointly in input order, so
