@@ -181,7 +181,7 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
     recipe = plan.student.distillation
     model, chosen = _structured(plan, teacher, arch, importance, share and (not recipe.steps or recipe.lora_rank > 0))
     trained = None
-    if plan.student.distillation.steps:  # the cut student trained (``compression.trained``)
+    if recipe.steps:  # the cut student trained (``compression.trained``)
         model = students.trained(plan, model, arch, chosen)
         trained = f"student {students.key(plan, arch)}"
     per_group = arch.num_heads // arch.num_kv_heads

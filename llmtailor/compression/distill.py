@@ -210,13 +210,18 @@ class LowRankAdapter(torch.nn.Module):
         return weight + (self.b @ self.a).to(weight) * self.scale
 
 
+def block_linears(model: Any) -> list[torch.nn.Linear]:
+    """The linear layers of the model's decoder blocks: those LoRA adapts (and `training_bytes` counts)."""
+    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
 @contextlib.contextmanager
 def low_rank_adapters(model: Any, rank: int, seed: int) -> Iterator[None]:
     """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit each layer's
     weight is replaced by a new merged tensor. The adapters add their output to the frozen layer's (a forward
     hook), so no full-size weight is formed per step; the frozen weights are only read, so they may be shared."""
     generator = torch.Generator().manual_seed(seed)
-    chosen = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    chosen = block_linears(model)
     if not chosen:
         raise PlanError("LoRA recovery found no linear layers in the student's decoder blocks")
     model.requires_grad_(False)
@@ -248,7 +253,7 @@ def training_bytes(student: Any, recipe: Distillation, tokens_per_pass: int, sha
     activations (each block's input kept, recomputed once in the backward pass) and its logits in pieces, and
     ``HEAP_ALLOWANCE_BYTES``. An upper bound on the measured rise of every variant of bench_distill_memory.py."""
     config = student.config
-    blocks = [m for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    blocks = block_linears(student)
     if recipe.lora_rank:
         adapters = sum(recipe.lora_rank * sum(m.weight.shape) for m in blocks)
         merged = sum(m.weight.numel() for m in blocks if m.weight.data_ptr() in shared)
@@ -339,9 +344,9 @@ def _head_is_separable(student: Any, window: torch.Tensor) -> bool:
     return whole.shape == split.shape and torch.allclose(whole, split, rtol=1e-4, atol=1e-4)
 
 
-def _piece_loss(hidden: torch.Tensor, head: torch.Tensor, head_bias: torch.Tensor | None, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
-                next_ids: torch.Tensor, recipe: Distillation, temperature: float, tokens: int,
-                predicted: int) -> torch.Tensor:
+def _piece_loss(hidden: torch.Tensor, head: torch.Tensor, head_bias: torch.Tensor | None, top_ids: torch.Tensor,
+                top_logprobs: torch.Tensor, next_ids: torch.Tensor, recipe: Distillation, temperature: float,
+                tokens: int, predicted: int) -> torch.Tensor:
     """One piece of the loss: its tokens' logits, then their share of the mean KD and cross-entropy terms."""
     logits = F.linear(hidden, head, head_bias)
     loss = torch.zeros((), device=hidden.device)
@@ -427,9 +432,9 @@ def _train(student: Any, targets: TeacherTargets, recipe: Distillation, device: 
 def recomputed_activations(model: Any) -> Iterator[None]:
     """Within the block, each decoder block's activations are recomputed in the backward pass instead of kept
     (Hugging Face's gradient checkpointing, where the model supports it): a step holds one block's activations
-    and the blocks' inputs, not every block's. Measured on the default model (bench_distill_memory.py): 850 MB
-    less at a peak, 12% more seconds per step. The model's ``use_cache`` is off meanwhile (a cache is useless to
-    training and refused with checkpointing)."""
+    and the blocks' inputs, not every block's. Measured on the default model: 850 MB less at a peak
+    (bench_distill_memory.py), 12-31% more seconds per step (that bench; bench_distill.py's 24-block student).
+    The model's ``use_cache`` is off meanwhile (a cache is useless to training and refused with checkpointing)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         yield
         return
