@@ -52,6 +52,10 @@ def test_fit_writes_front_report_and_plans_then_resumes(tiny_model_dir, tmp_path
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'study.db'}")
     assert study_mod.measured(study) == 7
     assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+    for trial in study.trials:  # memory after, the trial's own peak, the process's peak so far
+        if trial.user_attrs["status"] == "evaluated":
+            a = trial.user_attrs
+            assert 0 < a["rss_bytes"] <= a["trial_peak_rss_bytes"] <= a["peak_rss_bytes"]
     code, _, err = run([*argv[:4], "--trials", 7, *argv[6:]], capsys)
     assert code == 0 and "already has 7 measured" in err
 

@@ -326,7 +326,7 @@ def test_apply_trains_a_cut_student_once_caches_it_and_quantizes_what_it_learned
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim")
-def test_memory_freed_after_training_goes_back_to_the_system():
+def test_memory_freed_after_training_goes_back_to_the_system_and_a_trials_peak_restarts():
     # Small blocks freed among live ones stay in glibc's heap (what a distillation run's gradients and moments left
     # resident in a sweep) until released: 200 MB of 4 kB blocks, every 64th kept.
     code = """
@@ -339,6 +339,17 @@ assert host.release_freed_memory()
 print(before - host.resident_bytes())
 """
     assert host.in_a_fresh_process(code) > 100e6
+    # A trial's own peak: the process's peak restarted from what it holds now (a freed 300 MB no longer counts).
+    code = """
+from llmtailor.hw_profiles import host
+block = bytearray(300_000_000)
+block[::4096] = bytes(len(block[::4096]))
+del block
+before = host.resident_bytes(peak=True)
+assert host.restart_peak()
+print(before - host.resident_bytes(peak=True))
+"""
+    assert host.in_a_fresh_process(code) > 250e6
 
 
 def test_a_student_that_would_not_fit_in_memory_is_refused_before_training_with_the_figures(tiny, tmp_path,
@@ -377,6 +388,50 @@ def test_a_kept_lora_student_shares_what_training_left_alone_with_the_teacher_on
     assert not torch.equal(kept.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight)
     own = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
     assert not any(p is q for p in own.parameters() for q in tiny.model.parameters())  # share=False: its own
+
+
+def test_a_student_applied_in_the_teachers_tensors_holds_no_weights_of_its_own_and_is_undone(tiny, tmp_path):
+    from llmtailor import compression
+    from llmtailor.compression import originals, trained
+    from llmtailor.evaluators.cost import stored_layers
+    from llmtailor.plan import LayerPrecision
+
+    scores, students = importance_and_students(tiny, tmp_path / "own")
+    kept_blocks = (0, 1, 3)
+    student = Student(layers=kept_blocks, heads=dict.fromkeys(kept_blocks, 2), mlp_width=dict.fromkeys(kept_blocks, 96),
+                      distillation=Distillation(steps=2, learning_rate=3e-3, lora_rank=2))
+    plan = CompressionPlan(student=student, precision={x.name: LayerPrecision(4, 32) for x in stored_layers(tiny.arch)})
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    ids = torch.arange(1, 33)[None]
+    own = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    with torch.no_grad():
+        expected = own(ids).logits
+    teachers = {p.untyped_storage().data_ptr() for p in tiny.model.parameters()}
+    undone = originals.Originals(tiny.model, tmp_path / "copies", "tiny")
+    in_teacher = trained.TrainedStudents(tiny.model, students.windows, "text-key", tmp_path / "in-teacher")
+    for made, kept_by in (("trained now", in_teacher), ("kept", in_teacher), ("kept", students)):
+        with originals.applied(plan, tiny.model, tiny.arch, undone, importance=scores, students=kept_by) as model:
+            assert kept_by.last.trained_now == (made == "trained now")
+            assert model.config.num_hidden_layers == 3 and model.model.layers[0].mlp.up_proj.weight.shape[0] == 96
+            # the cut, the student's weights and their 4-bit values all live in the teacher's memory
+            assert all(p.untyped_storage().data_ptr() in teachers for p in model.parameters())
+            with torch.no_grad():
+                assert torch.allclose(model(ids).logits, expected, atol=1e-5), made
+        assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items()), made
+    # A kept entry that breaks once the teacher holds the cut cannot be trained again in that trial: a clear error,
+    # the teacher restored, and the next trial trains it.
+    entry = tmp_path / "in-teacher" / "students" / in_teacher.key(plan, tiny.arch)
+    from safetensors.torch import save_file
+
+    save_file({"unrelated": torch.zeros(1)}, str(next(entry.glob("*.safetensors"))))
+    fresh = trained.TrainedStudents(tiny.model, students.windows, "text-key", tmp_path / "in-teacher")
+    with pytest.raises(PlanError, match="did not load and was deleted"):
+        with originals.applied(plan, tiny.model, tiny.arch, undone, importance=scores, students=fresh):
+            pass
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    with originals.applied(plan, tiny.model, tiny.arch, undone, importance=scores, students=fresh):
+        assert fresh.last.trained_now
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
 
 
 def test_a_kept_student_that_does_not_match_its_cut_is_trained_again(tiny, tmp_path):

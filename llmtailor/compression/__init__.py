@@ -152,15 +152,38 @@ def sharing_copy(model: Any) -> Any:
     return copy.deepcopy(model, memo)
 
 
-def _structured(plan: CompressionPlan, teacher: Any, arch: Architecture, importance: Any, share: bool = False):
+def _structured(plan: CompressionPlan, teacher: Any, arch: Architecture, importance: Any, share: bool = False,
+                into: Callable[[torch.nn.Parameter], bool] | None = None):
     """A copy of the teacher with the plan's structured cut made, and the cut (None when the plan makes none).
-    ``share``: the copy shares the tensors the cut leaves whole with the teacher."""
+    ``share``: the copy shares the tensors the cut leaves whole with the teacher; ``into``: see ``structure.cut``."""
     if not cuts(plan):
         return (sharing_copy(teacher) if share else copy.deepcopy(teacher)), None
     from llmtailor.compression import structure  # structure imports sequential, which imports this module
 
     chosen = structure.choose(arch, plan.student, importance)
-    return structure.cut(teacher, arch, chosen, share=share), chosen
+    return structure.cut(teacher, arch, chosen, share=share, into=into), chosen
+
+
+class Writes:
+    """Which weights applying a plan may write in place: the model's own (a cut's slice, a student's weight)
+    always; the teacher's only under ``in_place`` = (is_teachers, written), each one appended to written before it
+    is written (``compression.originals.applied`` restores them). A search trial thus holds its cut, its student
+    and its compressed layers inside the teacher's own memory."""
+
+    def __init__(self, teacher: Any, in_place: tuple[Callable[[Any], bool], list] | None) -> None:
+        self.teachers = {id(p) for p in teacher.parameters()}
+        self.in_place = in_place
+
+    def teachers_own(self, parameter: torch.nn.Parameter) -> bool:
+        """Whether `parameter` is the teacher's and may be written (then recorded for restoring)."""
+        if id(parameter) not in self.teachers or self.in_place is None or not self.in_place[0](parameter):
+            return False
+        self.in_place[1].append(parameter)
+        return True
+
+    def __call__(self, parameter: torch.nn.Parameter) -> bool:
+        """Whether `parameter` may be written in place."""
+        return id(parameter) not in self.teachers or self.teachers_own(parameter)
 
 
 def _check_students(plan: CompressionPlan, students: Any) -> None:
@@ -170,19 +193,25 @@ def _check_students(plan: CompressionPlan, students: Any) -> None:
 
 
 def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None,
-                cache: LayerCache | None, importance: Any, students: Any = None, share: bool = False):
+                cache: LayerCache | None, importance: Any, students: Any = None, share: bool = False,
+                writes: Writes | None = None):
     """The cut (and trained) model, the cut (or None), and for each layer the plan compresses: (teacher name,
     module, result). A trained student's layers are cached under its training key: their weights are its own.
     ``share``: untouched tensors are the teacher's (for a student that trains every weight, none: training changes
-    them in place; LoRA training only reads them and merges its adapters into new tensors)."""
+    them in place; LoRA training only reads them and merges its adapters into new tensors). ``writes``: the cut,
+    a kept student's weights and LoRA's merge go into the tensors it allows (see `Writes`)."""
     plan.validate(arch)
     check_supported(plan, calibration is not None, arch, importance is not None)
     _check_students(plan, students)
     recipe = plan.student.distillation
-    model, chosen = _structured(plan, teacher, arch, importance, share and (not recipe.steps or recipe.lora_rank > 0))
+    share = share and (not recipe.steps or recipe.lora_rank > 0)
+    into = writes.teachers_own if writes is not None and share else None
+    if recipe.steps and into is not None and not students.has(plan, arch):
+        students.targets(recipe)  # from the teacher, before its tensors hold the cut: training will need them
+    model, chosen = _structured(plan, teacher, arch, importance, share, into)
     trained = None
     if recipe.steps:  # the cut student trained (``compression.trained``)
-        model = students.trained(plan, model, arch, chosen)
+        model = students.trained(plan, model, arch, chosen, writes, teacher_intact=into is None)
         trained = f"student {students.key(plan, arch)}"
     per_group = arch.num_heads // arch.num_kv_heads
 
@@ -211,20 +240,17 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
     precision; solved layers come from the cache when it holds them (a layer whose shape a cut changed is cached
     under what the cut kept of it). GPTQ's statistics stay the teacher's inputs for a trained student too.
     ``share=True``: the model shares the tensors the plan leaves unchanged with the teacher (see the module doc).
-    ``in_place`` = (is_teachers, written): a compressed weight whose parameter is_teachers is written into it, and
-    the parameter appended to written (``compression.originals.applied`` restores them)."""
-    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students, share)
-    teachers = {id(p) for p in teacher.parameters()}
+    ``in_place`` = (is_teachers, written): the cut, a student's weights and the compressed layers are written into
+    the teacher's parameters that is_teachers accepts, each appended to written (``compression.originals.applied``
+    restores them); see `Writes`."""
+    writes = Writes(teacher, in_place)
+    model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students, share, writes)
     # old parameter's id -> (old, new); the old one is held so that its id is not reused while this runs
     replaced: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     with torch.no_grad():
         for _, module, (compressed, _, _) in layers:
             old = module.weight
-            if id(old) not in teachers:  # the model's own (a cut's slice, a student's weight): no second copy
-                old.copy_(compressed.to(old.dtype))
-                continue
-            if in_place is not None and in_place[0](old):
-                in_place[1].append(old)
+            if writes(old):  # the model's own (a cut's slice, a student's weight), or the teacher's under in_place
                 old.data.copy_(compressed.to(old.dtype))
                 continue
             # A new tensor, never a write into the old one: it may be the teacher's.

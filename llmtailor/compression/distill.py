@@ -30,9 +30,11 @@ plan's quantizer (RTN or GPTQ) to quantize: they have learned to sit well on its
 LoRA recovery (``recipe.lora_rank`` r > 0): every linear layer of the decoder blocks keeps
 its weight frozen and learns W + B·A·(LORA_ALPHA / r) with A (r × inputs, small random) and
 B (outputs × r, zeros, so training starts from the cut model); the adapters add x·Aᵀ·Bᵀ to
-the layer's output (W + B·A is never formed during training), and at the end each layer
-gets a new merged weight, so the student is again a plain model of the same shapes and W,
-only ever read, may be the teacher's own tensor (the search's students share them).
+the layer's output (W + B·A is never formed during training), and at the end each layer's
+adapter is merged, so the student is again a plain model of the same shapes. W is only read
+while training, so it may be the teacher's own tensor (the search's students share them);
+the merge makes a new tensor unless the caller allows writing into W (a search trial, which
+restores the teacher's tensors afterwards).
 
 Memory of a step: each decoder block's activations are recomputed in the backward pass
 (``recomputed_activations``), and the logits are formed ``LOSS_TOKENS`` tokens at a time
@@ -205,9 +207,9 @@ class LowRankAdapter(torch.nn.Module):
         return F.linear(F.linear(x, self.a), self.b) * self.scale
 
     @torch.no_grad()
-    def merged(self, weight: torch.Tensor) -> torch.Tensor:
-        """A new tensor W + B·A·scale (never written into W: a student may share W with its teacher)."""
-        return weight + (self.b @ self.a).to(weight) * self.scale
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """B·A·scale, what merging adds to the frozen weight."""
+        return (self.b @ self.a).to(weight) * self.scale
 
 
 def block_linears(model: Any) -> list[torch.nn.Linear]:
@@ -216,10 +218,12 @@ def block_linears(model: Any) -> list[torch.nn.Linear]:
 
 
 @contextlib.contextmanager
-def low_rank_adapters(model: Any, rank: int, seed: int) -> Iterator[None]:
-    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit each layer's
-    weight is replaced by a new merged tensor. The adapters add their output to the frozen layer's (a forward
-    hook), so no full-size weight is formed per step; the frozen weights are only read, so they may be shared."""
+def low_rank_adapters(model: Any, rank: int, seed: int,
+                      merge_into: Callable[[torch.nn.Parameter], bool] | None = None) -> Iterator[None]:
+    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit each is merged:
+    into the layer's weight where ``merge_into`` accepts it, else into a new tensor (a frozen weight may be the
+    teacher's). The adapters add their output to the frozen layer's (a forward hook), so no full-size weight is
+    formed per step; the frozen weights are only read, so they may be shared."""
     generator = torch.Generator().manual_seed(seed)
     chosen = block_linears(model)
     if not chosen:
@@ -234,9 +238,14 @@ def low_rank_adapters(model: Any, rank: int, seed: int) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
-        for module in chosen:
-            module.weight = torch.nn.Parameter(module.lora_adapter.merged(module.weight), requires_grad=False)
-            del module.lora_adapter
+        with torch.no_grad():
+            for module in chosen:
+                delta = module.lora_adapter.delta(module.weight)
+                if merge_into is not None and merge_into(module.weight):
+                    module.weight.add_(delta)
+                else:
+                    module.weight = torch.nn.Parameter(module.weight + delta, requires_grad=False)
+                del module.lora_adapter
         model.requires_grad_(False)
 
 
@@ -281,7 +290,8 @@ class Trained:
 def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, device: str | torch.device = "cpu",
             seed: int = 0, batch_size: int = 4, progress: Callable[[int, float], None] | None = None,
             qat_precision: Mapping[str, LayerPrecision] | None = None, teacher: Any = None,
-            windows_per_pass: int | None = None) -> Trained:
+            windows_per_pass: int | None = None, merge_into: Callable[[torch.nn.Parameter], bool] | None = None,
+            ) -> Trained:
     """Train `student` in place for `recipe.steps` steps on the targets; it ends in eval mode where it started.
 
     `progress(step, loss)` is called after every step (a progress bar, a log). With `recipe.lora_rank`, only
@@ -289,7 +299,8 @@ def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, devi
     linear layers (module names) and the precision each is trained for. Given the `teacher` (on `device`), the
     loss uses its full distribution and hidden states, computed for every batch, instead of the kept top k.
     ``windows_per_pass``: a step's windows go through the student that many at a time, their gradients summed
-    (less memory, same step; the hidden-state term is then normalized per pass), None: all at once."""
+    (less memory, same step; the hidden-state term is then normalized per pass), None: all at once.
+    ``merge_into``: which frozen weights LoRA's adapters are merged into in place (see `low_rank_adapters`)."""
     if recipe.steps < 1:
         raise PlanError(f"a distillation run needs at least 1 step, got {recipe.steps}")
     if recipe.qat and not qat_precision:
@@ -297,7 +308,7 @@ def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, devi
     if recipe.hidden_weight and teacher is None and targets.hidden is None:
         raise PlanError("hidden-state matching needs the teacher's hidden states: compute the targets with hidden=True")
     if recipe.lora_rank:
-        with low_rank_adapters(student, recipe.lora_rank, seed):
+        with low_rank_adapters(student, recipe.lora_rank, seed, merge_into):
             return _train(student, targets, recipe, device, seed, batch_size, progress, teacher, windows_per_pass)
     student.requires_grad_(True)
     with fake_quantized(student, qat_precision or {}) if recipe.qat else contextlib.nullcontext():

@@ -16,8 +16,11 @@ file that changes after it was checked is refused at restore, not read.
 
 The teacher is wrong between the two steps, so ``applied`` restores it however the
 block ends (an error, Ctrl-C); a process killed inside it loses only its own copy.
-Layers a structured cut reshaped, and students, are new tensors anyway and are not
-touched here.
+A structured cut and a distilled student live there too: a cut weight is written into
+the front of the teacher tensor it was cut from, a kept student's weights and LoRA's
+merge into the tensors they replace (``compression.Writes``), so a trial with a student
+holds no second copy of its weights either. The teacher's targets for training a student
+are made before its tensors change.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class Originals:
         their memory (not mapped: a mapped file's pages would count in the process's resident memory)."""
         opened: dict[Path, Any] = {}
         try:
-            for parameter in parameters:
+            for parameter in {id(p): p for p in parameters}.values():  # (one written twice is read once)
                 path, begin, end = self._where[self.names[id(parameter)]]
                 if path not in opened:
                     try:

@@ -201,17 +201,20 @@ def choose(arch: Architecture, student: Student, scores: Importance) -> Cut:
 
 
 def _rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return weight.index_select(0, index.to(weight.device)).clone()
+    return weight.index_select(0, index.to(weight.device))  # a new tensor
 
 
 def _columns(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return weight.index_select(1, index.to(weight.device)).clone()
+    return weight.index_select(1, index.to(weight.device))
 
 
 @torch.no_grad()
-def cut(model: Any, arch: Architecture, chosen: Cut, share: bool = False) -> Any:
+def cut(model: Any, arch: Architecture, chosen: Cut, share: bool = False,
+        into: Callable[[torch.nn.Parameter], bool] | None = None) -> Any:
     """A smaller copy of `model` holding only what `chosen` keeps, with its config updated to match. ``share``: the
-    tensors the cut leaves whole are `model`'s own (``compression.sharing_copy``), for reading only."""
+    tensors the cut leaves whole are `model`'s own (``compression.sharing_copy``), for reading only. ``into``: a
+    cut weight is written into the front of the memory of the `model` weight it is cut from where ``into`` accepts
+    that weight (a search trial, which restores the teacher afterwards: the cut then takes no new memory)."""
     per_group = arch.num_heads // arch.num_kv_heads
     if share:
         from llmtailor.compression import sharing_copy
@@ -226,14 +229,14 @@ def cut(model: Any, arch: Architecture, chosen: Cut, share: bool = False) -> Any
             groups = chosen.groups[index]
             kv = (groups[:, None] * arch.head_dim + torch.arange(arch.head_dim)).reshape(-1)
             q = _query_channels(groups, arch.head_dim, per_group)
-            _shrink(attention.q_proj, rows=q)
-            _shrink(attention.k_proj, rows=kv)
-            _shrink(attention.v_proj, rows=kv)
-            _shrink(attention.o_proj, columns=q)  # query heads per KV head are unchanged: repeat_kv still fits
+            _shrink(attention.q_proj, rows=q, into=into)
+            _shrink(attention.k_proj, rows=kv, into=into)
+            _shrink(attention.v_proj, rows=kv, into=into)
+            _shrink(attention.o_proj, columns=q, into=into)  # query heads per KV head are unchanged: repeat_kv still fits
         if index in chosen.channels:
-            _shrink(mlp.gate_proj, rows=chosen.channels[index])
-            _shrink(mlp.up_proj, rows=chosen.channels[index])
-            _shrink(mlp.down_proj, columns=chosen.channels[index])
+            _shrink(mlp.gate_proj, rows=chosen.channels[index], into=into)
+            _shrink(mlp.up_proj, rows=chosen.channels[index], into=into)
+            _shrink(mlp.down_proj, columns=chosen.channels[index], into=into)
     remaining = torch.nn.ModuleList([blocks[i] for i in chosen.blocks])
     for position, block in enumerate(remaining):
         block.self_attn.layer_idx = position  # the KV cache is indexed by a block's position
@@ -247,16 +250,29 @@ def cut(model: Any, arch: Architecture, chosen: Cut, share: bool = False) -> Any
     return small
 
 
-def _shrink(linear: torch.nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> None:
+def _shrink(linear: torch.nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None,
+            into: Callable[[torch.nn.Parameter], bool] | None = None) -> None:
     """Keep only the given output rows or input columns of a linear layer (and its bias)."""
     if rows is not None:
-        linear.weight = torch.nn.Parameter(_rows(linear.weight.data, rows))
+        linear.weight = _placed(linear.weight, _rows(linear.weight.data, rows), into)
         if linear.bias is not None:
             linear.bias = torch.nn.Parameter(linear.bias.data.index_select(0, rows.to(linear.bias.device)).clone())
         linear.out_features = len(rows)
     if columns is not None:
-        linear.weight = torch.nn.Parameter(_columns(linear.weight.data, columns))
+        linear.weight = _placed(linear.weight, _columns(linear.weight.data, columns), into)
         linear.in_features = len(columns)
+
+
+@torch.no_grad()
+def _placed(old: torch.nn.Parameter, new: torch.Tensor, into: Callable[[torch.nn.Parameter], bool] | None,
+            ) -> torch.nn.Parameter:
+    """`new` (what a cut keeps of `old`) as a parameter: in the front of `old`'s memory where ``into`` accepts `old`
+    (the bytes after it are left as they were), else a tensor of its own."""
+    if into is not None and old.data.is_contiguous() and new.numel() <= old.numel() and into(old):
+        front = old.data.view(-1)[: new.numel()].view(new.shape)
+        front.copy_(new)
+        return torch.nn.Parameter(front, old.requires_grad)
+    return torch.nn.Parameter(new)
 
 
 def _replace_blocks(model: Any, old: torch.nn.ModuleList, new: torch.nn.ModuleList) -> None:

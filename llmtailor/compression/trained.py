@@ -110,7 +110,7 @@ class TrainedStudents:
 
     def targets(self, recipe: Distillation) -> distill.TeacherTargets:
         """The teacher's targets for this recipe, made once per (temperature, k, hidden states)."""
-        wanted = (recipe.temperature, recipe.top_k, bool(recipe.hidden_weight))
+        wanted = _wanted(recipe)
         if wanted not in self._targets:
             windows = self.windows()
             if windows.shape[1] % WINDOW_TOKENS:
@@ -126,21 +126,28 @@ class TrainedStudents:
             self._targets[wanted] = made
         return self._targets[wanted]
 
-    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None) -> Any:
+    def trained(self, plan: CompressionPlan, cut_model: Any, arch: Architecture, chosen: Any = None,
+                writable: Callable[[torch.nn.Parameter], bool] | None = None, teacher_intact: bool = True) -> Any:
         """The plan's student: `cut_model` (the teacher cut by `chosen`, a ``structure.Cut``, or an uncut copy)
         trained in place now, or given the kept student's weights in place when the cache holds it. A kept tensor
         equal to the one `cut_model` holds is not replaced, so a cut that shares the teacher's tensors keeps
-        sharing what training left alone (the embeddings and norms under LoRA) and never holds a second copy."""
+        sharing what training left alone (the embeddings and norms under LoRA) and never holds a second copy.
+        ``writable``: which of `cut_model`'s tensors a kept student's weights or LoRA's merge may be written into
+        (default none: new tensors). ``teacher_intact=False``: the teacher's tensors already hold the cut, so its
+        targets cannot be made now; a student that must be trained then needs them made before (``targets``)."""
         recipe = plan.student.distillation
         qat, qat_modules = qat_grid(plan, arch, chosen)
         if recipe.qat and not qat:
             raise PlanError("quantization-aware training needs quantized layers: give some layer bits < 16, "
                             "or set qat to false")
         key = self.key(plan, arch)
-        if self._load(key, cut_model):
+        if self._load(key, cut_model, writable):
             return cut_model
+        if not teacher_intact and _wanted(recipe) not in self._targets:  # a kept entry that failed to load
+            raise PlanError(f"the kept student {key} did not load and was deleted, and the teacher's targets to train "
+                            "it again cannot be made while this trial changes the teacher: measure the plan again")
         per_pass = CPU_WINDOWS_PER_PASS if torch.device(self.device).type == "cpu" else None
-        self._check_memory(cut_model, recipe, per_pass or BATCH_SIZE)
+        self._check_memory(cut_model, recipe, per_pass or BATCH_SIZE, writable)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -155,7 +162,7 @@ class TrainedStudents:
         try:
             run = distill.distill(cut_model, self.targets(recipe), recipe, device=self.device, seed=self.seed,
                                   batch_size=BATCH_SIZE, progress=progress, qat_precision=qat_modules or None,
-                                  windows_per_pass=per_pass)
+                                  windows_per_pass=per_pass, merge_into=writable)
         finally:
             if bar is not None:
                 bar.close()
@@ -164,11 +171,15 @@ class TrainedStudents:
         host.release_freed_memory()  # training's gradients and optimizer moments, freed, would stay resident
         return cut_model
 
-    def _check_memory(self, student: Any, recipe: Distillation, windows_per_pass: int) -> None:
+    def _check_memory(self, student: Any, recipe: Distillation, windows_per_pass: int,
+                      writable: Callable[[torch.nn.Parameter], bool] | None) -> None:
         """Refuse, with the figures, a training run whose predicted peak (``distill.training_bytes``) exceeds the
         memory available to it (the OS's for a CPU, the GPU's free memory on CUDA): a process the OS kills for
         memory leaves no reason behind, and a sweep would retry its trial in vain."""
         shared = {p.data_ptr() for p in self.teacher.parameters()}
+        if writable is not None:  # LoRA merges in place where it may write: no new tensor for those
+            shared = {m.weight.data_ptr() for m in distill.block_linears(student)
+                      if m.weight.data_ptr() in shared and not writable(m.weight)}
         need = distill.training_bytes(student, recipe, windows_per_pass * WINDOW_TOKENS, shared)
         device = torch.device(self.device)
         if device.type == "cuda":
@@ -180,7 +191,7 @@ class TrainedStudents:
                 f"training this student needs about {need / 1e6:,.0f} MB more memory and {free / 1e6:,.0f} MB is "
                 f"{where}: free memory (fewer workers), or choose a smaller cut or no distillation")
 
-    def _load(self, key: str, skeleton: Any) -> bool:
+    def _load(self, key: str, skeleton: Any, writable: Callable[[torch.nn.Parameter], bool] | None = None) -> bool:
         """Whether the student under `key` is kept; if so, its weights are now `skeleton`'s (tensor by tensor, so
         a kept student never exists beside its skeleton). An entry that does not match the skeleton's names and
         shapes is deleted (trained again); one that breaks while its tensors are read is deleted too, and the
@@ -201,7 +212,7 @@ class TrainedStudents:
             shutil.rmtree(path, ignore_errors=True)
             return False
         try:
-            _fill(skeleton, stored)
+            _fill(skeleton, stored, writable)
         except Exception:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -226,6 +237,11 @@ class TrainedStudents:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _wanted(recipe: Distillation) -> tuple[float, int, bool]:
+    """What a recipe's teacher targets are made for: (temperature, top k, hidden states)."""
+    return recipe.temperature, recipe.top_k, bool(recipe.hidden_weight)
+
+
 def _parameter_names(model: Any) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -245,9 +261,10 @@ def _check_matches(skeleton: Any, stored: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def _fill(skeleton: Any, stored: dict[str, Any]) -> None:
-    """Give `skeleton` the stored tensors, one at a time: a new parameter where the stored one differs, the
-    skeleton's own (perhaps the teacher's) where it is equal; a tied pair stays one parameter."""
+def _fill(skeleton: Any, stored: dict[str, Any], writable: Callable[[torch.nn.Parameter], bool] | None = None) -> None:
+    """Give `skeleton` the stored tensors, one at a time: the skeleton's own parameter (perhaps the teacher's) where
+    the stored one is equal, written into it where ``writable`` accepts it, else a new parameter; a tied pair stays
+    one parameter."""
     names = _parameter_names(skeleton)
     replaced: dict[int, torch.nn.Parameter] = {}
     for module in skeleton.modules():
@@ -257,7 +274,12 @@ def _fill(skeleton: Any, stored: dict[str, Any]) -> None:
             if id(parameter) not in replaced:
                 name = next(n for n in names[id(parameter)] if n in stored)
                 tensor = stored[name].get_tensor(name).to(parameter.dtype).to(parameter.device)
-                replaced[id(parameter)] = parameter if torch.equal(tensor, parameter) else \
-                    torch.nn.Parameter(tensor, requires_grad=False)
+                if torch.equal(tensor, parameter):
+                    replaced[id(parameter)] = parameter
+                elif writable is not None and writable(parameter):
+                    parameter.data.copy_(tensor)
+                    replaced[id(parameter)] = parameter
+                else:
+                    replaced[id(parameter)] = torch.nn.Parameter(tensor, requires_grad=False)
             module._parameters[attribute] = replaced[id(parameter)]
     skeleton.eval().requires_grad_(False)

@@ -364,6 +364,16 @@ def resident_bytes(peak: bool = False) -> int | None:
     return _proc_kib("/proc/self/status", "VmHWM" if peak else "VmRSS")
 
 
+def restart_peak() -> bool:
+    """Start this process's peak resident memory (VmHWM) over from what it holds now (Linux's ``clear_refs``), so
+    that a later peak is that of what ran since; False where the kernel refuses it (the peak is then kept)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def in_a_fresh_process(code: str) -> float:
     """The number a fresh Python process running `code` prints last: memory figures need a process whose heap and
     peak nothing else has touched."""

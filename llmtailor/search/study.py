@@ -399,6 +399,7 @@ class TrialEvaluator:
         self.fatal: Exception | None = None  # an error after which this process must not measure again
         self.interrupts = interrupts_mod.TrialBoundary()  # takes Ctrl-C and SIGTERM while a sweep runs
         self.max_kl = c.max_kl  # the quality floor; the study's own once it is known (``_optimize``)
+        self.process_peak = 0  # bytes: this process's peak resident memory, over the trials' restarted peaks
 
     def _teacher_item_scores(self, fingerprint: str, log: Any) -> dict[str, list[float]]:
         """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
@@ -443,6 +444,9 @@ class TrialEvaluator:
 
     def _evaluate(self, trial: optuna.Trial, started: float) -> list[float]:
         s = self.setup
+        # The process's peak so far (its preparation, earlier trials), then the peak restarted for this trial's own.
+        self.process_peak = max(self.process_peak, host.resident_bytes(peak=True) or 0)
+        own_peak = host.restart_peak()
         plan = self.space.sample(trial, s.arch)
         estimate = cost.estimate(plan, s.arch, s.profile, s.config.workload)
         m, lat = estimate.memory, estimate.latency
@@ -469,9 +473,14 @@ class TrialEvaluator:
         attrs["seconds"] = time.perf_counter() - started
         if plan.student.distillation.steps:  # the student this trial loaded or trained is freed, but would stay resident
             host.release_freed_memory()
-        # This process's memory after the trial (it should not grow over a long sweep) and its peak so far.
+        # This process's memory after the trial (it should not grow over a long sweep), the trial's own peak, and
+        # the process's peak so far.
         attrs["rss_bytes"] = host.resident_bytes()
-        attrs["peak_rss_bytes"] = host.resident_bytes(peak=True)
+        peak = host.resident_bytes(peak=True)
+        if own_peak and peak is not None:
+            attrs["trial_peak_rss_bytes"] = peak
+        self.process_peak = max(self.process_peak, peak or 0)
+        attrs["peak_rss_bytes"] = self.process_peak or None
         for key, value in attrs.items():
             if value is not None:
                 trial.set_user_attr(key, value)
