@@ -137,18 +137,56 @@ def _stamp(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _tensor_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Where each tensor's bytes lie in a safetensors file: an 8-byte header length, a JSON header, the data."""
+def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Each tensor of a safetensors file (an 8-byte header length, a JSON header, the data): its dtype name, shape,
+    and where its bytes begin and end in the file."""
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
         size = f.seek(0, 2)
     start = 8 + length
-    offsets = {name: (start + info["data_offsets"][0], start + info["data_offsets"][1])
+    entries = {name: (info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0], start + info["data_offsets"][1])
                for name, info in header.items() if name != "__metadata__"}
-    if any(end > size for _, end in offsets.values()):
+    if any(end > size for *_, end in entries.values()):
         raise ValueError(f"{path} is shorter than its header says")
-    return offsets
+    return entries
+
+
+def _tensor_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    return {name: (begin, end) for name, (_, _, begin, end) in _header(path).items()}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class UnmappedTensors:
+    """A safetensors file's tensors, read one at a time with plain reads. A memory-mapped file's pages count in
+    the process's resident memory once touched, until it is closed: reading a kept student (400 MB) through a map
+    raised a search trial's peak by about that much."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries = _header(self.path)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A new CPU tensor holding the stored one."""
+        dtype, shape, begin, end = self.entries[name]
+        if dtype not in _DTYPES:
+            raise ValueError(f"{self.path}: {name} is {dtype}, which this reader does not know")
+        out = torch.empty(shape, dtype=_DTYPES[dtype])
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(begin)
+            if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise OSError(f"{self.path} ends inside {name}")
+        return out
 
 
 @contextlib.contextmanager

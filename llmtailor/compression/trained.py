@@ -201,11 +201,11 @@ class TrainedStudents:
         path = self.folder / key
         if not (path / "training.json").is_file():
             return False
-        from safetensors import safe_open
+        from llmtailor.compression.originals import UnmappedTensors
 
         try:
             record = json.loads((path / "training.json").read_text())
-            readers = [safe_open(str(f), "pt") for f in sorted(path.glob("*.safetensors"))]
+            readers = [UnmappedTensors(f) for f in sorted(path.glob("*.safetensors"))]
             stored = {name: reader for reader in readers for name in reader.keys()}
             _check_matches(skeleton, stored)
         except Exception:  # a damaged or foreign entry: train it again
@@ -255,7 +255,7 @@ def _check_matches(skeleton: Any, stored: dict[str, Any]) -> None:
         name = next((n for n in names if n in stored), None)
         if name is None:
             raise ValueError(f"the kept student has no {names[0]}")
-        shape = tuple(stored[name].get_slice(name).get_shape())
+        shape = stored[name].shape(name)
         if shape != tuple(skeleton.get_parameter(name).shape):
             raise ValueError(f"the kept student's {name} is {shape}, the cut's {tuple(skeleton.get_parameter(name).shape)}")
 
@@ -273,7 +273,7 @@ def _fill(skeleton: Any, stored: dict[str, Any], writable: Callable[[torch.nn.Pa
                 continue
             if id(parameter) not in replaced:
                 name = next(n for n in names[id(parameter)] if n in stored)
-                tensor = stored[name].get_tensor(name).to(parameter.dtype).to(parameter.device)
+                tensor = stored[name].tensor(name).to(parameter.dtype).to(parameter.device)
                 if torch.equal(tensor, parameter):
                     replaced[id(parameter)] = parameter
                 elif writable is not None and writable(parameter):
