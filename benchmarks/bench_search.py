@@ -153,6 +153,13 @@ def analyse(study: optuna.Study, trials: int, objectives, bounds, guided: bool =
         "median_warm_trial_seconds": statistics.median(warm) if warm else None, "warm_trials": len(warm),
         "median_stage_seconds": {k: statistics.median(v) for k, v in stage_seconds.items()},
         "peak_rss_bytes": max((t.user_attrs.get("peak_rss_bytes", 0) for t in evaluated), default=0),
+        # Per measured plan: memory after it, its own peak (studies from the fifteenth session on) and the process's
+        # peak so far, and whether it trained its student now (seconds) or read a kept one.
+        "memory_by_trial": [{"trial": t.number, "distill_steps": t.user_attrs.get("distill_steps", 0),
+                             "train_seconds_spent": t.user_attrs.get("train_seconds_spent", 0.0),
+                             "rss_bytes": t.user_attrs.get("rss_bytes"),
+                             "trial_peak_rss_bytes": t.user_attrs.get("trial_peak_rss_bytes"),
+                             "peak_rss_bytes": t.user_attrs.get("peak_rss_bytes")} for t in evaluated],
         "spent_seconds": max(spent.values(), default=0.0),
         "hypervolume_by_seconds": [[spent[t.number], hypervolume.of([p for p in points if spent[p.number] <= spent[t.number]],
                                                                     objectives, bounds)] for t in points],
