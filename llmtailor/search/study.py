@@ -300,6 +300,9 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
                         "use the same options to resume it, or --study NEW_NAME for a new one")
 
 
+CREATOR_WAIT_S = 30.0  # how long a worker waits for the process that created the study to enqueue its baselines
+
+
 def _create(setup: Setup) -> tuple[optuna.Study, bool]:
     """Create the study with its fingerprint and baselines, or load it if another process just made it;
     say whether this call made it."""
@@ -308,10 +311,20 @@ def _create(setup: Setup) -> tuple[optuna.Study, bool]:
         database.parent.mkdir(parents=True, exist_ok=True)
     storage = storage_mod.open_storage(setup.storage_url)
     directions = [o.direction for o in setup.objectives]
-    study = optuna.create_study(study_name=setup.study_name, storage=storage, directions=directions, load_if_exists=True)
-    if STUDY_ATTR in study.user_attrs:
-        _check_made_for(setup, study)
-        return study, False
+    try:
+        study = optuna.create_study(study_name=setup.study_name, storage=storage, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=setup.study_name, storage=storage)
+        # Workers started together: only the one that created the study enqueues the baselines (two enqueuing at
+        # once both passed `skip_if_exists`, and a baseline was measured twice); the others wait for its fingerprint.
+        waited = time.monotonic()
+        while STUDY_ATTR not in study.user_attrs and time.monotonic() - waited < CREATOR_WAIT_S:
+            time.sleep(0.1)
+        if STUDY_ATTR in study.user_attrs:
+            _check_made_for(setup, study)
+            return study, False
+    # (A study whose creator died before writing its fingerprint is adopted here, after CREATOR_WAIT_S.) Another
+    # worker may start sampling before the baselines below are enqueued: they are measured all the same.
     study.set_user_attr(STUDY_ATTR, setup.fingerprint())
     for params in setup.space.baselines(setup.arch):
         study.enqueue_trial(params, skip_if_exists=True)
