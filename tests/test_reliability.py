@@ -316,3 +316,26 @@ def test_a_run_that_fails_before_its_first_trial_leaves_no_study_behind(tiny_mod
     monkeypatch.undo()
     assert cli.main(args) == 0, capsys.readouterr().err  # the corrected command is not refused
     assert study_mod.measured(run(args)) == 2
+
+
+def test_a_worker_that_finds_the_study_just_created_waits_for_its_creator_instead_of_enqueuing_baselines_too(
+        tiny_model_dir, tmp_path, monkeypatch):
+    setup = setup_for(argv(tiny_model_dir, tmp_path / "results", "raced", 4))
+    storage_mod.local_file(setup.storage_url).parent.mkdir(parents=True)
+    storage = storage_mod.open_storage(setup.storage_url)
+    directions = [o.direction for o in setup.objectives]
+    optuna.create_study(study_name="raced", storage=storage, directions=directions)  # made, not yet fingerprinted
+    baselines = setup.space.baselines(setup.arch)
+    slept = []
+
+    def creator_finishes(seconds):  # while this worker waits, the creator writes its fingerprint and baselines
+        if not slept:
+            made = optuna.load_study(study_name="raced", storage=storage)
+            made.set_user_attr(study_mod.STUDY_ATTR, setup.fingerprint())
+            for params in baselines:
+                made.enqueue_trial(params)
+        slept.append(seconds)
+
+    monkeypatch.setattr(study_mod.time, "sleep", creator_finishes)
+    study, made = study_mod._create(setup)
+    assert not made and slept and len(study.trials) == len(baselines) > 0
