@@ -119,12 +119,8 @@ class Originals:
                         raise TeacherChanged(f"{path} changed or was removed while a search read the teacher's weights "
                                              "from it, so the teacher in memory can no longer be restored: the sweep "
                                              "stopped; run the same command again (trials measured so far are kept)")
-                f = opened[path]
                 on_cpu = parameter.data if parameter.device.type == "cpu" else torch.empty_like(parameter, device="cpu")
-                target = memoryview(on_cpu.view(-1).view(torch.uint8).numpy())
-                f.seek(begin)
-                if f.readinto(target) != end - begin:
-                    raise OSError(f"{path} ends inside {self.names[id(parameter)]}")
+                _read_into(on_cpu, opened[path], begin, end, f"{path} ends inside {self.names[id(parameter)]}")
                 if on_cpu is not parameter.data:
                     parameter.data.copy_(on_cpu)
         finally:
@@ -183,10 +179,16 @@ class UnmappedTensors:
             raise ValueError(f"{self.path}: {name} is {dtype}, which this reader does not know")
         out = torch.empty(shape, dtype=_DTYPES[dtype])
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(begin)
-            if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
-                raise OSError(f"{self.path} ends inside {name}")
+            _read_into(out, f, begin, end, f"{self.path} ends inside {name}")
         return out
+
+
+def _read_into(tensor: torch.Tensor, f: Any, begin: int, end: int, short: str) -> None:
+    """Read the file's bytes [begin, end) straight into a contiguous CPU tensor's memory; OSError(short) if the file
+    ends first."""
+    f.seek(begin)
+    if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+        raise OSError(short)
 
 
 @contextlib.contextmanager

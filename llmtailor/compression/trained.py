@@ -177,7 +177,9 @@ class TrainedStudents:
         memory available to it (the OS's for a CPU, the GPU's free memory on CUDA): a process the OS kills for
         memory leaves no reason behind, and a sweep would retry its trial in vain."""
         shared = {p.data_ptr() for p in self.teacher.parameters()}
-        if writable is not None:  # LoRA merges in place where it may write: no new tensor for those
+        # LoRA merges in place where it may write: no new tensor for those (asking records a teacher's weight for
+        # restoring, as the merge into it will)
+        if writable is not None:
             shared = {m.weight.data_ptr() for m in distill.block_linears(student)
                       if m.weight.data_ptr() in shared and not writable(m.weight)}
         need = distill.training_bytes(student, recipe, windows_per_pass * WINDOW_TOKENS, shared)
@@ -216,7 +218,7 @@ class TrainedStudents:
         except Exception:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        host.release_freed_memory()  # the cut's replaced slices, freed, would stay in glibc's heap (~240 MB)
+        host.release_freed_memory()  # tensors read and freed (or replaced, outside a search) would stay in glibc's heap
         self.last = Record(record["steps"], record["seconds"], record["losses"])
         return True
 
