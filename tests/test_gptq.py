@@ -223,8 +223,9 @@ def test_the_layer_cache_serves_later_trials_and_rebuilds_a_damaged_entry(tiny, 
     damaged = bytearray(entries[0].read_bytes())
     damaged[-1] ^= 0xFF  # one flipped bit in the codes: the header still parses, the checksum does not match
     entries[0].write_bytes(bytes(damaged))
+    cache = LayerCache(tmp_path, cache.model, "calibration-1")  # another process, which has not read it yet
     rebuilt = compression.apply(plan, tiny.model, tiny.arch, stats, cache)
-    assert cache.rebuilt == 1 and cache.hits == 11
+    assert cache.rebuilt == 1 and (cache.hits, cache.misses) == (5, 1)
     for lin in tiny.arch.linears[:6]:
         assert torch.equal(first.get_submodule(lin.name).weight, rebuilt.get_submodule(lin.name).weight)
     # Another calibration or other settings are other entries.
@@ -233,6 +234,32 @@ def test_the_layer_cache_serves_later_trials_and_rebuilds_a_damaged_entry(tiny, 
         "x", LayerPrecision(4, 32, method="gptq"), LayerSparsity())
     assert cache.key("x", LayerPrecision(4, 32, method="gptq"), LayerSparsity()) != cache.key(
         "x", LayerPrecision(4, 32, method="gptq", damp=0.1), LayerSparsity())
+
+
+def test_a_process_checks_an_entry_once_and_again_when_the_file_is_replaced(tiny, stats, tmp_path, monkeypatch):
+    from llmtailor.compression import layer_cache
+    from llmtailor.compression.layer_cache import LayerCache, model_fingerprint
+
+    stats, _ = stats
+    plan = CompressionPlan(precision={x.name: LayerPrecision(4, 32, method="gptq") for x in tiny.arch.linears[:3]})
+    cache = LayerCache(tmp_path, model_fingerprint(tiny.model), "calibration-1")
+    compression.apply(plan, tiny.model, tiny.arch, stats, cache)  # solved and written
+    checked = []
+    monkeypatch.setattr(layer_cache, "_checksum", lambda t, real=layer_cache._checksum: checked.append(1) or real(t))
+    first = compression.apply(plan, tiny.model, tiny.arch, stats, cache)
+    assert (cache.hits, len(checked)) == (3, 3)
+    compression.apply(plan, tiny.model, tiny.arch, stats, cache)
+    assert (cache.hits, len(checked)) == (6, 3)  # the same files again: not hashed again
+    # A file replaced by another process (written aside and renamed: a new inode), here with a flipped code bit.
+    entry = sorted(tmp_path.rglob("*.safetensors"))[0]
+    damaged = bytearray(entry.read_bytes())
+    damaged[-1] ^= 0xFF
+    entry.with_suffix(".tmp").write_bytes(bytes(damaged))
+    entry.with_suffix(".tmp").rename(entry)
+    again = compression.apply(plan, tiny.model, tiny.arch, stats, cache)
+    assert cache.rebuilt == 1 and len(checked) == 3 + 2  # only the replaced one: hashed (failed), solved, hashed to store
+    for lin in tiny.arch.linears[:3]:
+        assert torch.equal(first.get_submodule(lin.name).weight, again.get_submodule(lin.name).weight)
 
 
 def test_the_model_fingerprint_follows_the_weights(tiny):
@@ -306,4 +333,9 @@ def test_dequantize_equals_the_codes_scaled_per_group_weight_by_weight():
         for column in range(width):  # the definition: (code - zero) * scale of the weight's group
             g = column // size
             expected[:, column] = (codes[:, column].float() - zeros[:, g].float()) * scales[:, g].float()
-        assert torch.equal(QuantizedWeight(codes, scales, zeros, 4, size, False).dequantize(), expected)
+        quantized = QuantizedWeight(codes, scales, zeros, 4, size, False)
+        assert torch.equal(quantized.dequantize(), expected)
+        into = torch.full((9, width), float("nan"))  # written in place: the tensor a search trial's layer replaces
+        assert quantized.dequantize(out=into) is into and torch.equal(into, expected)
+    with pytest.raises(ValueError, match="float32"):
+        quantized.dequantize(out=torch.empty(9, width, dtype=torch.float16))

@@ -110,11 +110,14 @@ def _hessian(calibration: CalibrationStats | None, name: str, precision: LayerPr
 
 def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, sparsity: LayerSparsity,
                     calibration: CalibrationStats | None, cache: LayerCache | None, inputs: torch.Tensor | None = None,
-                    kept: str | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
+                    kept: str | None = None, into: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor | None]:
     """compress_layer, through the per-layer cache for the solves (GPTQ, SparseGPT), which are the dear part.
 
     ``inputs``: the input columns of the teacher's layer that a structured cut kept (H is cut to them);
-    ``kept``: what the cut kept of the layer (``structure.Cut.kept``), part of its cache key."""
+    ``kept``: what the cut kept of the layer (``structure.Cut.kept``), part of its cache key; ``into``: a tensor
+    the result may be written into (the one it replaces): a cached layer is dequantized straight into it, which
+    spares a search trial a float32 temporary and a copy per layer (the result is then `into` itself)."""
     def hessian() -> torch.Tensor | None:  # read only for a layer computed here: a cached one needs none
         found = _hessian(calibration, name, precision, sparsity)
         if found is not None and inputs is not None:
@@ -130,8 +133,14 @@ def compress_cached(weight: torch.Tensor, name: str, precision: LayerPrecision, 
     stored = cache.get(key)
     if stored is not None:
         dense, quantized, mask = stored
+        mask = None if mask is None else mask.to(weight.device)
+        if into is not None and into.shape == weight.shape:
+            if quantized is None:
+                return into.copy_(dense), None, mask
+            if into.dtype == torch.float32 and into.device == quantized.codes.device:
+                return quantized.dequantize(out=into), quantized, mask
         dense = quantized.dequantize() if quantized is not None else dense
-        return dense.to(weight.device, weight.dtype), quantized, None if mask is None else mask.to(weight.device)
+        return dense.to(weight.device, weight.dtype), quantized, mask
     dense, quantized, mask = compress_layer(weight, precision, sparsity, hessian())
     cache.put(key, quantized if quantized is not None else dense, mask)
     return dense, quantized, mask
@@ -224,8 +233,9 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
             inputs = None if chosen is None else chosen.inputs(name, arch, arch.head_dim, per_group)
             kept = None if chosen is None else chosen.kept(name, arch)
             kept = kept if trained is None else f"{kept} {trained}"
+            writable = writes is not None and writes(module.weight)
             result = compress_cached(module.weight.data, name, plan.precision_of(name), plan.sparsity_of(name),
-                                     calibration, cache, inputs, kept)
+                                     calibration, cache, inputs, kept, module.weight.data if writable else None)
             yield name, module, result
 
     return model, chosen, layers()
@@ -251,7 +261,8 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
         for _, module, (compressed, _, _) in layers:
             old = module.weight
             if writes(old):  # the model's own (a cut's slice, a student's weight), or the teacher's under in_place
-                old.data.copy_(compressed.to(old.dtype))
+                if compressed.data_ptr() != old.data_ptr():  # (a cached layer is already written there)
+                    old.data.copy_(compressed.to(old.dtype))
                 continue
             # A new tensor, never a write into the old one: it may be the teacher's.
             module.weight = torch.nn.Parameter(compressed.to(old.dtype), old.requires_grad)

@@ -37,16 +37,28 @@ class QuantizedWeight:
     group_size: int  # effective group width (in_features when one group per row)
     symmetric: bool
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weights these codes stand for (made a block of rows at a time, so that a large layer, such
-        as a 262k-token embedding, needs no float32 temporaries of its whole size besides the result)."""
-        out, width = self.codes.shape
-        result = torch.empty(out, width, device=self.codes.device)
-        for rows in row_blocks(out, width):
-            # [rows, groups, size] against [rows, groups, 1]: broadcast, not the scales and zeros repeated per weight
-            values = _grouped(self.codes[rows].float(), self.group_size)
-            values.sub_(self.zeros[rows].float()[..., None]).mul_(self.scales[rows].float()[..., None])
-            result[rows] = values.reshape(len(values), -1)[:, :width]
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weights these codes stand for, written into `out` when given (a float32 [out, in] tensor on
+        the codes' device: a search trial writes them straight into the teacher's tensor, no copy between). Made a
+        block of rows at a time, in place in the result, so that a large layer (a 262k-token embedding) needs no
+        float32 temporaries of its size: the codes are copied in as floats, then the zero point is subtracted and
+        the scale multiplied per group, broadcast over a [rows, groups, size] view of the result."""
+        rows_total, width = self.codes.shape
+        result = torch.empty(rows_total, width, device=self.codes.device) if out is None else out
+        if result.shape != self.codes.shape or result.dtype != torch.float32:
+            raise ValueError(f"dequantize writes float32 {tuple(self.codes.shape)}, not {result.dtype} {tuple(result.shape)}")
+        size = self.group_size
+        whole = width // size * size  # the columns in whole groups; a shorter last group is done on its own
+        for rows in row_blocks(rows_total, width):
+            target, codes = result[rows], self.codes[rows]
+            scales, zeros = self.scales[rows].float(), self.zeros[rows].float()
+            for columns, groups in ((slice(0, whole), slice(0, whole // size)), (slice(whole, width), slice(whole // size, None))):
+                if columns.start == columns.stop:
+                    continue
+                part = target[:, columns]
+                part = part.unflatten(1, (-1, size)) if columns.start == 0 else part[:, None, :]
+                part.copy_(codes[:, columns].reshape(part.shape))
+                part.sub_(zeros[:, groups, None]).mul_(scales[:, groups, None])
         return result
 
 
