@@ -39,6 +39,7 @@ class GuidedSpace(SearchSpace):
 
     def __init__(self, sensitivity: Any = None) -> None:
         self.sensitivity = sensitivity
+        self._choices: dict[Architecture, dict[str, list[Option]]] = {}
 
     def with_sensitivity(self, sensitivity: Any) -> GuidedSpace:
         return GuidedSpace(sensitivity)
@@ -66,19 +67,27 @@ class GuidedSpace(SearchSpace):
         return self.plan({"weight_budget": trial.suggest_float("weight_budget", 0.0, 1.0)}, arch)
 
     def plan(self, params: dict[str, Any], arch: Architecture) -> CompressionPlan:
+        low, high = _byte_range(arch)
+        budget = low + round(min(max(params["weight_budget"], 0.0), 1.0) * (high - low))
+        chosen = allocate(self.choices(arch), budget)
+        return CompressionPlan(precision={name: o.precision for name, o in chosen.items() if not o.precision.is_identity})
+
+    def choices(self, arch: Architecture) -> dict[str, list[Option]]:
+        """Every layer's options with their bytes and predicted damage, as the allocator takes them (made once per
+        architecture: a trial only changes the budget)."""
         if self.sensitivity is None:
             raise RuntimeError("the guided space allocates by layer sensitivities: call with_sensitivity first")
         from llmtailor.search.sensitivity import option_name
 
-        low, high = _byte_range(arch)
-        budget = low + round(min(max(params["weight_budget"], 0.0), 1.0) * (high - low))
-        choices = {
-            lin.name: [Option(LayerPrecision(), _bytes(lin, LayerPrecision()), 0.0)]
-            + [Option(p, _bytes(lin, p), self.sensitivity.damage(lin.name, option_name(p))) for p in self.options(lin, arch)]
-            for lin in self.layers(arch)
-        }
-        chosen = allocate(choices, budget)
-        return CompressionPlan(precision={name: o.precision for name, o in chosen.items() if not o.precision.is_identity})
+        made = self._choices.get(arch)
+        if made is None:
+            made = self._choices[arch] = {
+                lin.name: [Option(LayerPrecision(), _bytes(lin, LayerPrecision()), 0.0)]
+                + [Option(p, _bytes(lin, p), self.sensitivity.damage(lin.name, option_name(p)))
+                   for p in self.options(lin, arch)]
+                for lin in self.layers(arch)
+            }
+        return made
 
     def smallest(self, arch: Architecture) -> CompressionPlan:
         return CompressionPlan(precision={lin.name: min(self.options(lin, arch), key=lambda p: _bytes(lin, p))
