@@ -121,7 +121,7 @@ def main() -> None:
         damp, shrink = recipe or (None, None)
         row = {"setting": setting, "calibration": source, "damp": damp, "shrink": shrink}
         for name, ref in domains.items():
-            q = quality.measure(model, ref)
+            q = quality.measure(model, ref, entropy=True)
             row[f"kl_{name}"], row[f"perplexity_{name}"], row[f"entropy_{name}"] = q.kl, q.perplexity, q.entropy
             if source == "none (RTN)":
                 rtn_nll[setting, name] = q.window_nll

@@ -120,6 +120,19 @@ def test_slices_of_the_windows_combine_into_the_whole_measurement(tiny, referenc
     joined = quality.combined(parts)
     assert joined.tokens == whole.tokens and joined.window_nll == pytest.approx(whole.window_nll)
     assert joined.kl == pytest.approx(whole.kl, rel=1e-6) and joined.perplexity == pytest.approx(whole.perplexity)
+    assert whole.entropy is None and joined.entropy is None  # asked for only (a search trial does not)
+
+
+def test_entropy_is_measured_when_asked_and_combines_over_slices(tiny, reference):
+    q = quality.measure(tiny.model, reference, entropy=True)
+    expected = 0.0
+    for window in reference.input_ids:
+        logprobs = quality.log_probs(tiny.model, window[None])[0]
+        expected -= float((logprobs.exp() * logprobs).sum())
+    assert q.entropy == pytest.approx(expected / reference.tokens, rel=1e-5) and q.entropy > 0
+    parts = [quality.measure(tiny.model, reference, slice(0, 1), entropy=True),
+             quality.measure(tiny.model, reference, slice(1, None), entropy=True)]
+    assert quality.combined(parts).entropy == pytest.approx(q.entropy, rel=1e-6)
 
 
 def test_top_k_kl_is_exact_at_the_whole_vocabulary_and_zero_for_the_teacher(tiny, reference):

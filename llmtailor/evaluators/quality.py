@@ -38,7 +38,8 @@ class Quality:
     kl: float  # mean KL(teacher || model) per token, in nats
     perplexity: float
     tokens: int
-    entropy: float = 0.0  # mean entropy of the model's next-token distribution, in nats (how spread its guesses are)
+    # mean entropy of the model's next-token distribution, in nats (how spread its guesses are); None: not measured
+    entropy: float | None = None
     window_nll: tuple[float, ...] = ()  # mean negative log-likelihood of each window, for paired comparisons
 
 
@@ -181,9 +182,10 @@ def log_probs(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(model: Any, reference: Reference, windows: slice = slice(None)) -> Quality:
+def measure(model: Any, reference: Reference, windows: slice = slice(None), entropy: bool = False) -> Quality:
     """KL to the teacher and perplexity of the model on the reference windows (or a slice of them, a cheap first
-    look; ``combined`` joins the parts of one pass)."""
+    look; ``combined`` joins the parts of one pass); with ``entropy``, the entropy of its predictions too (one
+    more pass over every position's whole distribution: a search trial does not need it)."""
     kl_total, entropy_total, window_nll = 0.0, 0.0, []
     input_ids = reference.input_ids[windows]
     for window, teacher in zip(input_ids, reference.teacher_logprobs[windows], strict=True):
@@ -193,15 +195,15 @@ def measure(model: Any, reference: Reference, windows: slice = slice(None)) -> Q
         else:
             teacher = teacher.to(student.device)
             kl_total += (teacher.exp() * (teacher - student)).sum().item()
-        for rows in row_blocks(*student.shape):  # (no whole-window temporaries: see log_probs)
+        for rows in row_blocks(*student.shape) if entropy else ():  # (no whole-window temporaries: see log_probs)
             entropy_total -= float((student[rows].exp() * student[rows]).sum())
         window_nll.append(-student[:-1].gather(1, window[1:, None].to(student.device)).mean().item())
     nll = sum(window_nll) / len(window_nll)  # every window predicts the same number of tokens
     if not math.isfinite(kl_total) or not math.isfinite(nll):
         raise FloatingPointError("the compressed model's outputs are not finite (NaN or inf)")
     tokens = input_ids.numel()
-    return Quality(kl=kl_total / tokens, perplexity=math.exp(nll), tokens=tokens, entropy=entropy_total / tokens,
-                   window_nll=tuple(window_nll))
+    return Quality(kl=kl_total / tokens, perplexity=math.exp(nll), tokens=tokens,
+                   entropy=entropy_total / tokens if entropy else None, window_nll=tuple(window_nll))
 
 
 def combined(parts: list[Quality]) -> Quality:
@@ -209,4 +211,5 @@ def combined(parts: list[Quality]) -> Quality:
     tokens = sum(p.tokens for p in parts)
     window_nll = tuple(n for p in parts for n in p.window_nll)
     return Quality(kl=sum(p.kl * p.tokens for p in parts) / tokens, perplexity=math.exp(sum(window_nll) / len(window_nll)),
-                   tokens=tokens, entropy=sum(p.entropy * p.tokens for p in parts) / tokens, window_nll=window_nll)
+                   tokens=tokens, window_nll=window_nll,
+                   entropy=None if any(p.entropy is None for p in parts) else sum(p.entropy * p.tokens for p in parts) / tokens)
