@@ -56,6 +56,7 @@ def test_fit_writes_front_report_and_plans_then_resumes(tiny_model_dir, tmp_path
         if trial.user_attrs["status"] == "evaluated":
             a = trial.user_attrs
             assert 0 < a["rss_bytes"] <= a["trial_peak_rss_bytes"] <= a["peak_rss_bytes"]
+            assert 0 <= a["trim_seconds"] < a["seconds"]  # freed memory handed back after every trial, timed
     code, _, err = run([*argv[:4], "--trials", 7, *argv[6:]], capsys)
     assert code == 0 and "already has 7 measured" in err
 

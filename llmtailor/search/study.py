@@ -483,9 +483,13 @@ class TrialEvaluator:
                 attrs.update(self._measure_with_fidelity(trial, plan, attrs), status="evaluated")
         if self.max_kl is not None:
             trial.set_constraint(KL_CONSTRAINT, attrs["kl"] - self.max_kl if "kl" in attrs else 0.0)
+        # What the trial freed (a student it loaded or trained, a cut's tensors, the measurement's temporaries) would
+        # stay in glibc's heap: resident memory crept 1,180 -> 1,362 MB over 30 trials without a student when only
+        # trials with one were trimmed. Trimmed after every trial, inside its seconds (`trim_seconds`).
+        trimmed = time.perf_counter()
+        host.release_freed_memory()
+        attrs["trim_seconds"] = time.perf_counter() - trimmed
         attrs["seconds"] = time.perf_counter() - started
-        if plan.student.distillation.steps:  # the student this trial loaded or trained is freed, but would stay resident
-            host.release_freed_memory()
         # This process's memory after the trial (it should not grow over a long sweep), the trial's own peak, and
         # the process's peak so far.
         attrs["rss_bytes"] = host.resident_bytes()
