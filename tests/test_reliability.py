@@ -339,3 +339,71 @@ def test_a_worker_that_finds_the_study_just_created_waits_for_its_creator_instea
     monkeypatch.setattr(study_mod.time, "sleep", creator_finishes)
     study, made = study_mod._create(setup)
     assert not made and slept and len(study.trials) == len(baselines) > 0
+
+
+def _checker(trials: int = 10) -> study_mod.TrialEvaluator:
+    """A TrialEvaluator holding only what _reuse_or_skip reads (the twin checks need no model)."""
+    from types import SimpleNamespace
+
+    evaluator = study_mod.TrialEvaluator.__new__(study_mod.TrialEvaluator)
+    evaluator.setup = SimpleNamespace(config=SimpleNamespace(trials=trials, sampler="tpe"))
+    evaluator.stop = False
+    return evaluator
+
+
+def test_a_trial_waits_for_a_lower_numbered_trial_still_choosing_its_plan_and_leaves_the_plan_to_it(monkeypatch):
+    """The race two workers had: trial 1 checked for twins before trial 0, which drew the same plan, had written
+    its key, so both measured it. Now trial 1 waits for trial 0's key, sees the twin, and skips."""
+    study = optuna.create_study()
+    lower, higher = study.ask(), study.ask()  # both running; the lower one has not written its plan key yet
+    higher.set_user_attr("plan_key", "same")
+    slept = []
+
+    def lower_writes_its_key(seconds):
+        if not slept:
+            lower.set_user_attr("plan_key", "same")
+        slept.append(seconds)
+
+    monkeypatch.setattr(study_mod.time, "sleep", lower_writes_its_key)
+    with pytest.raises(optuna.TrialPruned, match="being measured by trial 0"):
+        _checker()._reuse_or_skip(higher, {"plan_key": "same"})
+    assert slept and higher.study.trials[1].user_attrs["status"] == "skipped"
+
+
+def test_a_trial_does_not_wait_for_a_keyless_trial_that_started_long_ago(monkeypatch):
+    """A running trial with no key that started more than KEY_WAIT_S ago is over budget or its worker died."""
+    import datetime
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=0, state=optuna.trial.TrialState.RUNNING, value=None, params={}, distributions={}, user_attrs={},
+        system_attrs={}, intermediate_values={}, trial_id=0, datetime_complete=None,
+        datetime_start=datetime.datetime.now() - datetime.timedelta(seconds=study_mod.KEY_WAIT_S + 5)))
+    trial = study.ask()
+    trial.set_user_attr("plan_key", "alone")
+    monkeypatch.setattr(study_mod.time, "sleep", lambda s: pytest.fail("waited for a dead trial"))
+    attrs = {"plan_key": "alone"}
+    _checker()._reuse_or_skip(trial, attrs)  # returns: measure it
+    assert "status" not in attrs
+
+
+def test_the_lowest_numbered_twin_waits_for_a_higher_one_already_measuring_and_copies_its_result(monkeypatch):
+    """An enqueued trial popped after a sampled trial with the same plan had checked and begun measuring: the
+    enqueued one (lower number) waits for that measurement and copies it instead of measuring the plan again."""
+    study = optuna.create_study()
+    lower, higher = study.ask(), study.ask()
+    higher.set_user_attr("plan_key", "same")
+    lower.set_user_attr("plan_key", "same")
+    slept = []
+
+    def higher_finishes(seconds):
+        if not slept:
+            for key, value in {"status": "evaluated", "kl": 0.25, "perplexity": 9.0, "eval_tokens": 128}.items():
+                higher.set_user_attr(key, value)
+            study.tell(higher, 1.0)
+        slept.append(seconds)
+
+    monkeypatch.setattr(study_mod.time, "sleep", higher_finishes)
+    attrs = {"plan_key": "same"}
+    _checker()._reuse_or_skip(lower, attrs)
+    assert slept and attrs["status"] == "duplicate" and attrs["duplicate_of"] == 1 and attrs["kl"] == 0.25

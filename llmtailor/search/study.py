@@ -12,7 +12,8 @@ Several processes (and machines) may share one study. Each draws its own plans (
 sampler seed mixes the user's seed with the host, the process and the study's size
 when it joined, so a resumed run does not replay the first run's draws); a plan
 already measured in the study is not measured again (its result is copied, see
-``status``); and a process stops measuring once the study holds the asked total, so
+``status``), nor one another process is measuring: of trials drawing the same plan at
+once, the lowest-numbered measures it (``TrialEvaluator._reuse_or_skip``); and a process stops measuring once the study holds the asked total, so
 the total is overshot by at most the trials already running when it was reached.
 ``--workers N`` starts such processes on one machine (``search.workers``); storages
 and their heartbeats are in ``search.storage``. After each measured trial the
@@ -45,6 +46,7 @@ constraint).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import errno
 import gc
 import hashlib
@@ -301,6 +303,10 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
 
 
 CREATOR_WAIT_S = 30.0  # how long a worker waits for the process that created the study to enqueue its baselines
+KEY_WAIT_S = 30.0  # how long a trial waits for a lower-numbered running trial to write its plan key (see _reuse_or_skip)
+TWIN_WAIT_S = 900.0  # how long it waits for a higher-numbered trial measuring the same plan, to copy its result
+TWIN_POLL_S = 0.2
+RUNNING = optuna.trial.TrialState.RUNNING
 
 
 def _create(setup: Setup) -> tuple[optuna.Study, bool]:
@@ -647,28 +653,44 @@ class TrialEvaluator:
         return None
 
     def _reuse_or_skip(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-        """Copy the result of an earlier measurement of the same plan, or skip a plan that need not be measured."""
+        """Copy the result of an earlier measurement of the same plan, or skip a plan that need not be measured.
+
+        Of trials holding the same plan, the one with the lowest number measures it (its plan key is written
+        before this check). So that a trial cannot miss a lower-numbered twin whose key is not written yet, it
+        first waits (up to KEY_WAIT_S) for every lower-numbered trial that started running within KEY_WAIT_S to
+        write its key or finish; a twin numbered higher and still running (an enqueued trial popped after a
+        sampled one had checked) is waited for (up to TWIN_WAIT_S) and its result copied. A storage that could
+        claim a key atomically would need none of this; Optuna's storages write attributes last-writer-wins."""
         total = self.setup.config.trials
-        others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, optuna.trial.TrialState.RUNNING))
-        twins = [t for t in others if t.number != trial.number and t.user_attrs.get("plan_key") == attrs["plan_key"]]
-        for twin in twins:
-            if twin.state == optuna.trial.TrialState.COMPLETE and status(twin) == "evaluated":
-                if self.setup.config.sampler in BREEDS_A_POPULATION:
+        waited = time.monotonic()
+        while True:
+            others = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING))
+                      if t.number != trial.number]
+            twins = [t for t in others if t.user_attrs.get("plan_key") == attrs["plan_key"]]
+            for twin in twins:
+                if twin.state == optuna.trial.TrialState.COMPLETE and status(twin) == "evaluated":
+                    if self.setup.config.sampler in BREEDS_A_POPULATION:
+                        trial.set_user_attr("duplicate_of", twin.number)
+                        self._skip(trial, f"the same plan as trial {twin.number}: a generation holds distinct plans",
+                                   "duplicate")
+                    attrs.update({k: twin.user_attrs[k] for k in twin.user_attrs
+                                  if k in MEASURED_ATTRS or k.startswith("accuracy_")})
+                    attrs.update(status="duplicate", duplicate_of=twin.number)
+                    return
+                if twin.state == optuna.trial.TrialState.FAIL and status(twin) == "failed":
                     trial.set_user_attr("duplicate_of", twin.number)
-                    self._skip(trial, f"the same plan as trial {twin.number}: a generation holds distinct plans",
-                               "duplicate")
-                attrs.update({k: twin.user_attrs[k] for k in twin.user_attrs
-                              if k in MEASURED_ATTRS or k.startswith("accuracy_")})
-                attrs.update(status="duplicate", duplicate_of=twin.number)
+                    raise RepeatedFailure(f"the same plan as trial {twin.number}, which failed: {twin.user_attrs['fail_reason']}")
+            running = [t for t in twins if t.state == RUNNING]
+            if any(t.number < trial.number for t in running):
+                self._skip(trial, f"the same plan is being measured by trial {min(t.number for t in running)}")
+            if sum(1 for t in others if _counts(t)) >= total:
+                self.stop = True
+                self._skip(trial, f"the study reached the asked {total} measured trials")
+            spent = time.monotonic() - waited
+            unwritten = spent < KEY_WAIT_S and any(_may_be_writing_its_key(t, trial.number) for t in others)
+            if not unwritten and not (running and spent < TWIN_WAIT_S):
                 return
-            if twin.state == optuna.trial.TrialState.FAIL and status(twin) == "failed":
-                trial.set_user_attr("duplicate_of", twin.number)
-                raise RepeatedFailure(f"the same plan as trial {twin.number}, which failed: {twin.user_attrs['fail_reason']}")
-        if any(t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number for t in twins):
-            self._skip(trial, f"the same plan is being measured by trial {min(t.number for t in twins)}")
-        if sum(1 for t in others if _counts(t)) >= total:
-            self.stop = True
-            self._skip(trial, f"the study reached the asked {total} measured trials")
+            time.sleep(TWIN_POLL_S)  # (the heartbeat thread keeps beating meanwhile)
 
     @staticmethod
     def _skip(trial: optuna.Trial, reason: str, why: str = "skipped") -> None:
@@ -679,6 +701,15 @@ class TrialEvaluator:
 
 class DiskFull(UserError):
     """A trial ran out of disk space (a cache entry, a student, the study itself): the sweep stops, resumable."""
+
+
+def _may_be_writing_its_key(other: optuna.trial.FrozenTrial, number: int) -> bool:
+    """Whether a trial numbered below `number` runs and has not written its plan key yet, having started recently
+    enough that it is still choosing its plan (an older one without a key is over budget, or its worker died)."""
+    if other.number >= number or other.state != RUNNING or "plan_key" in other.user_attrs:
+        return False
+    started = other.datetime_start  # (Optuna writes the local clock of the trial's worker)
+    return started is not None and abs((datetime.datetime.now() - started).total_seconds()) < KEY_WAIT_S
 
 
 def _disk_full(exc: BaseException) -> bool:
