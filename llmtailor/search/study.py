@@ -13,8 +13,9 @@ sampler seed mixes the user's seed with the host, the process and the study's si
 when it joined, so a resumed run does not replay the first run's draws); a plan
 already measured in the study is not measured again (its result is copied, see
 ``status``), nor one another process is measuring: of trials drawing the same plan at
-once, the lowest-numbered measures it (``TrialEvaluator._reuse_or_skip``); and a process stops measuring once the study holds the asked total, so
-the total is overshot by at most the trials already running when it was reached.
+once, the lowest-numbered measures it (``TrialEvaluator._reuse_or_skip``); and a process
+stops measuring once the study holds the asked total, so the total is overshot by at
+most the trials already running when it was reached.
 ``--workers N`` starts such processes on one machine (``search.workers``); storages
 and their heartbeats are in ``search.storage``. After each measured trial the
 hypervolume of the feasible front so far is stored on the study (``search.hypervolume``).
