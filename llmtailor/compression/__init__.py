@@ -205,7 +205,8 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
                 cache: LayerCache | None, importance: Any, students: Any = None, share: bool = False,
                 writes: Writes | None = None):
     """The cut (and trained) model, the cut (or None), and for each layer the plan compresses: (teacher name,
-    module, result). A trained student's layers are cached under its training key: their weights are its own.
+    module, result, whether its weight may be written in place, asked of `writes` once). A trained student's layers
+    are cached under its training key: their weights are its own.
     ``share``: untouched tensors are the teacher's (for a student that trains every weight, none: training changes
     them in place; LoRA training only reads them and merges its adapters into new tensors). ``writes``: the cut,
     a kept student's weights and LoRA's merge go into the tensors it allows (see `Writes`)."""
@@ -236,7 +237,7 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
             writable = writes is not None and writes(module.weight)
             result = compress_cached(module.weight.data, name, plan.precision_of(name), plan.sparsity_of(name),
                                      calibration, cache, inputs, kept, module.weight.data if writable else None)
-            yield name, module, result
+            yield name, module, result, writable
 
     return model, chosen, layers()
 
@@ -258,9 +259,9 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
     # old parameter's id -> (old, new); the old one is held so that its id is not reused while this runs
     replaced: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     with torch.no_grad():
-        for _, module, (compressed, _, _) in layers:
+        for _, module, (compressed, _, _), writable in layers:
             old = module.weight
-            if writes(old):  # the model's own (a cut's slice, a student's weight), or the teacher's under in_place
+            if writable:  # the model's own (a cut's slice, a student's weight), or the teacher's under in_place
                 if compressed.data_ptr() != old.data_ptr():  # (a cached layer is already written there)
                     old.data.copy_(compressed.to(old.dtype))
                 continue
@@ -282,7 +283,7 @@ def pack(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: C
     _, small = structured(plan, arch)
     packed = {}
     with torch.no_grad():
-        done = {name: (module, result) for name, module, result in layers}
+        done = {name: (module, result) for name, module, result, _ in layers}
         for lin in stored_layers(small):
             module, (compressed, quantized, mask) = done.get(lin.name, (None, (None, None, None)))
             if module is None:
