@@ -59,7 +59,8 @@ def test_a_large_problem_with_a_lumpy_layer_matches_the_integer_program(seed, ta
     largest = sum(max(o.bytes for o in options[n]) for n in options)
     for share in (0.05, 0.55, 0.8):
         budget = smallest + int(share * (largest - smallest))
-        chosen, whole = allocate(options, budget), solve_exactly(options, budget, scale=damage(allocate(options, budget)))
+        chosen = allocate(options, budget)
+        whole = solve_exactly(options, budget, scale=damage(chosen))
         assert set(chosen) == set(options) and sum(o.bytes for o in chosen.values()) <= budget
         assert damage(chosen) <= damage(whole) * (1 + 1e-6)
 

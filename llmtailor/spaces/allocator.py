@@ -151,13 +151,15 @@ def _branch(options: dict[str, list[Option]], budget: int, best: Allocation | No
     return found if found is not None and damage(found) < ceiling else best
 
 
-def _byte_step(options: dict[str, list[Option]]) -> int:
-    """The largest byte count that divides every difference between two options of a layer left free."""
+def _spare_steps(options: dict[str, list[Option]], budget: int) -> tuple[int, int]:
+    """The byte step (the largest count dividing every difference between two options of one layer) and how many
+    steps the budget leaves beyond every layer's smallest option (negative: those do not fit)."""
     step = 0
     for kept in options.values():
         for option in kept:
             step = math.gcd(step, option.bytes - kept[0].bytes)
-    return step or 1
+    step = step or 1
+    return step, (budget - sum(min(o.bytes for o in kept) for kept in options.values())) // step
 
 
 def _table_cells(options: dict[str, list[Option]], budget: int) -> float:
@@ -165,8 +167,7 @@ def _table_cells(options: dict[str, list[Option]], budget: int) -> float:
     free = [kept for kept in options.values() if len(kept) > 1]
     if any(len(kept) > 255 for kept in free):
         return math.inf
-    spare = budget - sum(min(o.bytes for o in kept) for kept in options.values())
-    return len(free) * (spare // _byte_step(options) + 1)
+    return len(free) * (_spare_steps(options, budget)[1] + 1)
 
 
 def by_table(options: dict[str, list[Option]], budget: int) -> Allocation | None:
@@ -174,18 +175,17 @@ def by_table(options: dict[str, list[Option]], budget: int) -> Allocation | None
     options, counted in steps of their common divisor (24 bytes on the default model): table[s] is the least damage
     of the layers so far within s steps. Used where layers x steps is at most TABLE_CELLS. None: even the
     smallest options do not fit."""
-    step = _byte_step(options)
-    free = [n for n in options if len(options[n]) > 1]
-    spare = (budget - sum(min(o.bytes for o in kept) for kept in options.values())) // step
+    step, spare = _spare_steps(options, budget)
     if spare < 0:
         return None
+    free = [n for n in options if len(options[n]) > 1]
+    smallest = {n: min(o.bytes for o in options[n]) for n in free}
     table = np.zeros(spare + 1)
     choices = np.zeros((len(free), spare + 1), dtype=np.uint8)
     for row, name in enumerate(free):
-        smallest = min(o.bytes for o in options[name])
         after = np.full(spare + 1, np.inf)
         for index, option in enumerate(options[name]):
-            extra = (option.bytes - smallest) // step
+            extra = (option.bytes - smallest[name]) // step
             if extra > spare:
                 continue
             candidate = table[: spare + 1 - extra] + option.damage
@@ -198,7 +198,7 @@ def by_table(options: dict[str, list[Option]], budget: int) -> Allocation | None
         name = free[row]
         option = options[name][choices[row, left]]
         chosen[name] = option
-        left -= (option.bytes - min(o.bytes for o in options[name])) // step
+        left -= (option.bytes - smallest[name]) // step
     return {n: chosen[n] for n in options}
 
 
