@@ -3,7 +3,8 @@
 Each run is one `llmtailor fit` study in its own process (so its peak memory is its
 own): `--memory 160MB`, the joint space of benchmarks/spaces/search-{direct,guided,joint}.yaml
 (GPTQ per group of layers or by a guided weight budget, Wanda pruning, depth cuts; why
-narrower than the `joint` preset: that file), `--trials N` measured plans, objectives
+narrower than the `joint` preset: that file) or search-default.yaml (the sweep's default,
+`joint-guided`, whole), `--trials N` measured plans, objectives
 KL, memory and latency, no lm-eval (accuracy is no objective here and would only add
 seconds to plans on the front), with cheap before dear on (`early`) or off (`full`,
 `--no-stop-early`), and the tool's default quality floor (`--max-kl 1`, the box's KL side; studies made
@@ -23,12 +24,12 @@ From the studies, over each study's first N measured trials:
 - cheap before dear at equal seconds: each pair of runs (stop early on and off, same
   space, sampler and seed) compared at the trial seconds the quicker one spent;
 - students (the `joint` space: search-guided.yaml's space plus KV-group and MLP cuts and
-  40-step distillation): the front's plans with a structured cut and with a distilled
-  student, the seconds spent training, and each joint run against the guided run of the
+  40-step distillation; the `default` space): the front's plans with a structured cut and with a distilled
+  student, the seconds spent training, and each such run against the guided run of the
   same sampler, mode and seed at the seconds the quicker one spent.
 
     python benchmarks/bench_search.py [--trials 60] [--seeds 0 1 2] [--samplers tpe nsga2 gp random]
-        [--spaces direct guided joint] [--modes early full] [--report-only]
+        [--spaces direct guided joint default] [--modes early full] [--report-only]
 
 Writes benchmarks/results/bench_search.json, benchmarks/results/bench_search_front.svg
 and prints Markdown tables.
@@ -65,6 +66,7 @@ HERE = Path(__file__).parent
 OUT = HERE / "results" / "bench_search.json"
 MEMORY = "160MB"
 KL_BOUND = 1.0  # nats/token: the hypervolume box's KL side
+SPACES_WITH_STUDENTS = ("joint", "default")  # compared against the guided space (students against none)
 EVAL_WINDOWS, WINDOW_TOKENS = 4, 256
 
 
@@ -300,15 +302,16 @@ def main() -> None:
         equal_seconds.append({"space": run["space"], "sampler": run["sampler"], "seed": run["seed"],
                               "seconds": budget, "hypervolume_early": early, "hypervolume_full": late,
                               "spent_seconds_early": run["spent_seconds"], "spent_seconds_full": full["spent_seconds"]})
-    # Students against none: each joint run against the guided run of the same sampler, mode and seed.
+    # Students against none: each run of a space with students (`joint`, the sweep's `default`) against the guided
+    # run of the same sampler, mode and seed (the `*_joint` keys hold the space with students, named by `space`).
     students_vs_none = []
     for run in runs.values():
         guided = runs.get(study_name("guided", run["sampler"], run["mode"], run["seed"]))
-        if run["space"] != "joint" or guided is None:
+        if run["space"] not in SPACES_WITH_STUDENTS or guided is None:
             continue
         budget, joint_hv, guided_hv = at_equal_seconds(run, guided)
         students_vs_none.append({
-            "sampler": run["sampler"], "mode": run["mode"], "seed": run["seed"],
+            "space": run["space"], "sampler": run["sampler"], "mode": run["mode"], "seed": run["seed"],
             "hypervolume_joint": run["hypervolume"], "hypervolume_guided": guided["hypervolume"],
             "seconds": budget, "hypervolume_joint_at_seconds": joint_hv, "hypervolume_guided_at_seconds": guided_hv,
             "spent_seconds_joint": run["spent_seconds"], "spent_seconds_guided": guided["spent_seconds"],
@@ -357,13 +360,13 @@ def main() -> None:
         print(f"| {e['space']} | {e['sampler']} | {e['seed']} | {e['seconds']:.0f} | {e['hypervolume_early']:.4f} | "
               f"{e['hypervolume_full']:.4f} | {ratio:.2f} |")
     if students_vs_none:
-        print("\nStudents against none: each joint run against the guided run of the same sampler, mode and seed, "
-              "after 60 measured trials and at the seconds the quicker one spent:\n")
-        print("| sampler | stop early | seed | joint | guided | seconds | joint at them | guided at them | "
+        print("\nStudents against none: each run with students against the guided run of the same sampler, mode and "
+              "seed, after 60 measured trials and at the seconds the quicker one spent:\n")
+        print("| space | sampler | stop early | seed | with students | guided | seconds | with students at them | guided at them | "
               "front: distilled / cut | seconds training |")
-        print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
-        for e in sorted(students_vs_none, key=lambda e: (e["sampler"], e["mode"], e["seed"])):
-            print(f"| {e['sampler']} | {e['mode'] == 'early'} | {e['seed']} | {e['hypervolume_joint']:.4f} | "
+        print("|---|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+        for e in sorted(students_vs_none, key=lambda e: (e["space"], e["sampler"], e["mode"], e["seed"])):
+            print(f"| {e['space']} | {e['sampler']} | {e['mode'] == 'early'} | {e['seed']} | {e['hypervolume_joint']:.4f} | "
                   f"{e['hypervolume_guided']:.4f} | {e['seconds']:.0f} | {e['hypervolume_joint_at_seconds']:.4f} | "
                   f"{e['hypervolume_guided_at_seconds']:.4f} | {e['front_distilled_joint']} / "
                   f"{e['front_with_a_cut_joint']} | {e['train_seconds_joint']:.0f} |")

@@ -25,12 +25,13 @@ cached by ``distill.load_or_compute_targets``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,25 @@ BATCH_SIZE = 4
 # one at a time keeps training a student within 3x the float32 teacher (bench_distill_memory.py), at 34% more
 # seconds per step (4.7 s against 3.5 s). On a GPU activations are not in the process's memory: the whole batch.
 CPU_WINDOWS_PER_PASS = 1
+# On a CPU, a training step's freed activations (a window's blocks of 300-800 KB, many per block and pass) leave
+# holes in glibc's heap that later blocks of other sizes do not fit, so a step's peak grows over a run, and a sweep's
+# trials that trained a 160-step student peaked at 3.0x the float32 teacher (seventeenth session). While a student
+# trains, blocks from 256 KB on get their own mappings, returned when freed, and each step ends with malloc_trim.
+# bench_distill_memory.py, MLP cut by 25%, 40 steps: peak 1,573 MB before, 1,436 MB now (2.92x -> 2.67x), at 28%
+# more seconds per step (4.0 -> 5.1 s: each such block is mapped and faulted in afresh); from 512 KB on: 1,557 MB at
+# 4.4 s. BENCHMARKS.md, "Training's heap". A GPU's activations are not in this heap: nothing changes there.
+CPU_TRAINING_MAPPED_BYTES = 256 << 10
+
+
+@contextlib.contextmanager
+def heap_kept_small(device: str | torch.device) -> Iterator[Callable[[], None]]:
+    """While a student trains on a CPU, glibc maps blocks from CPU_TRAINING_MAPPED_BYTES on; yields what to call
+    after each step (give back what the step freed). On a GPU nothing changes and the call does nothing."""
+    if torch.device(device).type != "cpu":
+        yield lambda: None
+        return
+    with host.blocks_mapped_from(CPU_TRAINING_MAPPED_BYTES):
+        yield host.release_freed_memory
 
 
 @dataclass
@@ -154,15 +174,18 @@ class TrainedStudents:
 
             bar = tqdm(total=recipe.steps, desc="distillation", unit="step", leave=False)
 
-        def progress(step: int, loss: float) -> None:
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-
         try:
-            run = distill.distill(cut_model, self.targets(recipe), recipe, device=self.device, seed=self.seed,
-                                  batch_size=BATCH_SIZE, progress=progress, qat_precision=qat_modules or None,
-                                  windows_per_pass=per_pass, merge_into=writable)
+            with heap_kept_small(self.device) as after_step:
+
+                def progress(step: int, loss: float) -> None:
+                    after_step()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}")
+
+                run = distill.distill(cut_model, self.targets(recipe), recipe, device=self.device, seed=self.seed,
+                                      batch_size=BATCH_SIZE, progress=progress, qat_precision=qat_modules or None,
+                                      windows_per_pass=per_pass, merge_into=writable)
         finally:
             if bar is not None:
                 bar.close()

@@ -38,12 +38,14 @@ again would differ and refuse to resume the study.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import statistics
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -333,8 +335,27 @@ def return_large_blocks_to_the_os() -> bool:
     so a sweep's resident memory would stay at the largest temporaries it ever made (a 262k-token window's logits,
     a dequantized embedding). Activations of a forward pass stay smaller than this and are unaffected. False where
     the C library has no mallopt (not glibc)."""
+    return _map_blocks_from(LARGE_BLOCK_BYTES)
+
+
+@contextlib.contextmanager
+def blocks_mapped_from(size: int) -> Iterator[bool]:
+    """Within the block, glibc serves every allocation of `size` bytes or more by its own mapping (yields whether
+    it could); afterwards LARGE_BLOCK_BYTES again, as `return_large_blocks_to_the_os` sets it (a process that had
+    left glibc's own moving threshold gets the fixed one from then on). For work whose freed temporaries of a few
+    hundred kilobytes would otherwise leave holes in the heap that later, other sizes cannot reuse (see
+    ``compression.trained``)."""
+    mapped = _map_blocks_from(size)
     try:
-        return bool(_libc().mallopt(-3, LARGE_BLOCK_BYTES))  # M_MMAP_THRESHOLD
+        yield mapped
+    finally:
+        if mapped:
+            _map_blocks_from(LARGE_BLOCK_BYTES)
+
+
+def _map_blocks_from(size: int) -> bool:
+    try:
+        return bool(_libc().mallopt(-3, size))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 
