@@ -100,6 +100,20 @@ def test_workers_share_a_study_without_repeating_plans_or_overshooting(backend, 
     assert len(firsts) == len(set(map(tuple, firsts))), "two workers drew the same plans"
 
 
+def test_a_new_study_run_by_one_process_draws_the_same_plans_for_the_same_seed(tiny_model_dir, tmp_path):
+    # The creator samples with --seed itself, so that two runs differing in one option are paired draw for draw;
+    # only processes that join or resume a study mix in who they are (the test above and the workers' test).
+    # Each run in its own process: a seed mixed with the process id would differ between them.
+    draws = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        process = worker_process(argv(tiny_model_dir, tmp_path / name, name, 12, "--seed", seed))
+        assert process.wait(timeout=300) == 0, process.stderr.read()
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name / name / 'study.db'}")
+        draws[name] = sampled_params(study)
+    assert len(draws["a"]) >= 3 and draws["a"] == draws["b"]
+    assert draws["c"][:3] != draws["a"][:3]
+
+
 def test_a_resumed_run_draws_new_plans_and_reuses_measured_ones(tiny_model_dir, tmp_path):
     first = run(argv(tiny_model_dir, tmp_path, "resume", 10))
     first_draws = sampled_params(first)

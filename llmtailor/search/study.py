@@ -8,9 +8,11 @@ raises or produces NaN is recorded as failed with its reason, and the study goes
 Constraints are set with ``trial.set_constraint`` (Optuna 5's API; the issue's
 ``constraints_func`` is deprecated there and the samplers read these values).
 
-Several processes (and machines) may share one study. Each draws its own plans (its
-sampler seed mixes the user's seed with the host, the process and the study's size
-when it joined, so a resumed run does not replay the first run's draws); a plan
+Several processes (and machines) may share one study. Each draws its own plans: the
+process that creates the study samples with the user's seed (a new study run by one
+process is reproducible), every other one with that seed mixed with the host, the
+process and the study's size when it joined, so a resumed run does not replay the
+first run's draws (``process_seed``); a plan
 already measured in the study is not measured again (its result is copied, see
 ``status``), nor one another process is measuring: of trials drawing the same plan at
 once, the lowest-numbered measures it (``TrialEvaluator._reuse_or_skip``); and a process
@@ -338,8 +340,15 @@ def _create(setup: Setup) -> tuple[optuna.Study, bool]:
     return study, True
 
 
-def process_seed(seed: int, trials_in_study: int) -> int:
-    """The sampler seed of this process: the user's seed mixed with who joins the study, and when."""
+def process_seed(seed: int, trials_in_study: int, created: bool) -> int:
+    """The sampler seed of this process: the user's own seed in the process that created the study, so that a new
+    study run by one process draws the same plans for the same ``--seed`` (and two runs that differ in one option,
+    such as stopping early, are paired draw for draw); in a process that joins or resumes a study, the seed mixed
+    with the host, the process and the study's size, so that concurrent workers and a resumed run do not replay
+    the creator's draws. (Until the eighteenth session every process mixed: runs with the same ``--seed`` were
+    independent draws, and the benchmarks' "same seed" pairs were not paired.)"""
+    if created:
+        return seed
     salt = f"{seed}|{trials_in_study}|{socket.gethostname()}|{os.getpid()}"
     return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4], "little")
 
@@ -773,7 +782,7 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
     if study is None:
         study, created_study = _create(setup)
     try:
-        study = _optimize(study, evaluator, setup, progress, log)
+        study = _optimize(study, evaluator, setup, progress, log, created_study)
         cache = evaluator.layer_cache
         if cache is not None and cache.hits + cache.misses:
             log(f"per-layer cache: {cache.hits} of {cache.hits + cache.misses} layers read from it "
@@ -796,11 +805,12 @@ def quality_floor(made_for: dict[str, Any]) -> float | None:
     return made_for.get("max_kl")
 
 
-def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, progress: bool, log: Any) -> optuna.Study:
+def _optimize(study: optuna.Study, evaluator: TrialEvaluator, setup: Setup, progress: bool, log: Any,
+              created: bool) -> optuna.Study:
     from tqdm.auto import tqdm
 
     total = setup.config.trials
-    seed = process_seed(setup.config.seed, len(study.trials))
+    seed = process_seed(setup.config.seed, len(study.trials), created)
     study.sampler = SAMPLERS[setup.config.sampler](seed)
     evaluator.max_kl = quality_floor(study.user_attrs[STUDY_ATTR])
     done = measured(study)
