@@ -268,11 +268,20 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
             # A new tensor, never a write into the old one: it may be the teacher's.
             module.weight = torch.nn.Parameter(compressed.to(old.dtype), old.requires_grad)
             replaced[id(old)] = (old, module.weight)
-    for module in model.modules():  # a tied weight (the embedding and the output head) is one parameter in two places
-        for name, parameter in module._parameters.items():
-            if parameter is not None and id(parameter) in replaced and replaced[id(parameter)][0] is parameter:
-                module._parameters[name] = replaced[id(parameter)][1]
+    repoint_parameters(model, lambda old: replaced[id(old)][1] if replaced.get(id(old), (None,))[0] is old else old)
     return model
+
+
+def repoint_parameters(model: Any, new_for: Callable[[torch.nn.Parameter], torch.nn.Parameter]) -> None:
+    """Put ``new_for(p)`` in every place of the model that holds parameter ``p``, calling it once per parameter: a
+    tied weight (the embedding and the output head) is one parameter in two places and stays one."""
+    chosen: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}  # (the old one held: its id stays unique)
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None:
+                if id(parameter) not in chosen:
+                    chosen[id(parameter)] = (parameter, new_for(parameter))
+                module._parameters[name] = chosen[id(parameter)][1]
 
 
 def pack(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,

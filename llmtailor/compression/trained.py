@@ -290,21 +290,19 @@ def _fill(skeleton: Any, stored: dict[str, Any], writable: Callable[[torch.nn.Pa
     """Give `skeleton` the stored tensors, one at a time: the skeleton's own parameter (perhaps the teacher's) where
     the stored one is equal, written into it where ``writable`` accepts it, else a new parameter; a tied pair stays
     one parameter."""
+    from llmtailor.compression import repoint_parameters
+
     names = _parameter_names(skeleton)
-    replaced: dict[int, torch.nn.Parameter] = {}
-    for module in skeleton.modules():
-        for attribute, parameter in list(module._parameters.items()):
-            if parameter is None:
-                continue
-            if id(parameter) not in replaced:
-                name = next(n for n in names[id(parameter)] if n in stored)
-                tensor = stored[name].tensor(name).to(parameter.dtype).to(parameter.device)
-                if torch.equal(tensor, parameter):
-                    replaced[id(parameter)] = parameter
-                elif writable is not None and writable(parameter):
-                    parameter.data.copy_(tensor)
-                    replaced[id(parameter)] = parameter
-                else:
-                    replaced[id(parameter)] = torch.nn.Parameter(tensor, requires_grad=False)
-            module._parameters[attribute] = replaced[id(parameter)]
+
+    def filled(parameter: torch.nn.Parameter) -> torch.nn.Parameter:
+        name = next(n for n in names[id(parameter)] if n in stored)
+        tensor = stored[name].tensor(name).to(parameter.dtype).to(parameter.device)
+        if torch.equal(tensor, parameter):
+            return parameter
+        if writable is not None and writable(parameter):
+            parameter.data.copy_(tensor)
+            return parameter
+        return torch.nn.Parameter(tensor, requires_grad=False)
+
+    repoint_parameters(skeleton, filled)
     skeleton.eval().requires_grad_(False)
