@@ -102,7 +102,7 @@ def test_workers_share_a_study_without_repeating_plans_or_overshooting(backend, 
 
 def test_a_new_study_run_by_one_process_draws_the_same_plans_for_the_same_seed(tiny_model_dir, tmp_path):
     # The creator samples with --seed itself, so that two runs differing in one option are paired draw for draw;
-    # only processes that join or resume a study mix in who they are (the test above and the workers' test).
+    # only processes that join or resume a study mix in who they are (the workers' test above, the resumed run's below).
     # Each run in its own process: a seed mixed with the process id would differ between them.
     draws = {}
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):

@@ -268,7 +268,7 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
             # A new tensor, never a write into the old one: it may be the teacher's.
             module.weight = torch.nn.Parameter(compressed.to(old.dtype), old.requires_grad)
             replaced[id(old)] = (old, module.weight)
-    repoint_parameters(model, lambda old: replaced[id(old)][1] if replaced.get(id(old), (None,))[0] is old else old)
+    repoint_parameters(model, lambda old: replaced.get(id(old), (old, old))[1])  # (`replaced` holds the old ones: ids stay unique)
     return model
 
 
