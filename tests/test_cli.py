@@ -431,3 +431,26 @@ def test_a_joint_guided_search_allocates_bits_and_cuts_prunes_and_distills(tiny_
     assert any(p.get("sparsity") for p in plans) and any(p.get("student", {}).get("layers") for p in plans)
     assert any(p.get("student", {}).get("distillation", {}).get("steps") for p in plans)
     assert study.user_attrs["llmtailor"]["space_choices"]["precision"] == "guided"
+
+
+def test_a_joint_space_file_resumes_from_another_path_and_is_refused_when_its_choices_changed(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    first, moved = tmp_path / "a" / "space.yaml", tmp_path / "b" / "mine.yaml"
+    for file in (first, moved):
+        file.parent.mkdir()
+        file.write_text("preset: quant\nbits: [8]\n")
+    argv = ["fit", tiny_model_dir, "--memory", "2MB", "--results", tmp_path, "--calibration-windows", 2,
+            "--tasks", "none", "--study", "moved", *FAST]
+    code, _, err = run([*argv, "--trials", 1, "--space", first], capsys)
+    assert code == 0, err
+    # The same choices in a file at another path (a moved file, another checkout): the study continues.
+    code, _, err = run([*argv, "--trials", 2, "--space", moved], capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="moved", storage=f"sqlite:///{tmp_path / 'moved' / 'study.db'}")
+    assert study_mod.measured(study) == 2
+    moved.write_text("preset: quant\nbits: [4, 8]\n")  # the file now offers other choices: refused
+    code, _, err = run([*argv, "--trials", 3, "--space", moved], capsys)
+    assert code == 2 and "made with another space choices" in err, err
+    code, _, err = run([*argv, "--trials", 3, "--space", "direct"], capsys)  # not a joint space at all
+    assert code == 2 and "made with another space, space choices" in err, err

@@ -287,10 +287,15 @@ def _check_made_for(setup: Setup, study: optuna.Study) -> None:
         raise UserError(f"study {setup.study_name!r} in {storage_mod.redact(setup.storage_url)} was not made by "
                         "llmtailor: choose another --study name")
     wanted = setup.fingerprint()
-    differs = [k for k in ("model", "device", "workload", "space", "objectives", "tasks", "text", "calibration")
-               if _with_later_fields(k, made_for.get(k)) != wanted.get(k)]
+    # A joint space is what it offers, not how it was named: the same YAML file moved, or given by another
+    # path, resumes; a file whose choices changed does not. (Other spaces, and studies made before choices were
+    # stored, resume by the space's name.)
+    by_choices = "space_choices" in made_for and wanted.get("space_choices") is not None
+    keys = ("model", "device", "workload", *(() if by_choices else ("space",)), "objectives", "tasks", "text",
+            "calibration")
+    differs = [k for k in keys if _with_later_fields(k, made_for.get(k)) != wanted.get(k)]
     if "space_choices" in made_for and made_for["space_choices"] != wanted.get("space_choices"):
-        differs.append("space choices")  # (studies made before choices were stored resume by the space's name)
+        differs.append("space choices")
     for key in ("eval_texts", "quality_text"):
         if made_for.get(key) != wanted.get(key):
             differs.append(key.replace("_", " "))
