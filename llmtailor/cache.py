@@ -10,17 +10,25 @@ profile by measuring again).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from llmtailor.errors import UserError
 
 KINDS = {"gguf": "GGUF files converted to float32 model folders", "tasks": "items of built-in lm-eval tasks",
          "calibration": "calibration statistics (layer input second moments) per model and calibration",
          "layers": "compressed layers (the per-layer cache of calibrated searches)",
          "sensitivity": "layer sensitivities of guided searches", "importance": "importance for structured cuts",
          "teacher": "the teacher's top-k next-token log-probabilities that distillation trains students on",
+         "students": "distilled students of searches, kept so a plan's student trains once",
+         "teacher_weights": "a copy of a teacher's weights that searches restore it from, where its own files cannot",
          "host": "this machine's measured device profile (`llmtailor devices --calibrate`)"}
+
+
+SHARDED = {"layers"}  # kinds whose entries sit in folders named by their key's first two characters
 
 
 def cache_dir() -> Path:
@@ -39,27 +47,49 @@ class Entry:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes under `path`; a file a running sweep renames or removes meanwhile counts 0, not an error."""
+    def size_of(file: Path) -> int:
+        try:
+            return file.stat().st_size if file.is_file() else 0
+        except OSError:
+            return 0
+
+    return size_of(path) if not path.is_dir() else sum(size_of(p) for p in path.rglob("*"))
 
 
-def entries() -> list[Entry]:
-    """Everything in the cache, by kind and name (half-written staging folders included, so clear removes them)."""
+def entries(kinds: list[str] | None = None) -> list[Entry]:
+    """Everything in the cache (or of `kinds` only), by kind and name (half-written staging folders included, so
+    clear removes them)."""
+    unknown = sorted(set(kinds or ()) - set(KINDS))
+    if unknown:
+        raise UserError(f"no cache kind {', '.join(map(repr, unknown))}: the kinds are {', '.join(KINDS)}")
     found = []
-    for kind in KINDS:
+    for kind in kinds or KINDS:
         folder = cache_dir() / kind
         if folder.is_dir():
-            found += [Entry(kind, p, _size(p)) for p in sorted(folder.iterdir())]
+            items = sorted(folder.iterdir())
+            if kind in SHARDED:
+                items = [p for shard in items for p in (sorted(shard.iterdir()) if shard.is_dir() else [shard])]
+            found += [Entry(kind, p, _size(p)) for p in items]
     return found
 
 
-def clear() -> list[Entry]:
-    """Delete every cache entry; return what was deleted."""
-    removed = entries()
+def _gone_is_fine(function, path, exc_info) -> None:
+    """rmtree's error handler: a file a running sweep renamed or removed meanwhile is no error; anything else is."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+def clear(kinds: list[str] | None = None) -> list[Entry]:
+    """Delete every cache entry (or those of `kinds`); return what was deleted."""
+    removed = entries(kinds)
     for entry in removed:
         if entry.path.is_dir():
-            shutil.rmtree(entry.path)
+            shutil.rmtree(entry.path, onerror=_gone_is_fine)
         else:
-            entry.path.unlink()
+            entry.path.unlink(missing_ok=True)
+    for kind in SHARDED & set(kinds or KINDS):
+        for shard in (cache_dir() / kind).glob("*/"):
+            with contextlib.suppress(OSError):  # a worker may be writing into it
+                shard.rmdir()
     return removed

@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --calibrate: the runtime to measure; llama.cpp (needs llama-cpp-python and the "
                          "host profile) fits the 'host-llama.cpp' profile on random models in four GGUF formats "
                          "(about five minutes)")
-    cache = sub.add_parser("cache", help="list what llmtailor keeps in its cache (converted GGUF models, task items)")
-    cache.add_argument("--clear", action="store_true", help="delete everything in the cache")
+    cache = sub.add_parser("cache", help="what llmtailor keeps in its cache, by kind (converted GGUF models, the "
+                                 "per-layer cache, students...), and clearing it")
+    cache.add_argument("--clear", nargs="*", metavar="KIND",
+                       help="delete everything in the cache, or only these kinds (e.g. --clear layers students)")
+    cache.add_argument("--entries", action="store_true", help="list every entry, not one line per kind")
     return parser
 
 
@@ -378,11 +381,19 @@ def _cache(args: argparse.Namespace) -> int:
     from llmtailor import cache
     from llmtailor.hw_profiles import format_size
 
-    found = cache.clear() if args.clear else cache.entries()
-    for entry in found:
-        print(f"{'removed ' if args.clear else ''}{entry.kind:<6} {format_size(entry.bytes):>10}  {entry.path}")
+    clearing = args.clear is not None
+    found = cache.clear(args.clear) if clearing else cache.entries()
+    if args.entries:
+        for entry in found:
+            print(f"{'removed ' if clearing else ''}{entry.kind:<6} {format_size(entry.bytes):>10}  {entry.path}")
+    else:  # one line per kind: a sweep's layer cache alone is thousands of files in 256 folders
+        for kind, what in cache.KINDS.items():
+            of_kind = [e for e in found if e.kind == kind]
+            if of_kind:
+                print(f"{'removed ' if clearing else ''}{kind:<15} {len(of_kind):>5} entries {format_size(sum(e.bytes for e in of_kind)):>10}"
+                      f"  {what}")
     total = format_size(sum(e.bytes for e in found))
-    verb = "removed" if args.clear else "in"
+    verb = "removed" if clearing else "in"
     print(f"{len(found)} entries, {total} {verb} {cache.cache_dir()}" if found else f"the cache {cache.cache_dir()} is empty")
     return 0
 

@@ -138,6 +138,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("weights file truncated", ["fit", "{in}/truncated-weights", "--memory", "8GB"],
      r"model.safetensors is truncated or damaged"),
     ("unknown device", ["fit", "{model}", "--device", "toaster"], r"unknown device 'toaster'"),
+    ("unknown cache kind to clear", ["cache", "--clear", "layers", "nosuch"],
+     r"no cache kind 'nosuch': the kinds are gguf, tasks, .*students"),
     ("device YAML missing a field", ["fit", "{model}", "--device", "{in}/missing-field.yaml"],
      r"missing field\(s\) \['power_watts'\]"),
     ("device YAML negative bandwidth", ["fit", "{model}", "--device", "{in}/negative-bandwidth.yaml"],

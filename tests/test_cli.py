@@ -142,6 +142,40 @@ def test_devices_lists_the_profiles(capsys):
         assert name in out
 
 
+def test_the_cache_command_sums_each_kind_lists_entries_and_clears_only_the_kinds_named(tmp_path, capsys,
+                                                                                        monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
+    for name, size in (("layers/ab/ab12.safetensors", 1000), ("layers/ab/ab34.safetensors", 2000),
+                       ("layers/cd/cd56.safetensors", 500), ("students/s1/model.safetensors", 4000),
+                       ("students/s1/training.json", 10), ("tasks/arc.json", 30)):
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_bytes(b"x" * size)
+    code, out, _ = run(["cache"], capsys)
+    assert code == 0
+    assert re.search(r"^layers +3 entries +3.5 kB", out, re.M), out  # the files, not the two shard folders
+    assert re.search(r"^students +1 entries +4.0 kB", out, re.M) and re.search(r"^tasks +1 entries", out, re.M), out
+    assert "6 entries" not in out and out.strip().endswith(f"5 entries, 7.5 kB in {cache}")
+    code, out, _ = run(["cache", "--entries"], capsys)
+    assert str(cache / "layers" / "ab" / "ab12.safetensors") in out and str(cache / "students" / "s1") in out
+    code, out, _ = run(["cache", "--clear", "layers", "tasks"], capsys)
+    assert code == 0 and re.search(r"^removed layers +3 entries", out, re.M), out
+    assert sorted(p.name for p in cache.iterdir()) == ["layers", "students", "tasks"]
+    assert not any((cache / "layers").iterdir()) and not any((cache / "tasks").iterdir())  # shard folders too
+    assert (cache / "students" / "s1" / "training.json").is_file(), "a kind not named was cleared"
+    code, out, _ = run(["cache", "--clear"], capsys)
+    assert code == 0 and "removed students" in out and not any((cache / "students").iterdir())
+    code, out, _ = run(["cache"], capsys)
+    assert "is empty" in out
+
+
+def _only_known_kinds(cache):
+    """Every folder a search writes into the cache is a kind `llmtailor cache` lists and clears."""
+    from llmtailor.cache import KINDS
+
+    assert {p.name for p in cache.iterdir()} <= set(KINDS), sorted(p.name for p in cache.iterdir())
+
+
 def test_an_interrupted_trial_is_not_counted_and_is_redone(tiny_model_dir, tmp_path, monkeypatch):
     from llmtailor.evaluators import quality
 
@@ -183,6 +217,7 @@ def test_a_guided_search_calibrates_once_and_names_its_calibration(tiny_model_di
     # The second study reuses the statistics and sensitivities and adds no layer: every plan is assembled from them.
     assert {p: p.stat().st_mtime_ns for p in made} == made
     assert sorted((cache / "layers").rglob("*.safetensors")) == layers
+    _only_known_kinds(cache)
     html = (tmp_path / "second" / "report.html").read_text()
     assert "GPTQ calibrated on pydoc calibration split, 4 x 512 tokens" in html
     study = optuna.load_study(study_name="second", storage=f"sqlite:///{tmp_path / 'second' / 'study.db'}")
@@ -296,6 +331,7 @@ def test_a_distill_search_trains_each_student_once_ranks_short_runs_first_and_re
     third = optuna.load_study(study_name="third", storage=f"sqlite:///{tmp_path / 'third' / 'study.db'}")
     assert sorted(p.name for p in (cache / "students").iterdir()) == kept
     assert all(t.user_attrs["train_seconds_spent"] == 0 for t in third.trials if t.user_attrs.get("fidelity"))
+    _only_known_kinds(cache)
 
 
 def test_quality_is_measured_and_reported_on_each_evaluation_text(tiny_model_dir, tmp_path, capsys):

