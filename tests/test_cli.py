@@ -169,6 +169,14 @@ def test_the_cache_command_sums_each_kind_lists_entries_and_clears_only_the_kind
     assert "is empty" in out
 
 
+def test_a_malformed_layer_cache_bound_is_one_line_before_anything_loads(tiny_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setenv("LLMTAILOR_LAYER_CACHE_MAX", "0MB")
+    code, _, err = run(["fit", tiny_model_dir, "--memory", "500kB", "--results", tmp_path, *FAST], capsys)
+    assert code == 2 and err.strip() == "llmtailor: error: LLMTAILOR_LAYER_CACHE_MAX must be more than zero, got '0MB'"
+    assert not any(tmp_path.iterdir())
+
+
 def _only_known_kinds(cache):
     """Every folder a search writes into the cache is a kind `llmtailor cache` lists and clears."""
     from llmtailor.cache import KINDS

@@ -236,6 +236,54 @@ def test_the_layer_cache_serves_later_trials_and_rebuilds_a_damaged_entry(tiny, 
         "x", LayerPrecision(4, 32, method="gptq", damp=0.1), LayerSparsity())
 
 
+def test_a_bounded_layer_cache_deletes_the_least_recently_read_entries_and_solves_them_again(tiny, stats, tmp_path):
+    from llmtailor.compression.layer_cache import LayerCache, model_fingerprint
+
+    stats, _ = stats
+    layers = tiny.arch.linears[:3]
+    plans = {bits: CompressionPlan(precision={x.name: LayerPrecision(bits, 32, method="gptq") for x in layers})
+             for bits in (4, 3, 2)}  # codes are a byte each whatever the bits: three entries of the same sizes
+
+    def entries():
+        return {p.name: p.stat().st_size for p in tmp_path.rglob("*.safetensors")}
+
+    cache = LayerCache(tmp_path, model_fingerprint(tiny.model), "calibration-1")
+    first = compression.apply(plans[4], tiny.model, tiny.arch, stats, cache)
+    plan_bytes = sum(entries().values())
+    cache.max_bytes = int(2.5 * plan_bytes) + 2  # two plans' layers fit, three do not
+    compression.apply(plans[3], tiny.model, tiny.arch, stats, cache)
+    of = {bits: {cache.key(x.name, plan.precision[x.name], LayerSparsity()) + ".safetensors" for x in layers}
+          for bits, plan in plans.items()}
+    assert set(entries()) == of[4] | of[3] and cache.evicted == 0
+    compression.apply(plans[4], tiny.model, tiny.arch, stats, cache)  # read: now more recent than the 3-bit ones
+    compression.apply(plans[2], tiny.model, tiny.arch, stats, cache)
+    kept = set(entries())
+    assert of[4] | of[2] <= kept, "the entries read or written last are kept"
+    assert 1 <= cache.evicted == len(of[3] - kept), "the least recently read go first, and only they"
+    assert sum(entries().values()) <= cache.max_bytes
+    misses = cache.misses
+    compression.apply(plans[3], tiny.model, tiny.arch, stats, cache)  # deleted ones: solved again (and a kept one
+    # may go before its turn to be read comes, to make room for them: it is the least recently read)
+    assert misses + len(of[3] - kept) <= cache.misses <= misses + 3 and sum(entries().values()) <= cache.max_bytes
+    again = compression.apply(plans[4], tiny.model, tiny.arch, stats, cache)
+    for lin in layers:
+        assert torch.equal(first.get_submodule(lin.name).weight, again.get_submodule(lin.name).weight)
+
+
+def test_the_layer_cache_bound_comes_from_the_environment(monkeypatch):
+    from llmtailor.compression.layer_cache import max_bytes_from_env
+
+    monkeypatch.delenv("LLMTAILOR_LAYER_CACHE_MAX", raising=False)
+    assert max_bytes_from_env() == 20 * 10**9
+    monkeypatch.setenv("LLMTAILOR_LAYER_CACHE_MAX", "1.5GB")
+    assert max_bytes_from_env() == 15 * 10**8
+    monkeypatch.setenv("LLMTAILOR_LAYER_CACHE_MAX", "None")
+    assert max_bytes_from_env() is None
+    monkeypatch.setenv("LLMTAILOR_LAYER_CACHE_MAX", "lots")
+    with pytest.raises(UserError, match="malformed LLMTAILOR_LAYER_CACHE_MAX 'lots'"):
+        max_bytes_from_env()
+
+
 def test_a_process_checks_an_entry_once_and_again_when_the_file_is_replaced(tiny, stats, tmp_path, monkeypatch):
     from llmtailor.compression import layer_cache
     from llmtailor.compression.layer_cache import LayerCache, model_fingerprint

@@ -15,12 +15,23 @@ temporary file and renamed into place, so processes writing the same entry at on
 each leave a whole file (they hold the same bytes). Only the solvers (GPTQ, SparseGPT)
 are cached: round-to-nearest, magnitude and Wanda masks take milliseconds to
 recompute, about what reading them back would take.
+
+The folder is bounded (``LLMTAILOR_LAYER_CACHE_MAX``, default ``DEFAULT_MAX``; ``none``: no bound): every
+plan a sweep solves adds its layers (one byte per weight at 8 bits and below, two at 16), which on this
+project's benchmark VM reached 45 GB for a 135M model and would fill a disk in one night for a 7B one. A
+read sets the entry's access time; when a process's writes may have taken the folder past the bound it
+lists the folder and deletes the least recently read entries until it holds ``LOW_WATER`` of the bound.
+Eviction is safe while other workers run: a deleted entry is a miss, solved again. Each process counts only
+its own writes between listings, so N workers may overshoot the bound by about N x ``RECOUNT`` of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +40,20 @@ import torch
 from llmtailor import files
 from llmtailor.compression.quantize import QuantizedWeight
 from llmtailor.plan import LayerPrecision, LayerSparsity
+
+DEFAULT_MAX = "20GB"
+LOW_WATER = 0.8  # eviction stops at this share of the bound, so the next listing is a share of the bound away
+RECOUNT = 0.05  # a process lists the folder again after writing this share of the bound
+
+
+def max_bytes_from_env() -> int | None:
+    """The folder's bound in bytes from ``LLMTAILOR_LAYER_CACHE_MAX`` ('20GB', '500MB'; 'none': unbounded)."""
+    from llmtailor.hw_profiles import parse_size
+
+    text = os.environ.get("LLMTAILOR_LAYER_CACHE_MAX", "").strip() or DEFAULT_MAX
+    if text.lower() == "none":
+        return None
+    return parse_size(text, "LLMTAILOR_LAYER_CACHE_MAX")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -61,21 +86,25 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _stamp(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file is rewritten or replaced (an atomic rename makes a new inode), or None: absent."""
+    """What changes when a file is rewritten or replaced (an atomic rename makes a new inode), or None: absent.
+    Not the change time: marking an entry read (its access time) changes that."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class LayerCache:
     """Compressed layers of one model under one calibration, on disk; counts its hits and misses."""
 
-    def __init__(self, root: Path, model: str, calibration: str | None) -> None:
+    def __init__(self, root: Path, model: str, calibration: str | None, max_bytes: int | None = None) -> None:
+        """``max_bytes``: the folder's bound (None: unbounded); it holds every model's entries, so bound them all."""
         self.root = Path(root)
-        self.model, self.calibration = model, calibration
-        self.hits = self.misses = self.rebuilt = 0
+        self.model, self.calibration, self.max_bytes = model, calibration, max_bytes
+        self.hits = self.misses = self.rebuilt = self.evicted = 0
+        self._listed: int | None = None  # the folder's bytes at this process's last listing, after eviction
+        self._unlisted = 0  # bytes this process wrote since
         self._verified: dict[Path, tuple[int, ...]] = {}  # entry -> its file's stamp when its checksum matched
 
     def key(self, layer: str, precision: LayerPrecision, sparsity: LayerSparsity, kept: str | None = None) -> str:
@@ -110,6 +139,9 @@ class LayerCache:
             self.rebuilt += 1
             return None
         self.hits += 1
+        if self.max_bytes is not None:  # recency for eviction; the modification time (in the stamp) is kept
+            with contextlib.suppress(OSError):  # evicted by another worker meanwhile: this read still holds it
+                os.utime(path, ns=(time.time_ns(), stamp[2]))
         quantized = None
         if "codes" in tensors:
             quantized = QuantizedWeight(tensors["codes"], tensors["scales"], tensors["zeros"], int(meta["bits"]),
@@ -132,6 +164,31 @@ class LayerCache:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta["sha256"] = _checksum(tensors)
         files.write_with(self._path(key), lambda staging: save_file(tensors, staging, metadata=meta))
+        if self.max_bytes is not None:
+            self._unlisted += sum(t.numel() * t.element_size() for t in tensors.values())
+            if (self._listed is None or self._listed + self._unlisted > self.max_bytes
+                    or self._unlisted > RECOUNT * self.max_bytes):
+                self.bound()
+
+    def bound(self) -> None:
+        """List the folder; when it holds more than the bound, delete the least recently read entries until it
+        holds ``LOW_WATER`` of it."""
+        found = []
+        for path in self.root.glob("*/*.safetensors"):
+            with contextlib.suppress(OSError):  # renamed or evicted by another worker meanwhile
+                stat = path.stat()
+                found.append((stat.st_atime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in found)
+        if self.max_bytes is not None and total > self.max_bytes:
+            for _, size, path in sorted(found):
+                if total <= LOW_WATER * self.max_bytes:
+                    break
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    self.evicted += 1
+                self._verified.pop(path, None)
+                total -= size
+        self._listed, self._unlisted = total, 0
 
     def size_bytes(self) -> int:
         """Bytes of every entry on disk."""

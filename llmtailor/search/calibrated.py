@@ -45,7 +45,7 @@ def prepare(space: SearchSpace, teacher: Any, tokenizer: Any, arch: Any, spec: c
     stats = calibration.load_or_collect(teacher, arch, lambda: spec.make_windows(teacher, tokenizer, device, progress),
                                         key, models.cache_dir(), device, progress)
     seconds["statistics"] = time.perf_counter() - started
-    cache = layer_cache.LayerCache(models.cache_dir() / "layers", fingerprint, key)
+    cache = layer_cache.LayerCache(models.cache_dir() / "layers", fingerprint, key, layer_cache.max_bytes_from_env())
     if space.needs_sensitivity:
         started = time.perf_counter()
         found = sensitivity.for_space(space, teacher, tokenizer, arch, stats, spec, key, cache,

@@ -71,6 +71,7 @@ import optuna
 from llmtailor import files, hw_profiles, models, spaces, text
 from llmtailor.arch import Architecture
 from llmtailor.compression import calibration as calibration_mod
+from llmtailor.compression import layer_cache
 from llmtailor.errors import UserError
 from llmtailor.evaluators import cost, quality
 from llmtailor.evaluators import tasks as lm_tasks
@@ -210,6 +211,7 @@ def prepare(config: SearchConfig) -> Setup:
     if config.max_kl is not None and not (math.isfinite(config.max_kl) and config.max_kl > 0):
         raise UserError(f"--max-kl must be a positive number of nats per token, or none, got {config.max_kl}")
     models.torch_device(config.torch_device)
+    layer_cache.max_bytes_from_env()  # a malformed bound fails here, before anything loads
     profile = device_profile(config.device, config.memory)
     space = spaces.get(config.space)
     objectives = objectives_mod.get(config.objectives)
@@ -412,7 +414,7 @@ class TrialEvaluator:
                 self.students = trained.TrainedStudents(
                     teacher.model, lambda: spec.make_windows(teacher.model, teacher.tokenizer, device, progress),
                     made.key, models.cache_dir(), device, progress=progress)
-        from llmtailor.compression import layer_cache, originals
+        from llmtailor.compression import originals
 
         fingerprint = self.layer_cache.model if self.layer_cache else layer_cache.model_fingerprint(self.teacher.model)
         self.originals = originals.Originals(self.teacher.model, models.cache_dir() / "teacher_weights", fingerprint,
@@ -791,7 +793,9 @@ def run(setup: Setup, *, progress: bool = True, log: Any = None) -> optuna.Study
         cache = evaluator.layer_cache
         if cache is not None and cache.hits + cache.misses:
             log(f"per-layer cache: {cache.hits} of {cache.hits + cache.misses} layers read from it "
-                f"({cache.hit_rate:.0%}), {format_size(cache.size_bytes())} on disk in {cache.root}")
+                f"({cache.hit_rate:.0%}), {format_size(cache.size_bytes())} on disk in {cache.root}"
+                + (f" (bound {format_size(cache.max_bytes)}: {cache.evicted} least recently read deleted)"
+                   if cache.evicted else ""))
         return study
     except BaseException:
         if created_study:
