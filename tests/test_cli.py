@@ -342,6 +342,27 @@ def test_a_distill_search_trains_each_student_once_ranks_short_runs_first_and_re
     _only_known_kinds(cache)
 
 
+def test_a_space_that_trains_every_weight_of_its_students_runs_in_a_sweep(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    from llmtailor.spaces.joint import DISTILL_FULL_LEARNING_RATE
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "full.yaml"
+    space.write_text("preset: distill\ncut_blocks: [0.0, 0.2]\ncut_heads: [0.0]\ncut_mlp: [0.0]\n"
+                     "distill_steps: [0, 4]\ndistill_lora_ranks: [0]\n")
+    code, _, err = run(["fit", tiny_model_dir, "--memory", "2MB", "--trials", 5, "--results", tmp_path, "--space",
+                        space, "--calibration-windows", 2, "--tasks", "none", "--study", "full", *FAST], capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'full' / 'study.db'}")
+    (distilled,) = [t for t in study.trials if t.user_attrs.get("distill_steps")]  # the distilled depth-cut baseline
+    recipe = json.loads(distilled.user_attrs["plan"])["student"]["distillation"]
+    assert recipe.get("lora_rank", 0) == 0 and recipe["learning_rate"] == DISTILL_FULL_LEARNING_RATE
+    assert distilled.user_attrs["train_seconds"] > 0 and distilled.user_attrs["kl"] > 0
+    (undistilled,) = [t for t in study.trials if t.params.get("cut_blocks") and not t.user_attrs.get("distill_steps")]
+    assert distilled.user_attrs["kl"] != undistilled.user_attrs["kl"], "training changed nothing"
+    assert any((tmp_path / "cache" / "students").iterdir()), "the student is kept"
+
+
 def test_quality_is_measured_and_reported_on_each_evaluation_text(tiny_model_dir, tmp_path, capsys):
     other = tmp_path / "other.txt"
     words = "river stone lantern orchard violin harbour meadow copper thistle beacon".split()

@@ -111,6 +111,35 @@ def test_the_distill_space_distills_only_cut_students_for_a_sampled_budget(tiny)
     assert budgets == set(space.choices.distill_steps) and space.distills
 
 
+def test_a_space_may_offer_students_trained_in_every_weight_besides_adapters(tiny, tmp_path):
+    from llmtailor.spaces.joint import DISTILL_FULL_LEARNING_RATE, DISTILL_LEARNING_RATE, DISTILL_LORA_RANK
+
+    assert "distill_lora_ranks" not in spaces.get("distill").choices.to_dict()  # the default: stored studies resume
+    path = tmp_path / "ranks.yaml"
+    path.write_text("preset: distill\ndistill_steps: [40]\ndistill_lora_ranks: [0, 16]\n")
+    space = spaces.get(str(path))
+    assert space.choices.to_dict()["distill_lora_ranks"] == [0, 16]
+    study, recipes = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)), set()
+    for _ in range(30):
+        trial = study.ask()
+        recipe = space.sample(trial, tiny.arch).student.distillation
+        if recipe.steps:
+            assert recipe.lora_rank == trial.params["distill_lora_rank"]
+            recipes.add((recipe.lora_rank, recipe.learning_rate))
+        cut = any(trial.params.get(k) for k in ("cut_blocks", "cut_heads", "cut_mlp"))
+        assert ("distill_lora_rank" in trial.params) == cut  # sampled only where a student would train
+        study.tell(trial, 0.0)
+    assert recipes == {(0, DISTILL_FULL_LEARNING_RATE), (16, DISTILL_LEARNING_RATE)}
+    path.write_text("preset: distill\ndistill_lora_ranks: 0\n")  # one value: every student trains every weight
+    baseline = spaces.get(str(path)).plan(spaces.get(str(path)).baselines(tiny.arch)[-1], tiny.arch)
+    assert baseline.student.distillation.steps and baseline.student.distillation.lora_rank == 0
+    assert spaces.get("distill").plan(spaces.get("distill").baselines(tiny.arch)[-1],
+                                      tiny.arch).student.distillation.lora_rank == DISTILL_LORA_RANK
+    path.write_text("distill_lora_ranks: [-1]\n")
+    with pytest.raises(UserError, match=r"distill_lora_ranks: \[-1\] must be distinct adapter ranks >= 0"):
+        spaces.get(str(path))
+
+
 def test_a_users_yaml_narrows_a_preset_and_bad_files_are_one_line_errors(tiny, tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("preset: prune\nbits: [8, 4]\nprune_patterns: [dense, '2:4']\ncut_blocks: 0.0\n")

@@ -24,7 +24,11 @@ A trial samples, each axis only where the space's ``Choices`` offer more than on
   whole and AdamW keeps moments for the adapters only, which keeps training a student
   within 3x the float32 teacher's memory (2.9x; full-weight training 6.2x, before this
   recipe 8x: bench_distill_memory.py); trained students are kept by ``compression.trained``, and
-  the search's fidelity levels train a quarter of a budget first (``search.study``).
+  the search's fidelity levels train a quarter of a budget first (``search.study``). A space may
+  offer rank 0, every weight trained at ``DISTILL_FULL_LEARNING_RATE`` (``distill_lora_ranks``):
+  better for depth cuts at 40 steps (KL 0.543 against LoRA's 0.608; LoRA better for an MLP cut,
+  0.231 against 0.255: bench_distill.py), for a GPU, whose memory training uses instead of the
+  process's, or a machine with the memory to spare (a student that does not fit is refused).
 
 Layers pruned by SparseGPT and quantized by GPTQ are solved jointly in input order, so
 they get ``act_order=False``. Which blocks a depth cut keeps and how OWL spreads a ratio
@@ -59,6 +63,7 @@ from llmtailor.spaces.guided import GuidedSpace
 WIDTH_MULTIPLE = 8
 DISTILL_LEARNING_RATE = 1e-3  # adapters train at a higher rate than whole weights
 DISTILL_LORA_RANK = 16
+DISTILL_FULL_LEARNING_RATE = 2e-4  # every weight, rank 0 (bench_distill.py's KD recipe)
 PATTERNS = ("dense", "unstructured", "2:4", "4:8")
 METHODS = ("wanda", "sparsegpt")
 
@@ -78,6 +83,7 @@ class Choices:
     cut_heads: tuple[float, ...] = (0.0, 0.33)  # share of KV groups removed
     cut_mlp: tuple[float, ...] = (0.0, 0.125, 0.25)  # share of MLP channels removed
     distill_steps: tuple[int, ...] = (0, 40, 160)  # KD steps of a cut student
+    distill_lora_ranks: tuple[int, ...] = (DISTILL_LORA_RANK,)  # 0: train every weight (memory: see above)
 
     def __post_init__(self) -> None:
         def check(name: str, ok: Any, what: str) -> None:
@@ -97,6 +103,8 @@ class Choices:
             check(name, lambda v: isinstance(v, int | float) and 0 <= v < 1, "shares in [0, 1)")
         check("distill_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
               "step counts >= 0")
+        check("distill_lora_ranks", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+              "adapter ranks >= 0 (0: every weight)")
 
     @property
     def cuts(self) -> bool:
@@ -107,9 +115,13 @@ class Choices:
         return self.prune_patterns != ("dense",)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The choices as JSON; a later field at its default is left out, so studies stored before it resume."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if not (k in LATER_FIELDS and v == getattr(DEFAULTS, k))}
 
 
+LATER_FIELDS = ("distill_lora_ranks",)
+DEFAULTS = Choices()
 NO_CUT = {"cut_blocks": (0.0,), "cut_heads": (0.0,), "cut_mlp": (0.0,), "distill_steps": (0,)}
 PRESETS = {
     "quant": Choices(prune_patterns=("dense",), **NO_CUT),
@@ -180,6 +192,8 @@ class JointSpace(SearchSpace):
             params[name] = pick(name, getattr(c, name))
         if params["cut_blocks"] or params["cut_heads"] or params["cut_mlp"]:
             params["distill_steps"] = pick("distill_steps", c.distill_steps)
+            if params["distill_steps"]:
+                params["distill_lora_rank"] = pick("distill_lora_rank", c.distill_lora_ranks)
         params["prune_pattern"] = pick("prune_pattern", c.prune_patterns)
         if params["prune_pattern"] != "dense":
             params["prune_method"] = pick("prune_method", c.prune_methods)
@@ -231,8 +245,9 @@ class JointSpace(SearchSpace):
         steps = params.get("distill_steps", 0)
         if not (layers is not None or heads or mlp_width):
             steps = 0  # a share too small to remove a block, head group or channel of this model cuts nothing
-        recipe = (Distillation(steps=steps, learning_rate=DISTILL_LEARNING_RATE, lora_rank=DISTILL_LORA_RANK) if steps
-                  else Distillation())
+        rank = params.get("distill_lora_rank", self.choices.distill_lora_ranks[0])
+        recipe = (Distillation(steps=steps, learning_rate=DISTILL_LEARNING_RATE if rank else DISTILL_FULL_LEARNING_RATE,
+                               lora_rank=rank) if steps else Distillation())
         return Student(layers=layers, heads=heads, mlp_width=mlp_width, distillation=recipe)
 
     def block_ratios(self, params: dict[str, Any], kept: list[int]) -> dict[int, float]:
@@ -298,7 +313,7 @@ class JointSpace(SearchSpace):
         allowed = {"group_size": c.group_sizes, "embed_bits": c.bits, "cut_blocks": c.cut_blocks,
                    "cut_heads": c.cut_heads, "cut_mlp": c.cut_mlp, "distill_steps": c.distill_steps,
                    "prune_pattern": c.prune_patterns, "prune_method": c.prune_methods, "prune_ratio": c.prune_ratios,
-                   "owl": c.owl}
+                   "owl": c.owl, "distill_lora_rank": c.distill_lora_ranks}
         for key, value in params.items():
             values = c.bits if key.startswith("bits_") else allowed.get(key)
             if values is not None and value not in values:
