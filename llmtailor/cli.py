@@ -385,7 +385,7 @@ def _cache(args: argparse.Namespace) -> int:
     found = cache.clear(args.clear) if clearing else cache.entries()
     if args.entries:
         for entry in found:
-            print(f"{'removed ' if clearing else ''}{entry.kind:<6} {format_size(entry.bytes):>10}  {entry.path}")
+            print(f"{'removed ' if clearing else ''}{entry.kind:<15} {format_size(entry.bytes):>10}  {entry.path}")
     else:  # one line per kind: a sweep's layer cache alone is thousands of files in 256 folders
         for kind, what in cache.KINDS.items():
             of_kind = [e for e in found if e.kind == kind]
