@@ -173,11 +173,7 @@ class LayerCache:
     def bound(self) -> None:
         """List the folder; when it holds more than the bound, delete the least recently read entries until it
         holds ``LOW_WATER`` of it."""
-        found = []
-        for path in self.root.glob("*/*.safetensors"):
-            with contextlib.suppress(OSError):  # renamed or evicted by another worker meanwhile
-                stat = path.stat()
-                found.append((stat.st_atime_ns, stat.st_size, path))
+        found = self._listing()
         total = sum(size for _, size, _ in found)
         if self.max_bytes is not None and total > self.max_bytes:
             for _, size, path in sorted(found):
@@ -190,9 +186,18 @@ class LayerCache:
                 total -= size
         self._listed, self._unlisted = total, 0
 
+    def _listing(self) -> list[tuple[int, int, Path]]:
+        """(access time, bytes, path) of every entry on disk; one another worker evicts meanwhile is left out."""
+        found = []
+        for path in self.root.glob("*/*.safetensors"):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                found.append((stat.st_atime_ns, stat.st_size, path))
+        return found
+
     def size_bytes(self) -> int:
         """Bytes of every entry on disk."""
-        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors")) if self.root.is_dir() else 0
+        return sum(size for _, size, _ in self._listing())
 
     @property
     def hit_rate(self) -> float:

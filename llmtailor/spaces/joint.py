@@ -85,6 +85,8 @@ class Choices:
     distill_steps: tuple[int, ...] = (0, 40, 160)  # KD steps of a cut student
     distill_lora_ranks: tuple[int, ...] = (DISTILL_LORA_RANK,)  # 0: train every weight (memory: see above)
 
+    LATER_FIELDS = ("distill_lora_ranks",)  # fields added after studies stored their choices (no annotation: not a field)
+
     def __post_init__(self) -> None:
         def check(name: str, ok: Any, what: str) -> None:
             values = getattr(self, name)
@@ -116,12 +118,11 @@ class Choices:
 
     def to_dict(self) -> dict[str, Any]:
         """The choices as JSON; a later field at its default is left out, so studies stored before it resume."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in self.LATER_FIELDS}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-                if not (k in LATER_FIELDS and v == getattr(DEFAULTS, k))}
+                if k not in defaults or defaults[k] != v}
 
 
-LATER_FIELDS = ("distill_lora_ranks",)
-DEFAULTS = Choices()
 NO_CUT = {"cut_blocks": (0.0,), "cut_heads": (0.0,), "cut_mlp": (0.0,), "distill_steps": (0,)}
 PRESETS = {
     "quant": Choices(prune_patterns=("dense",), **NO_CUT),
