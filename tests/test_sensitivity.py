@@ -35,7 +35,11 @@ def test_sensitivities_rank_options_and_match_the_anchor_measurement(tiny, setti
         errors = [built.errors[layer][sensitivity.option_name(o)] for o in OPTIONS]
         assert errors == sorted(errors) and errors[0] > 0, "fewer bits must do more damage to the layer's output"
         assert built.damage(layer, "gptq-3b-g32") == pytest.approx(max(built.anchor_kl[layer], 0.0))
-        assert built.damage(layer, "gptq-8b-g32") < built.damage(layer, "gptq-2b-g32")
+        if built.anchor_kl[layer] > 0:
+            assert built.damage(layer, "gptq-8b-g32") < built.damage(layer, "gptq-2b-g32")
+        else:  # a layer of this random model whose KL is float noise (-7e-9 on one CPU): no damage is predicted
+            assert built.damage(layer, "gptq-8b-g32") == built.damage(layer, "gptq-2b-g32") == 0
+    assert sum(built.anchor_kl[layer] > 0 for layer in layers) >= len(layers) - 1
     measured = sensitivity.single_layer_kl(tiny.model, tiny.arch, layers[1], OPTIONS[2], stats, reference)
     assert measured == pytest.approx(built.anchor_kl[layers[1]])
 
