@@ -206,6 +206,17 @@ def test_lora_only_reads_the_frozen_weights_so_a_student_may_share_its_teachers(
     assert not any("lora" in n for n, _ in student.named_parameters())  # the adapters are gone
 
 
+def test_the_adapters_a_lora_run_returns_rebuild_the_student_from_its_start(tiny):
+    targets = distill.teacher_targets(tiny.model, windows(tiny), temperature=2.0, top_k=8)
+    student, start = two_block_student(tiny), two_block_student(tiny)
+    run = distill.distill(student, targets, Distillation(steps=4, learning_rate=3e-3, lora_rank=2))
+    assert set(run.adapters) == set(distill.named_block_linears(student))
+    assert all(a.shape[0] == 2 and b.shape[1] == 2 for a, b in run.adapters.values())
+    distill.merge_adapters(start, run.adapters)
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), start.parameters(), strict=True))
+    assert distill.distill(two_block_student(tiny), targets, Distillation(steps=1)).adapters == {}  # full weights
+
+
 @pytest.mark.parametrize("loss", ["kl", "ce", "kl+ce"])
 def test_the_loss_formed_piece_by_piece_equals_the_whole_logits_loss_and_its_gradient(tiny, monkeypatch, loss):
     monkeypatch.setattr(distill, "LOSS_TOKENS", 48)  # 4 windows of 32 tokens: two pieces and a shorter third
@@ -419,6 +430,54 @@ def test_a_kept_lora_student_shares_what_training_left_alone_with_the_teacher_on
     assert not torch.equal(kept.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight)
     own = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
     assert not any(p is q for p in own.parameters() for q in tiny.model.parameters())  # share=False: its own
+
+
+def test_a_lora_student_is_kept_as_its_adapters_and_rebuilds_to_the_same_weights(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmtailor import compression
+
+    scores, students = importance_and_students(tiny, tmp_path)
+    student = Student(layers=(0, 2, 3), heads=dict.fromkeys((0, 2, 3), 2), mlp_width=dict.fromkeys((0, 2, 3), 96),
+                      distillation=Distillation(steps=3, learning_rate=3e-3, lora_rank=2))
+    plan = CompressionPlan(student=student)
+    first = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    entry = tmp_path / "students" / students.key(plan, tiny.arch)
+    assert sorted(p.name for p in entry.iterdir()) == ["adapters.safetensors", "training.json"]
+    weights = sum(p.numel() * 4 for p in first.parameters())
+    assert (entry / "adapters.safetensors").stat().st_size < weights / 10  # factors, not the merged weights
+    ids = torch.arange(1, 33)[None]
+    for share in (False, True):
+        again = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students, share=share)
+        assert not students.last.trained_now and students.last.steps == 3
+        assert all(torch.equal(p, q) for p, q in zip(first.parameters(), again.parameters(), strict=True))
+        with torch.no_grad():
+            assert torch.equal(first(ids).logits, again(ids).logits)
+    # An entry kept before adapters were (the whole model, save_pretrained) still loads.
+    (entry / "adapters.safetensors").unlink()
+    first.save_pretrained(entry)
+    assert AutoModelForCausalLM.from_pretrained(entry).config.num_hidden_layers == 3
+    older = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    assert not students.last.trained_now
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), older.parameters(), strict=True))
+
+
+def test_kept_adapters_that_do_not_fit_the_cut_are_trained_again(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmtailor import compression
+
+    scores, students = importance_and_students(tiny, tmp_path)
+    plan = CompressionPlan(student=Student(layers=(0, 3), distillation=Distillation(steps=2, lora_rank=2)))
+    compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+    stored = tmp_path / "students" / students.key(plan, tiny.arch) / "adapters.safetensors"
+    good = load_file(str(stored))
+    name = "model.layers.1.mlp.up_proj.a"
+    for damage in ({name: good[name][:, :-1].contiguous()}, {name: good[name][:0]}, {"model.layers.7.mlp.up_proj.a": good[name].clone()}):
+        save_file({**good, **damage}, str(stored))
+        compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
+        assert students.last.trained_now and stored.is_file()  # deleted, trained and kept again
+        assert {k: v.shape for k, v in load_file(str(stored)).items()} == {k: v.shape for k, v in good.items()}
 
 
 def test_a_student_applied_in_the_teachers_tensors_holds_no_weights_of_its_own_and_is_undone(tiny, tmp_path):

@@ -34,7 +34,9 @@ the layer's output (W + B·A is never formed during training), and at the end ea
 adapter is merged, so the student is again a plain model of the same shapes. W is only read
 while training, so it may be the teacher's own tensor (the search's students share them);
 the merge makes a new tensor unless the caller allows writing into W (a search trial, which
-restores the teacher's tensors afterwards).
+restores the teacher's tensors afterwards). The run returns the adapters (``Trained.adapters``),
+so a student can be kept as its factors and rebuilt with ``merge_adapters`` from the cut it
+started from: rank r of an n × m layer is r·(n + m) numbers where the merged weight is n·m.
 
 Memory of a step: each decoder block's activations are recomputed in the backward pass
 (``recomputed_activations``), and the logits are formed ``LOSS_TOKENS`` tokens at a time
@@ -206,46 +208,64 @@ class LowRankAdapter(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.a), self.b) * self.scale
 
-    @torch.no_grad()
-    def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        """B·A·scale, what merging adds to the frozen weight."""
-        return (self.b @ self.a).to(weight) * self.scale
+
+def named_block_linears(model: Any) -> dict[str, torch.nn.Linear]:
+    """The linear layers of the model's decoder blocks by module name: those LoRA adapts (and `training_bytes`
+    counts)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
 
 def block_linears(model: Any) -> list[torch.nn.Linear]:
-    """The linear layers of the model's decoder blocks: those LoRA adapts (and `training_bytes` counts)."""
-    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    """The linear layers of the model's decoder blocks (`named_block_linears` without the names)."""
+    return list(named_block_linears(model).values())
+
+
+@torch.no_grad()
+def merge_adapters(model: Any, adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   merge_into: Callable[[torch.nn.Parameter], bool] | None = None) -> None:
+    """Add each adapter (A, B of the module it names: r x inputs, outputs x r) to its layer's weight as
+    B·A·(LORA_ALPHA / r): in place where ``merge_into`` accepts the weight, else into a new tensor (the frozen
+    weight may be the teacher's). Training's own merge is this call, so a student rebuilt from kept adapters on
+    the cut it started from has the same weights."""
+    modules = named_block_linears(model)
+    for name, (a, b) in adapters.items():
+        module = modules[name]
+        weight = module.weight
+        delta = (b.to(weight.device) @ a.to(weight.device)).to(weight) * (LORA_ALPHA / a.shape[0])
+        if merge_into is not None and merge_into(weight):
+            weight.add_(delta)
+        else:
+            module.weight = torch.nn.Parameter(weight + delta, requires_grad=False)
 
 
 @contextlib.contextmanager
 def low_rank_adapters(model: Any, rank: int, seed: int,
-                      merge_into: Callable[[torch.nn.Parameter], bool] | None = None) -> Iterator[None]:
-    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit each is merged:
-    into the layer's weight where ``merge_into`` accepts it, else into a new tensor (a frozen weight may be the
-    teacher's). The adapters add their output to the frozen layer's (a forward hook), so no full-size weight is
-    formed per step; the frozen weights are only read, so they may be shared."""
+                      merge_into: Callable[[torch.nn.Parameter], bool] | None = None,
+                      ) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Within the block, only low-rank adapters of the decoder blocks' linear layers train; on exit each is merged
+    (``merge_adapters``: into the layer's weight where ``merge_into`` accepts it, else into a new tensor, since a
+    frozen weight may be the teacher's), and the dict yielded is filled with the trained (A, B) by module name.
+    The adapters add their output to the frozen layer's (a forward hook), so no full-size weight is formed per
+    step; the frozen weights are only read, so they may be shared."""
     generator = torch.Generator().manual_seed(seed)
-    chosen = block_linears(model)
+    chosen = named_block_linears(model)
     if not chosen:
         raise PlanError("LoRA recovery found no linear layers in the student's decoder blocks")
     model.requires_grad_(False)
-    hooks = []
-    for module in chosen:
+    hooks, trained = [], {}
+    for module in chosen.values():
         module.add_module("lora_adapter", LowRankAdapter(module.weight, rank, generator))
         hooks.append(module.register_forward_hook(lambda m, args, out: out + m.lora_adapter(args[0])))
     try:
-        yield
+        yield trained
     finally:
         for hook in hooks:
             hook.remove()
-        with torch.no_grad():
-            for module in chosen:
-                delta = module.lora_adapter.delta(module.weight)
-                if merge_into is not None and merge_into(module.weight):
-                    module.weight.add_(delta)
-                else:
-                    module.weight = torch.nn.Parameter(module.weight + delta, requires_grad=False)
-                del module.lora_adapter
+        adapters = {name: (m.lora_adapter.a.detach(), m.lora_adapter.b.detach()) for name, m in chosen.items()}
+        for module in chosen.values():
+            del module.lora_adapter
+        merge_adapters(model, adapters, merge_into)
+        trained.update(adapters)
         model.requires_grad_(False)
 
 
@@ -280,11 +300,13 @@ class NotEnoughMemory(PlanError):
 
 @dataclass
 class Trained:
-    """What a distillation run did: its loss after each step, steps taken and seconds spent."""
+    """What a distillation run did: its loss after each step, steps taken and seconds spent, and with LoRA the
+    trained adapters (A, B) by module name, already merged into the student."""
 
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, device: str | torch.device = "cpu",
@@ -308,8 +330,10 @@ def distill(student: Any, targets: TeacherTargets, recipe: Distillation, *, devi
     if recipe.hidden_weight and teacher is None and targets.hidden is None:
         raise PlanError("hidden-state matching needs the teacher's hidden states: compute the targets with hidden=True")
     if recipe.lora_rank:
-        with low_rank_adapters(student, recipe.lora_rank, seed, merge_into):
-            return _train(student, targets, recipe, device, seed, batch_size, progress, teacher, windows_per_pass)
+        with low_rank_adapters(student, recipe.lora_rank, seed, merge_into) as adapters:
+            run = _train(student, targets, recipe, device, seed, batch_size, progress, teacher, windows_per_pass)
+        run.adapters = adapters
+        return run
     student.requires_grad_(True)
     with fake_quantized(student, qat_precision or {}) if recipe.qat else contextlib.nullcontext():
         return _train(student, targets, recipe, device, seed, batch_size, progress, teacher, windows_per_pass)
