@@ -47,13 +47,16 @@ class Entry:
 
 
 def _size(path: Path) -> int:
-    """Bytes under `path`; a file a running sweep renames or removes meanwhile counts 0, not an error."""
+    """Bytes under `path`; a file a running sweep renames or removes meanwhile counts 0, not an error, and a link
+    (an entry moved to another name, ``models._converted_gguf_dir``) counts 0: what it points to is counted there."""
     def size_of(file: Path) -> int:
         try:
             return file.stat().st_size if file.is_file() else 0
         except OSError:
             return 0
 
+    if path.is_symlink():
+        return 0
     return size_of(path) if not path.is_dir() else sum(size_of(p) for p in path.rglob("*"))
 
 
@@ -84,7 +87,7 @@ def clear(kinds: list[str] | None = None) -> list[Entry]:
     """Delete every cache entry (or those of `kinds`); return what was deleted."""
     removed = entries(kinds)
     for entry in removed:
-        if entry.path.is_dir():
+        if entry.path.is_dir() and not entry.path.is_symlink():
             shutil.rmtree(entry.path, onerror=_gone_is_fine)
         else:
             entry.path.unlink(missing_ok=True)

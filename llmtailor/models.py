@@ -237,7 +237,8 @@ def _converted_gguf_dir(path: Path) -> Path:
     reinstalled package, a clean clone's virtual environment) reuses it instead of converting it again. Hashing
     the whole file (about 1 s for 540 MB) is done once per path, size and modification time: the digest is
     remembered in ``gguf/.digests``. A conversion kept under the path-based key used before is renamed to the new
-    key the first time it is looked up."""
+    key the first time it is looked up, and a link left at the old name, so that a sweep of an older version
+    that is reading the teacher's weights from it keeps finding them."""
     folder = cache_dir() / "gguf"
     stat = path.stat()
     stamp = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -256,9 +257,10 @@ def _converted_gguf_dir(path: Path) -> Path:
             write_text(remembered, digest)
     target = folder / f"{path.stem}-{digest}"
     older = folder / f"{path.stem}-{stamp}"
-    if older.is_dir() and not target.exists():
+    if older.is_dir() and not older.is_symlink() and not target.exists():
         with contextlib.suppress(OSError):  # another process renamed it first
             os.replace(older, target)
+            older.symlink_to(target.name)
     return target
 
 

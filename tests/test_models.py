@@ -68,4 +68,11 @@ def test_a_gguf_conversion_is_kept_by_content_so_a_copy_elsewhere_reuses_it(tmp_
     older.mkdir()
     (older / "config.json").write_text("{}")
     target = models._converted_gguf_dir(paths["other"])
-    assert (target / "config.json").is_file() and not older.exists()
+    assert (target / "config.json").is_file() and older.is_symlink()  # a sweep of the older version reads on
+    assert (older / "config.json").read_text() == "{}" and models._converted_gguf_dir(paths["other"]) == target
+    from llmtailor import cache
+
+    kept = {e.path.name: e.bytes for e in cache.entries(["gguf"])}
+    assert kept[older.name] == 0 and kept[target.name] == 2  # counted once
+    cache.clear(["gguf"])
+    assert not older.is_symlink() and not target.exists()

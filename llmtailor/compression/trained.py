@@ -14,15 +14,16 @@ Each entry is a folder with ``training.json`` (steps, seconds and loss curve) an
 student's weights in one of two forms. A LoRA student (``lora_rank`` > 0) is kept as its
 adapters alone, ``adapters.safetensors`` (A and B of every decoder-block linear layer): the
 rest of it is the cut of the teacher it started from, which the key fixes, so loading cuts
-the teacher as for any plan and merges the adapters as training did (``distill.merge_adapters``).
-At rank 16 that is 17 MB for the default model with its MLP cut by a quarter instead of
-459 MB of float32 weights (26x less; an n x m layer's r(n + m) against nm, so larger models save more),
-and a kept student loads in 0.38 s instead of 0.58 s (bench_student_store.py). A full-weight student, every weight trained, is a folder that ``save_pretrained``
-wrote, so it reloads as a plain Hugging Face model (``AutoModelForCausalLM.from_pretrained``);
-so were LoRA students kept before adapters were (they still load). Entries are written to a
-temporary folder and renamed into place; a process that finds the folder already there
-(another worker finished first) keeps the one there. An entry that does not load is
-deleted and trained again.
+the teacher as for any plan and merges the adapters as training did
+(``distill.merge_adapters``). At rank 16 that is 17 MB for the default model with its MLP
+cut by a quarter instead of 459 MB of float32 weights (26x less: an n x m layer keeps
+r(n + m) numbers instead of nm, so larger models save more), and a kept student loads in
+0.38 s instead of 0.58 s (bench_student_store.py). A full-weight student, every weight
+trained, is a folder that ``save_pretrained`` wrote, so it reloads as a plain Hugging Face
+model (``AutoModelForCausalLM.from_pretrained``); so were LoRA students kept before
+adapters were (they still load). Entries are written to a temporary folder and renamed
+into place; a process that finds the folder already there (another worker finished first)
+keeps the one there. An entry that does not load is deleted and trained again.
 
 The teacher's targets (``distill.TeacherTargets``) are made lazily per (temperature,
 top k, hidden states) from the calibration windows cut into ``WINDOW_TOKENS`` pieces
