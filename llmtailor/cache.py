@@ -29,6 +29,8 @@ KINDS = {"gguf": "GGUF files converted to float32 model folders", "tasks": "item
 
 
 SHARDED = {"layers"}  # kinds whose entries sit in folders named by their key's first two characters
+# Bookkeeping beside a kind's entries, not an entry itself: not listed, removed with the kind's entries.
+BOOKKEEPING = {"gguf": ".digests"}  # each GGUF file's content digest by path, size and mtime (models.py)
 
 
 def cache_dir() -> Path:
@@ -70,7 +72,7 @@ def entries(kinds: list[str] | None = None) -> list[Entry]:
     for kind in kinds or KINDS:
         folder = cache_dir() / kind
         if folder.is_dir():
-            items = sorted(folder.iterdir())
+            items = sorted(p for p in folder.iterdir() if p.name != BOOKKEEPING.get(kind))
             if kind in SHARDED:
                 items = [p for shard in items for p in (sorted(shard.iterdir()) if shard.is_dir() else [shard])]
             found += [Entry(kind, p, _size(p)) for p in items]
@@ -91,6 +93,9 @@ def clear(kinds: list[str] | None = None) -> list[Entry]:
             shutil.rmtree(entry.path, onerror=_gone_is_fine)
         else:
             entry.path.unlink(missing_ok=True)
+    for kind, name in BOOKKEEPING.items():
+        if kind in (kinds or KINDS):
+            shutil.rmtree(cache_dir() / kind / name, ignore_errors=True)
     for kind in SHARDED & set(kinds or KINDS):
         for shard in (cache_dir() / kind).glob("*/"):
             with contextlib.suppress(OSError):  # a worker may be writing into it

@@ -70,6 +70,13 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    # A whole GGUF file of an architecture transformers cannot convert (refused before converting).
+    foreign = gguf.GGUFWriter(str(folder / "foreign.gguf"), "nosucharch")
+    foreign.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    foreign.write_header_to_file()
+    foreign.write_kv_data_to_file()
+    foreign.write_tensors_to_file()
+    foreign.close()
     whole = (folder / "whole.gguf").read_bytes()
     (folder / "truncated.gguf").write_bytes(whole[: len(whole) - 4000])
     (folder / "whole.gguf").unlink()
@@ -113,6 +120,8 @@ CASES: list[tuple[str, list[str], str]] = [
      r"evaluation text has \d+ tokens; one window needs 512"),
     ("corrupt .gguf", ["fit", "{in}/not-gguf.gguf", "--memory", "8GB"], r"not-gguf.gguf is truncated or not a valid GGUF"),
     ("truncated .gguf", ["fit", "{in}/truncated.gguf", "--memory", "8GB"], r"truncated.gguf is truncated or not a valid GGUF"),
+    (".gguf of an architecture transformers cannot convert", ["fit", "{in}/foreign.gguf", "--memory", "8GB"],
+     r"foreign.gguf holds a 'nosucharch' model, which transformers .* cannot convert from GGUF \(it reads llama,"),
     ("negative budget, separate value", ["fit", "{model}", "--memory", "-5GB"], r"malformed memory budget '-5GB'"),
     ("negative budget, joined value", ["fit", "{model}", "--memory=-5GB"], r"malformed memory budget '-5GB'"),
     ("storage driver not installed", [*FIT, "--storage", "mysql://x"],

@@ -143,3 +143,32 @@ def test_timings_that_do_not_fit_a_roofline_are_refused(tmp_path):
             (arch, plan, "float16", llamacpp.Speed(0.1, -0.01, 256, 64, 2))]
     with pytest.raises(UserError, match="do not fit the cost model .*non-positive.*idle machine"):
         llamacpp.fit_profile(hw_profiles.load("laptop-x86-16gb"), runs)
+
+
+def test_a_gguf_model_is_converted_in_a_child_process_and_its_failure_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    path = llamacpp.write(models.default_model_path(), tmp_path / "random.gguf", shapes={**TINY, "blocks": 2})
+    messages = []
+    loaded = models.load(str(path), log=messages.append)
+    assert loaded.arch.num_layers == 2 and loaded.arch.hidden_size == 64
+    assert len(messages) == 1 and "converting random.gguf once" in messages[0]
+    assert models.load(str(path), log=messages.append).arch == loaded.arch and len(messages) == 1  # converted once
+    # A failure inside the conversion (here: the architecture check skipped, so transformers' converter refuses)
+    # comes back from the child as one line, and leaves nothing half written.
+    from gguf import GGUFWriter
+
+    foreign = tmp_path / "foreign.gguf"
+    writer = GGUFWriter(str(foreign), "nosucharch")
+    writer.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="holds a 'nosucharch' model"):
+        models.load_config(str(foreign))
+    monkeypatch.setattr(models, "_check_convertible", lambda path: None)
+    with pytest.raises(UserError, match=r"could not load model '.*foreign.gguf': .*nosucharch") as caught:
+        models.load_config(str(foreign))
+    assert "\n" not in str(caught.value)
+    kept = models._converted_gguf_dir(path).name
+    assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == [".digests", kept]

@@ -55,6 +55,10 @@ def test_a_gguf_conversion_is_kept_by_content_so_a_copy_elsewhere_reuses_it(tmp_
         paths[name].parent.mkdir()
         paths[name].write_bytes(content)
     kept = models._converted_gguf_dir(paths["a"])
+    assert not (tmp_path / "cache" / "gguf").exists()  # nothing converted yet: nothing written
+    kept.mkdir(parents=True)  # as a conversion would
+    assert models._converted_gguf_dir(paths["a"]) == kept
+    assert len(list((tmp_path / "cache" / "gguf" / ".digests").iterdir())) == 1  # hashed once for this path
     assert kept.parent == tmp_path / "cache" / "gguf" and kept.name.startswith("model-")
     assert models._converted_gguf_dir(paths["b"]) == kept  # another path, the same file: one conversion
     assert models._converted_gguf_dir(paths["other"]) != kept
@@ -72,7 +76,8 @@ def test_a_gguf_conversion_is_kept_by_content_so_a_copy_elsewhere_reuses_it(tmp_
     assert (older / "config.json").read_text() == "{}" and models._converted_gguf_dir(paths["other"]) == target
     from llmtailor import cache
 
-    kept = {e.path.name: e.bytes for e in cache.entries(["gguf"])}
-    assert kept[older.name] == 0 and kept[target.name] == 2  # counted once
+    listed = {e.path.name: e.bytes for e in cache.entries(["gguf"])}
+    assert listed[older.name] == 0 and listed[target.name] == 2  # counted once
+    assert ".digests" not in listed  # bookkeeping, not an entry
     cache.clear(["gguf"])
-    assert not older.is_symlink() and not target.exists()
+    assert not any((tmp_path / "cache" / "gguf").iterdir())
