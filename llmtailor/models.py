@@ -312,9 +312,9 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     """Dequantize a GGUF file once into a plain model folder in the cache; return that folder.
 
     The conversion runs in a child process: dequantizing holds the float32 model, the file's tensors and
-    transformers' buffers (1.2 GB at its peak for the default model), and 0.83 GB of it stayed resident in the
-    process afterwards against 0.59 GB for loading the converted folder, which a sweep's first run carried into
-    its own peak (3.09x the float32 teacher on a cold cache, twenty-first session)."""
+    transformers' buffers. Converting and loading the default model in one process peaked at 1,201 MB and kept
+    843 MB resident; with the conversion in a child the process peaks at 474 MB (BENCHMARKS.md, "A sweep's first
+    run on a new machine"). A sweep's first run on a new machine carries what it keeps into its own peak."""
     target = _converted_gguf_dir(path)
     if target.is_dir():
         return target
