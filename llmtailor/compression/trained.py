@@ -238,9 +238,10 @@ class TrainedStudents:
         from llmtailor.compression.originals import UnmappedTensors
 
         adapters = path / ADAPTERS
+        lora = adapters.is_file()  # kept as adapters (else whole: a full-weight student, or one kept before)
         try:
             record = json.loads((path / "training.json").read_text())
-            if adapters.is_file():
+            if lora:
                 kept = _read_adapters(adapters, skeleton)
             else:
                 readers = [UnmappedTensors(f) for f in sorted(path.glob("*.safetensors"))]
@@ -250,7 +251,7 @@ class TrainedStudents:
             shutil.rmtree(path, ignore_errors=True)
             return False
         try:
-            if adapters.is_file():
+            if lora:
                 distill.merge_adapters(skeleton, kept, writable)
                 skeleton.eval().requires_grad_(False)
             else:

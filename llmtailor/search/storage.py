@@ -36,7 +36,7 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from llmtailor import files
-from llmtailor.errors import UserError
+from llmtailor.errors import UserError, first_line
 from llmtailor.search import interrupts
 
 HEARTBEAT_INTERVAL_S = 30
@@ -263,7 +263,7 @@ def open_storage(url: str) -> Storage | JournalStorage:
             if racing and attempt < SCHEMA_RACE_RETRIES:
                 time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
                 continue
-            raise UserError(f"cannot open storage {redact(url)}: {redact(_first_line(exc))} ({EXAMPLES})") from None
+            raise UserError(f"cannot open storage {redact(url)}: {redact(first_line(exc))} ({EXAMPLES})") from None
     raise AssertionError("unreachable")
 
 
@@ -286,9 +286,9 @@ def _open_journal(url: str) -> JournalStorage:
             raise UserError(not_journal)
         return JournalStorage(path, HEARTBEAT_INTERVAL_S, STALE_AFTER_S)
     except OSError as exc:
-        raise UserError(f"cannot open storage {url}: {_first_line(exc)}") from None
+        raise UserError(f"cannot open storage {url}: {first_line(exc)}") from None
     except (ValueError, KeyError, TypeError) as exc:  # a line that is not JSON, or JSON that is not an operation
-        raise UserError(f"{not_journal} ({_first_line(exc)})") from None
+        raise UserError(f"{not_journal} ({first_line(exc)})") from None
 
 
 def check_opens(url: str) -> None:
@@ -297,8 +297,3 @@ def check_opens(url: str) -> None:
     path = local_file(url)
     if path is None or (is_journal(url) and path.is_file()):
         open_storage(url)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
