@@ -166,7 +166,7 @@ def test_a_gguf_model_is_converted_in_a_child_process_and_its_failure_is_one_lin
     writer.close()
     with pytest.raises(UserError, match="holds a 'nosucharch' model"):
         models.load_config(str(foreign))
-    monkeypatch.setattr(models, "_check_convertible", lambda path: None)
+    monkeypatch.setattr(models, "_check_convertible", lambda path, reader: None)
     with pytest.raises(UserError, match=r"could not load model '.*foreign.gguf': .*nosucharch") as caught:
         models.load_config(str(foreign))
     assert "\n" not in str(caught.value)
