@@ -1,6 +1,6 @@
 """Peak resident memory of a guided sweep's first run on an empty cache, per preparation step (issue 18).
 
-    python benchmarks/bench_cold_start.py [--space benchmarks/spaces/search-guided.yaml] [--convert]
+    python benchmarks/bench_cold_start.py [--space benchmarks/spaces/search-guided.yaml] [--convert] [--load-only]
 
 A sweep's first run makes, in its own process, what later runs read from the cache:
 the calibration statistics (``calibration.collect``), the layer sensitivities
@@ -12,7 +12,9 @@ loading is the same as in any run), and samples this process's resident memory e
 20 ms, labelled by the step running. The bound is 3x the teacher's float32 size.
 ``--convert``: the GGUF file is converted in this run too, as on a new machine (the
 conversion's child process is reported apart: its own peak, and this process's
-resident memory while it ran; their sum bounds the two together).
+resident memory while it ran), and the process tree's resident memory summed at each
+sample (this process and its children at one moment). ``--load-only``: the conversion
+and the load alone.
 
 Writes benchmarks/results/bench_cold_start.json.
 """
@@ -34,18 +36,32 @@ HERE = Path(__file__).parent
 OUT = HERE / "results" / "bench_cold_start.json"
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
+def resident_bytes(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # the process ended between listing and reading
+        pass
     return 0
+
+
+def tree_resident_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants at one moment (the conversion's child with its parent)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return resident_bytes(pid) + sum(tree_resident_bytes(int(c)) for c in children)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default=str(HERE / "spaces" / "search-guided.yaml"))
     parser.add_argument("--convert", action="store_true", help="convert the GGUF file in this run (a new machine)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="only load (and with --convert, convert) the teacher")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
@@ -57,11 +73,14 @@ def main() -> None:
     os.environ["LLMTAILOR_CACHE"] = str(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    step, peaks, seconds = ["start"], {}, {}
+    step, peaks, seconds, tree_peak = ["start"], {}, {}, [0, 0]
 
     def sample() -> None:
         while True:
             peaks[step[0]] = max(peaks.get(step[0], 0), resident_bytes())
+            own, tree = resident_bytes(), tree_resident_bytes(os.getpid())
+            if tree > tree_peak[0]:
+                tree_peak[:] = [tree, own]  # and this process's share of it
             time.sleep(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -90,6 +109,20 @@ def main() -> None:
     labelled(structure, "importance", "importance")
     step[0] = "other (windows, references, the trial)"
     started = time.perf_counter()
+    if args.load_only:  # the conversion and the teacher's load alone, after the imports a sweep makes
+        models.load(None)
+        float32_bytes = 4 * models.load_architecture(None)[0].total_params
+        result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+                                                               f"{os.cpu_count()} cores",
+                  "converted_here": args.convert, "teacher_float32_bytes": float32_bytes,
+                  "seconds": round(time.perf_counter() - started, 1), "process_peak_rss_bytes": max(peaks.values()),
+                  "process_tree_peak_rss_bytes": tree_peak[0], "this_process_at_tree_peak_rss_bytes": tree_peak[1],
+                  "process_tree_peak_over_teacher_float32": round(tree_peak[0] / float32_bytes, 3)}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"this process's peak {result['process_peak_rss_bytes'] / 1e6:.0f} MB; with its children at one moment "
+              f"{tree_peak[0] / 1e6:.0f} MB = {result['process_tree_peak_over_teacher_float32']:.2f}x the float32 "
+              f"teacher ({tree_peak[1] / 1e6:.0f} MB of it this process's); {result['seconds']:.0f} s")
+        return
     code = cli.main(["fit", "--memory", "160MB", "--trials", "1", "--study", "cold", "--results", str(cache / "results"),
                      "--space", args.space, "--tasks", "none", "--eval-windows", "4", "--window-tokens", "256",
                      "--no-progress"])
@@ -110,6 +143,8 @@ def main() -> None:
     import resource
 
     result["converted_here"] = args.convert
+    result["process_tree_peak_rss_bytes"] = tree_peak[0]  # this process and its children, summed at each sample
+    result["process_tree_peak_over_teacher_float32"] = round(tree_peak[0] / float32_bytes, 3)
     result["children_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("| step | seconds | peak resident MB | x float32 teacher |\n|---|---:|---:|---:|")

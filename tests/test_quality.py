@@ -57,6 +57,49 @@ def test_lm_eval_accuracy_of_an_in_memory_model(tiny, tmp_path):
     assert len(scores) == 8 and set(scores) <= {0.0, 1.0} and sum(scores) / 8 == accuracy["pydoc_cloze"]
 
 
+@pytest.mark.parametrize("cut", [False, True], ids=["teacher", "blocks-and-kv-groups-cut"])
+def test_shared_context_log_likelihoods_equal_lm_evals_own(tiny, cut):
+    """Each choice scored after its context's KV cache equals lm-eval's full-sequence score: same log-likelihoods
+    to float rounding, same greedy flags, in request order; also on a cut model (renumbered blocks, fewer KV groups)
+    and for a request too long for the window, which goes to lm-eval's own code."""
+    from lm_eval.models.huggingface import HFLM
+
+    from llmtailor.compression import structure
+    from llmtailor.plan import Student
+
+    model = tiny.model
+    if cut:
+        from llmtailor.compression import calibration
+
+        windows = calibration.calibration_windows(tiny.tokenizer, text.split("pydoc").calibration, count=2, tokens=32)
+        scores = structure.importance(tiny.model, tiny.arch, calibration.collect(tiny.model, tiny.arch, windows),
+                                      windows)
+        student = Student(layers=(0, 2, 3), heads={b: 2 for b in (0, 2, 3)})
+        model = structure.cut(tiny.model, tiny.arch, structure.choose(tiny.arch, student, scores))
+    items = tasks.pydoc_cloze_items(text.split("pydoc").task, limit=3)
+    requests = []
+    for item in items:
+        context = tiny.tokenizer(item["context"])["input_ids"]
+        for choice in item["choices"]:
+            requests.append(((item["context"], " " + choice), context, tiny.tokenizer(" " + choice)["input_ids"]))
+    requests.append((("x", " y"), [5], [7]))  # a one-token continuation
+    theirs = HFLM(pretrained=model, tokenizer=tiny.tokenizer, batch_size=8, device="cpu")
+    expected = theirs._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len({s for s, _ in expected}) > 4  # the scores differ between choices: the comparison can fail
+    # 4 choices a batch: one item each; 64: every item in one batch, the one-token context left-padded beside them.
+    for batch_size in (4, 64):
+        ours = tasks._shared_context_lm_class()(pretrained=model, tokenizer=tiny.tokenizer, batch_size=batch_size,
+                                                device="cpu")
+        got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=1e-4, rel=1e-5)
+    # A window shorter than the items: lm-eval's own code scores them (it truncates the context from the left).
+    ours._max_length = theirs._max_length = len(requests[0][1]) + 2
+    truncated = [s for s, _ in theirs._loglikelihood_tokens(requests, disable_tqdm=True)]
+    assert truncated != pytest.approx([s for s, _ in expected], abs=1e-4, rel=1e-5)
+    assert [s for s, _ in ours._loglikelihood_tokens(requests, disable_tqdm=True)] == truncated
+
+
 def test_paired_difference_by_hand():
     # Items 1 and 4 differ (one each way), items 2 and 3 agree: mean 0, differences (1, 0, 0, -1).
     assert tasks.paired_difference([1, 1, 0, 0], [0, 1, 0, 1]) == pytest.approx((0.0, 1.96 * (2 / 3 / 4) ** 0.5))

@@ -9,6 +9,7 @@ name is looked up in lm-eval's own registry and passed straight through.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -130,26 +131,126 @@ def resolve_tasks(names: list[str], documents: tuple[str, ...] | list[str], limi
     return [multiple_choice_task(n, BUILTIN_TASKS[n](documents, limit), cache) if n in BUILTIN_TASKS else n for n in names]
 
 
-def item_scores(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None,
-                batch_size: int = 8) -> dict[str, list[float]]:
+def item_scores(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 32,
+                shared_context: bool = True) -> dict[str, list[float]]:
     """Each item's accuracy (1.0 right, 0.0 wrong) of an in-memory model on lm-eval tasks, in item order, run on the
-    model's device: {task: [score, ...]}. Two models' lists pair item by item (``paired_difference``)."""
+    model's device: {task: [score, ...]}. Two models' lists pair item by item (``paired_difference``) when both were
+    scored the same way (``SCORER`` names it; a cache of such lists keys on it). ``batch_size``: choices per forward
+    pass. ``shared_context=False``: lm-eval's own HF model scores every choice with its context (benchmarks compare
+    the two)."""
+    samples = evaluated_samples(model, tokenizer, tasks, limit, batch_size, shared_context)
+    return {name: [float(s["acc"]) for s in done] for name, done in samples.items() if done and "acc" in done[0]}
+
+
+def evaluated_samples(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 32,
+                      shared_context: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """lm-eval's per-item records of each task (metrics, and the choices' log-likelihoods in ``filtered_resps``),
+    sorted by item."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     device = str(next(model.parameters()).device)  # the device the model is on
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm_class = _shared_context_lm_class() if shared_context else HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own progress bars, one per task and phase
         samples = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=task_manager(), limit=limit, verbosity="ERROR",
             log_samples=True, bootstrap_iters=0,
         )["samples"]
-    return {name: [float(s["acc"]) for s in sorted(done, key=lambda s: s["doc_id"])]
-            for name, done in samples.items() if done and "acc" in done[0]}
+    return {name: sorted(done, key=lambda s: s["doc_id"]) for name, done in samples.items()}
 
 
-def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
+# How ``item_scores`` computes log-likelihoods: each context once, its choices after it from the KV cache. Cached
+# per-item scores key on this, so scores paired against each other come from one way of computing them.
+SCORER = "shared-context-2"
+
+
+def choice_log_likelihoods(model: Any, items: list[tuple[list[int], list[list[int]]]],
+                           device: Any) -> list[list[tuple[float, bool]]]:
+    """For each (context, continuations) item: each continuation's (log-likelihood, whether greedy decoding
+    reproduces it) after the item's context, all items in two forward passes.
+
+    lm-eval's HF model runs context and continuation together for every choice; a multiple-choice item's context is
+    most of its tokens (pydoc_cloze: 45 of 56), so here the contexts run once, left-padded into one batch (positions
+    counted from each context's first token, pads masked), and every continuation then runs from its context's KV
+    cache, right-padded (under causal attention a pad after a token cannot change it). Equal to lm-eval's scores up
+    to float rounding (tested)."""
+    import torch
+
+    from llmtailor import models
+
+    contexts = [context for context, _ in items]
+    width = max(len(c) for c in contexts)
+    ids = torch.tensor([[c[0]] * (width - len(c)) + c for c in contexts], device=device)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+    owners = [i for i, (_, continuations) in enumerate(items) for _ in continuations]
+    flat = [c for _, continuations in items for c in continuations]
+    longest = max(len(c) for c in flat)
+    with torch.no_grad():
+        out, cache = models.with_cache(model, ids, attention_mask=mask,
+                                       position_ids=(mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
+        rest = None
+        if longest > 1:
+            index = torch.tensor(owners, device=device)
+            cache.batch_select_indices(index)  # each context's cache once per continuation
+            inputs = torch.tensor([c[:-1] + [c[-1]] * (longest - len(c)) for c in flat], device=device)
+            steps = torch.arange(longest - 1, device=device)
+            rest = torch.log_softmax(models.with_cache(
+                model, inputs, cache, attention_mask=torch.cat([mask[index], torch.ones_like(inputs)], dim=1),
+                position_ids=mask.sum(1)[index, None] + steps)[0].logits.float(), dim=-1)
+    scores: list[list[tuple[float, bool]]] = [[] for _ in items]
+    for row, (owner, continuation) in enumerate(zip(owners, flat, strict=True)):
+        log_probs = first[owner, None] if rest is None else torch.cat([first[owner, None], rest[row]])
+        log_probs = log_probs[: len(continuation)]
+        target = torch.tensor(continuation, device=log_probs.device)
+        scores[owner].append((float(log_probs.gather(1, target[:, None]).sum()),
+                              bool((log_probs.argmax(dim=-1) == target).all())))
+    return scores
+
+
+@functools.cache
+def _shared_context_lm_class() -> type:
+    """lm-eval's HF model with its log-likelihoods computed by ``choice_log_likelihoods``, as many items per batch
+    as fit ``batch_size`` choices (made on first use: importing lm-eval takes seconds). Requests it cannot share a
+    context for (a sequence longer than the model's window, a seq2seq model) go to lm-eval's own code."""
+    from lm_eval.models.huggingface import HFLM
+
+    class SharedContextLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):  # noqa: ANN001, ANN202
+            results: list[Any] = [None] * len(requests)
+            by_context: dict[tuple[int, ...], list[int]] = {}
+            other = []
+            for i, (_, context, continuation) in enumerate(requests):
+                if self.backend == "causal" and 0 < len(context) and len(context) + len(continuation) <= self.max_length:
+                    by_context.setdefault(tuple(context), []).append(i)
+                else:
+                    other.append(i)
+            per_batch = self.batch_size if isinstance(self.batch_size, int) else 32  # "auto" searches lm-eval's batches
+            groups = list(by_context.items())
+            start = 0
+            while start < len(groups):  # as many contexts as fit per_batch choices, at least one
+                end, rows = start + 1, len(groups[start][1])
+                while end < len(groups) and rows + len(groups[end][1]) <= per_batch:
+                    rows, end = rows + len(groups[end][1]), end + 1
+                batch, start = groups[start:end], end
+                scores = choice_log_likelihoods(self.model, [(list(c), [requests[i][2] for i in members])
+                                                             for c, members in batch], self.device)
+                for (_, members), item in zip(batch, scores, strict=True):
+                    for i, score in zip(members, item, strict=True):
+                        results[i] = score
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+            if other:
+                theirs = super()._loglikelihood_tokens([requests[i] for i in other], disable_tqdm, override_bs)
+                for i, score in zip(other, theirs, strict=True):
+                    results[i] = score
+            return results
+
+    return SharedContextLM
+
+
+def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = None, batch_size: int = 32) -> dict[str, float]:
     """Accuracy of an in-memory model on lm-eval tasks, run on the model's device: {task: acc}."""
     return {name: sum(scores) / len(scores) for name, scores in item_scores(model, tokenizer, tasks, limit,
                                                                               batch_size).items()}

@@ -441,7 +441,8 @@ class TrialEvaluator:
         """The teacher's score on each task item, which front plans' accuracy is paired against: measured once per
         model and task set and kept in the cache folder (all workers share it), before any trial changes the
         teacher's weights."""
-        key = hashlib.sha256(json.dumps([fingerprint, self.tasks], sort_keys=True, default=str).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([fingerprint, self.tasks, lm_tasks.SCORER], sort_keys=True,
+                                         default=str).encode()).hexdigest()
 
         def measure() -> dict[str, list[float]]:
             log("measuring the teacher on the tasks ...")
