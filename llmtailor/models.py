@@ -315,8 +315,9 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
 
     The conversion runs in a child process: dequantizing holds the float32 model, the file's tensors and
     transformers' buffers. Converting and loading the default model in one process peaked at 1,201 MB and kept
-    843 MB resident; with the conversion in a child the process peaks at 474 MB (BENCHMARKS.md, "A sweep's first
-    run on a new machine"). A sweep's first run on a new machine carries what it keeps into its own peak."""
+    843 MB resident; with the conversion in a child the process peaks at 474 MB, and the two together at 1,594 MB,
+    2.96x the float32 model (BENCHMARKS.md, "A sweep's first run on a new machine"). A sweep's first run on a new
+    machine would carry what it kept into its own peak."""
     target = _converted_gguf_dir(path)
     if target.is_dir():
         return target
