@@ -47,13 +47,13 @@ def resident_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def tree_resident_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants at one moment (the conversion's child with its parent)."""
+def descendants_resident_bytes(pid: int) -> int:
+    """Resident memory of all of a process's descendants at one moment (the conversion's child)."""
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         children = []
-    return resident_bytes(pid) + sum(tree_resident_bytes(int(c)) for c in children)
+    return sum(resident_bytes(c) + descendants_resident_bytes(c) for c in children)
 
 
 def main() -> None:
@@ -77,8 +77,9 @@ def main() -> None:
 
     def sample() -> None:
         while True:
-            peaks[step[0]] = max(peaks.get(step[0], 0), resident_bytes())
-            own, tree = resident_bytes(), tree_resident_bytes(os.getpid())
+            own = resident_bytes()
+            peaks[step[0]] = max(peaks.get(step[0], 0), own)
+            tree = own + descendants_resident_bytes(os.getpid())
             if tree > tree_peak[0]:
                 tree_peak[:] = [tree, own]  # and this process's share of it
             time.sleep(0.02)

@@ -212,17 +212,17 @@ def with_cache(model: Any, input_ids: Any, cache: Any = None, **forward: Any) ->
     """One forward that keeps the KV cache: (output, cache); ``forward``: further arguments of the model's forward.
     Recent transformers name the cache ``cache`` and warn at the old name ``past_key_values``, which older releases
     (also supported) know only."""
-    name = _cache_argument(type(model))
+    name = "cache" if forward_takes(type(model), "cache") else "past_key_values"
     out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}), **forward)
     return out, getattr(out, name)
 
 
 @functools.cache
-def _cache_argument(model_class: type) -> str:
-    """The name a model class's forward takes its KV cache by (read once: timed decode loops call ``with_cache``)."""
+def forward_takes(model_class: type, argument: str) -> bool:
+    """Whether a model class's forward names this argument (read once per class: timed decode loops ask)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    return argument in inspect.signature(model_class.forward).parameters
 
 
 def _strip_quantization_marker(model: Any) -> None:

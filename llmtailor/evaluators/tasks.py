@@ -188,7 +188,8 @@ def choice_log_likelihoods(model: Any, items: list[tuple[list[int], list[list[in
     flat = [c for _, continuations in items for c in continuations]
     longest = max(len(c) for c in flat)
     with torch.no_grad():
-        last_only = {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}  # the head on one position
+        # The head on the last position alone, where the forward can do that.
+        last_only = {"logits_to_keep": 1} if models.forward_takes(type(model), "logits_to_keep") else {}
         out, cache = models.with_cache(model, ids, attention_mask=mask,
                                        position_ids=(mask.cumsum(1) - 1).clamp(min=0), **last_only)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
@@ -209,14 +210,6 @@ def choice_log_likelihoods(model: Any, items: list[tuple[list[int], list[list[in
         scores[owner].append((float(log_probs.gather(1, target[:, None]).sum()),
                               bool((log_probs.argmax(dim=-1) == target).all())))
     return scores
-
-
-@functools.cache
-def _keeps_logits(model_class: type) -> bool:
-    """Whether a model class's forward can compute the logits of the last positions alone (``logits_to_keep``)."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @functools.cache
