@@ -74,13 +74,17 @@ def study_name(space: str, sampler: str, mode: str, seed: int) -> str:
     return f"{space}-{sampler}-{mode}-s{seed}"
 
 
-def run_one(folder: Path, space: str, sampler: str, mode: str, seed: int, trials: int) -> float:
-    """Run (or resume) one study in a fresh process; its wall seconds."""
+def run_one(folder: Path, space: str, sampler: str, mode: str, seed: int, trials: int,
+            torch_device: str = "cpu") -> float:
+    """Run (or resume) one study in a fresh process; its wall seconds. `torch_device` is where its tensor work
+    (calibration, GPTQ, evaluation, distillation) runs; the cost model's profile stays what `fit --memory` alone
+    gives (no --device: the typical laptop CPU unless `devices --calibrate` measured the machine), so the box's
+    latency side, and so the hypervolumes, compare with runs on the CPU."""
     command = [str(Path(sys.executable).parent / "llmtailor"), "fit", "--memory", MEMORY, "--trials", str(trials),
                "--study", study_name(space, sampler, mode, seed), "--results", str(folder),
                "--space", str(HERE / "spaces" / f"search-{space}.yaml"), "--sampler", sampler, "--seed", str(seed),
                "--tasks", "none", "--eval-windows", str(EVAL_WINDOWS), "--window-tokens", str(WINDOW_TOKENS),
-               "--no-progress"]
+               "--torch-device", torch_device, "--no-progress"]
     if mode == "full":
         command.append("--no-stop-early")
     started = time.perf_counter()
@@ -228,6 +232,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["early", "full"])
     parser.add_argument("--folder", default=str(models.cache_dir() / "bench_search"), help="where the studies live")
     parser.add_argument("--report-only", action="store_true", help="analyse the studies there, run nothing")
+    parser.add_argument("--earlier", type=Path, nargs="*", default=[], help="results JSON of earlier runs: a run of "
+                        "the grid whose study is not in --folder (made on another machine) is read from them")
+    parser.add_argument("--torch-device", default="cpu", help="where the runs' tensor work goes (cuda on a GPU "
+                        "machine); the cost profile stays --memory's, so hypervolumes compare across devices")
     parser.add_argument("--out", type=Path, default=OUT, help="the figures' JSON (the plot is written beside it, "
                         "named <stem>_front.svg): a partial grid on another machine goes to a file of its own")
     args = parser.parse_args()
@@ -240,7 +248,7 @@ def main() -> None:
     if not args.report_only:
         for space, sampler, mode, seed in grid:
             name = study_name(space, sampler, mode, seed)
-            wall[name] = run_one(folder, space, sampler, mode, seed, args.trials)
+            wall[name] = run_one(folder, space, sampler, mode, seed, args.trials, args.torch_device)
             print(f"{name}: {wall[name]:.0f} s", flush=True)
     facts = teacher_facts()
     arch = facts.pop("arch")
@@ -259,6 +267,16 @@ def main() -> None:
                       **analyse(study, args.trials, objectives, bounds, guided=space != "direct")}
         if name in wall:
             runs[name]["wall_seconds_this_call"] = wall[name]
+    # Runs made on another machine (their folder gone) enter the report from the figures they left; the same box
+    # (stated in every file) is checked, so their hypervolumes compare.
+    for earlier in args.earlier:
+        figures = json.loads(earlier.read_text())
+        box = {"kl_nats": KL_BOUND, "memory_bytes": bounds["memory"], "latency_s_per_token": bounds["latency"]}
+        if any(abs(figures["hypervolume_box"][k] - v) > 1e-9 * max(1.0, abs(v)) for k, v in box.items()):
+            raise SystemExit(f"{earlier}: its hypervolume box {figures['hypervolume_box']} is not this one {box}")
+        for name in (study_name(*settings) for settings in grid):
+            if name not in runs and name in figures["runs"] and figures["runs"][name]["measured"] == args.trials:
+                runs[name] = {**figures["runs"][name], "from": str(earlier)}
     # The uniform baselines are the direct space's enqueued plans (int8, 4-bit g128 GPTQ, 4-bit + 50% Wanda, 2:4, a
     # depth cut: the same plans and measurements in every direct run). A run weakly dominates one when one of its
     # mixed plans is no worse on every objective.
