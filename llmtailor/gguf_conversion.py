@@ -41,11 +41,10 @@ def _write_whole(path: Path, folder: Path) -> None:
     """transformers' own conversion: the whole float model in memory, then saved."""
     from transformers import AutoModelForCausalLM
 
+    from llmtailor import models
+
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    quantizer = getattr(model, "hf_quantizer", None)  # the model is dequantized already: drop the GGUF marker
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    model.config.__dict__.pop("quantization_config", None)
+    models._strip_quantization_marker(model)
     model.save_pretrained(folder)
 
 
