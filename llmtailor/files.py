@@ -49,6 +49,22 @@ def write_with(path: Path, save: Callable[[Path], None]) -> None:
     with _staged(path) as (fd, staging):
         os.close(fd)
         save(staging)
+        # safetensors 0.8 writes a temporary file of its own and renames it over ours, so the file is new and 0600
+        # again: a cache other users of a shared folder could not read.
+        os.chmod(staging, 0o666 & ~umask())
+
+
+def usual_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes an ordinary ``open`` and ``mkdir`` give (0666 and 0777 less the
+    umask). For folders written by libraries that leave some files 0600 (transformers' ``save_pretrained`` through
+    safetensors) before they are renamed into a cache that other users of the machine share."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(root, name), 0o777 & ~mask)
+        for name in names:
+            os.chmod(Path(root, name), 0o666 & ~mask)
 
 
 def load_or_make(path: Path, read: Callable[[Path], T], make: Callable[[], T], write: Callable[[T, Path], None],

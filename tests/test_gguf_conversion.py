@@ -81,3 +81,18 @@ def test_files_the_tensor_path_cannot_take_go_whole(cut_gguf, tmp_path, monkeypa
     folder.mkdir()
     assert gguf_conversion._write_by_tensor(lacking, folder) is False
     assert not any(folder.iterdir())
+
+
+def test_the_kept_conversion_is_readable_by_the_caches_other_users(cut_gguf, tmp_path, monkeypatch):
+    # transformers and safetensors write the weights 0600; a cache folder shared on a machine must not keep them so
+    import os
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        folder = models._convert_gguf(cut_gguf, log=lambda line: None)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+    assert any(p.suffix == ".safetensors" for p in folder.iterdir())

@@ -304,6 +304,28 @@ def test_result_files_honor_the_umask(mask, file_mode, folder_mode, finished):
         assert plan.stat().st_mode & 0o777 == file_mode
 
 
+@pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_cache_files_written_by_safetensors_honor_the_umask(mask, file_mode, folder_mode, tmp_path):
+    # safetensors 0.8 replaces the staged file with a 0600 one of its own: the layer, calibration and student caches
+    # are shared by the workers of other users, so the mode is set again after it saved
+    import torch
+    from safetensors.torch import save_file
+
+    from llmtailor import files
+
+    old = os.umask(mask)
+    try:
+        files.write_with(tmp_path / "layer.safetensors", lambda staging: save_file({"w": torch.ones(2)}, staging))
+        (tmp_path / "folder" / "inner").mkdir(parents=True)
+        save_file({"w": torch.ones(2)}, tmp_path / "folder" / "inner" / "model.safetensors")
+        files.usual_modes(tmp_path / "folder")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "layer.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "folder" / "inner" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "folder" / "inner").stat().st_mode & 0o777 == folder_mode
+
+
 def test_a_run_that_fails_before_its_first_trial_leaves_no_study_behind(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from llmtailor.errors import UserError
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from llmtailor import files
 from llmtailor.arch import Architecture
 from llmtailor.compression import distill
 from llmtailor.hw_profiles import host
@@ -280,6 +281,7 @@ class TrainedStudents:
                 model.save_pretrained(staging)
             (staging / "training.json").write_text(json.dumps(
                 {"steps": self.last.steps, "seconds": self.last.seconds, "losses": self.last.losses}))
+            files.usual_modes(staging)  # the weights were written 0600: the folder is shared with other workers
             os.rename(staging, self.folder / key)
         except OSError:  # another process kept the same student first: theirs stays
             if not (self.folder / key / "training.json").is_file():
