@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("study")
     report.add_argument("--results", default="results")
     report.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
+    export = sub.add_parser("export", help="write one trial's compressed model as a folder transformers loads, "
+                            "with its plan, a model card and its scores measured again")
+    export.add_argument("study")
+    export.add_argument("--trial", type=int, required=True, help="the trial number (front.csv lists the front's)")
+    export.add_argument("out", help="the new folder to write")
+    export.add_argument("--results", default="results")
+    export.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
+    export.add_argument("--sequential", action="store_true", help="compress block by block, each block calibrated "
+                        "on the compressed ones before it (better GPTQ than the search's; new scores; minutes; plans "
+                        "without a student)")
+    export.add_argument("--torch-device", default="cpu", help="where the plan is applied and measured: cpu, cuda...")
+    export.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     estimate = sub.add_parser("estimate", help="dry run: memory plan, predicted latency and whether a plan fits, "
                               "from the model's config alone (no weight is read)")
     estimate.add_argument("model", nargs="?", default=None,
@@ -305,10 +317,10 @@ def _run_search(args: argparse.Namespace, setup: Any) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
+def _open_study(args: argparse.Namespace) -> Any:
+    """The study `args.study` in `args.storage`, or in RESULTS/STUDY/study.db; UserError if there is none."""
     import optuna
 
-    from llmtailor import files, report
     from llmtailor.search.storage import check_url, local_file, open_storage, redact
 
     folder = Path(args.results) / args.study
@@ -323,10 +335,29 @@ def _report(args: argparse.Namespace) -> int:
     storage = open_storage(url)
     if args.study not in optuna.get_all_study_names(storage):
         raise UserError(f"storage {redact(url)} has no study named {args.study!r}")
+    return optuna.load_study(study_name=args.study, storage=storage)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llmtailor import files, report
+
+    study = _open_study(args)
+    folder = Path(args.results) / args.study
     files.check_writable_folder(folder, "results folder")
-    study = optuna.load_study(study_name=args.study, storage=storage)
     paths = report.write(study, folder)
     print(f"Report: {paths['html']}  Front: {paths['front']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from llmtailor.report import export
+
+    study = _open_study(args)
+    record = export.export(study, args.trial, args.out, sequential=args.sequential, torch_device=args.torch_device,
+                           trust_remote_code=args.trust_remote_code, log=print)
+    search, now = record["search"], record["export"]
+    print(f"Exported trial {args.trial} to {args.out}: KL {now['kl']:.4g} (the search measured {search['kl']:.4g}), "
+          f"perplexity {now['perplexity']:.4g} ({search['perplexity']:.4g}) on {record['evaluation_text']}")
     return 0
 
 
@@ -425,8 +456,8 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0 if result["fits"] else 1
 
 
-COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "estimate": _estimate, "devices": _devices,
-            "cache": _cache}
+COMMANDS = {"fit": _search, "sweep": _search, "report": _report, "export": _export, "estimate": _estimate,
+            "devices": _devices, "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:

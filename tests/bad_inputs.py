@@ -192,6 +192,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("study name with odd characters", [*FIT, "--study", "My Study!"], r"study name 'My Study!' may hold only"),
     ("unknown option", [*FIT, "--frobnicate"], r"unrecognized arguments: --frobnicate"),
     ("report of a study that does not exist", ["report", "nothing-here"], r"no study 'nothing-here'"),
+    ("export of a study that does not exist", ["export", "nothing-here", "--trial", "0", "out"],
+     r"no study 'nothing-here'"),
+    ("export without a trial number", ["export", "nothing-here", "out"], r"the following arguments are required: "
+     r"--trial"),
     ("estimate: a plan file and a uniform plan", [*ESTIMATE, "--plan", "{in}/other-model-plan.json", "--bits", "4"],
      r"give either --plan FILE or a uniform plan"),
     ("estimate: plan file missing", [*ESTIMATE, "--plan", "/nonexistent/plan.json"],

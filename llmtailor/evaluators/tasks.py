@@ -258,6 +258,15 @@ def accuracy(model: Any, tokenizer: Any, tasks: list[Any], limit: int | None = N
                                                                               batch_size).items()}
 
 
+def accuracy_summary(scores: dict[str, list[float]]) -> dict[str, float]:
+    """From ``item_scores``: the mean accuracy over tasks, its 95% half-width (binomial, over all items) and each
+    task's accuracy (``accuracy_<task>``)."""
+    accuracy = {name: sum(s) / len(s) for name, s in scores.items()}
+    mean, items = sum(accuracy.values()) / len(accuracy), sum(len(s) for s in scores.values())
+    return {"accuracy": mean, "accuracy_ci95": 1.96 * math.sqrt(max(mean * (1 - mean), 0.0) / items),
+            **{f"accuracy_{k}": v for k, v in accuracy.items()}}
+
+
 def paired_difference(scores: list[float], reference: list[float]) -> tuple[float, float]:
     """Mean per-item difference of two models' scores on the same items (scores - reference) and its 95% half-width.
 

@@ -172,7 +172,8 @@ class Setup:
         made_for = {"model": c.model or "default", "model_name": self.model_name, "device": self.profile.to_dict(),
                     "workload": asdict(c.workload), "space": c.space, "objectives": list(c.objectives),
                     "tasks": list(c.tasks), "task_items": c.task_items, "text": c.text,
-                    "eval_tokens": c.eval_windows * c.window_tokens, "arch": self.arch.to_dict()}
+                    "eval_tokens": c.eval_windows * c.window_tokens, "eval_windows": c.eval_windows,
+                    "window_tokens": c.window_tokens, "arch": self.arch.to_dict()}
         choices = spaces.describe(self.space)
         if choices is not None:
             made_for["space_choices"] = choices
@@ -589,10 +590,7 @@ class TrialEvaluator:
         """Task accuracy (the mean over tasks) with its 95% half-width, and the difference to the teacher on the same
         items with the paired half-width, which separates plans that one accuracy's interval cannot."""
         scores = lm_tasks.item_scores(model, self.teacher.tokenizer, self.tasks)
-        accuracy = {name: sum(s) / len(s) for name, s in scores.items()}
-        mean, items = sum(accuracy.values()) / len(accuracy), sum(len(s) for s in scores.values())
-        measured = {"accuracy": mean, "accuracy_ci95": 1.96 * math.sqrt(max(mean * (1 - mean), 0.0) / items),
-                    **{f"accuracy_{k}": v for k, v in accuracy.items()}}
+        measured = lm_tasks.accuracy_summary(scores)
         ours = [x for name in sorted(scores) for x in scores[name]]
         theirs = [x for name in sorted(scores) for x in self.teacher_items.get(name, [])]
         if len(ours) == len(theirs):
