@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 import warnings
@@ -314,6 +315,9 @@ def _run_search(args: argparse.Namespace, setup: Any) -> int:
              "decode_ms_per_token"]
     print(front[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\nReport: {paths['html']}  Front: {paths['front']}")
+    where = "" if c.results_dir == "results" else f" --results {shlex.quote(str(c.results_dir))}"
+    where += " --storage URL" if c.storage else ""  # (the URL may hold a password: not echoed)
+    print(f"Export a plan as a model folder: llmtailor export {setup.study_name} --trial {best['trial']} OUT{where}")
     return 0
 
 

@@ -26,6 +26,8 @@ def test_fit_writes_front_report_and_plans_then_resumes(tiny_model_dir, tmp_path
     code, out, err = run(argv, capsys)
     assert code == 0, err
     assert "Best plan that fits" in out
+    best = re.search(r"Best plan that fits .*: trial (\d+)", out).group(1)
+    assert f"llmtailor export t --trial {best} OUT --results {results}" in out
     folder = results / "t"
     rows = list(csv.DictReader((folder / "front.csv").open()))
     assert rows, "the front is empty"
