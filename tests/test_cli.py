@@ -39,6 +39,7 @@ def test_fit_writes_front_report_and_plans_then_resumes(tiny_model_dir, tmp_path
     html = (folder / "report.html").read_text()
     assert "<svg" in html and "Accuracy vs memory" in html and "Pareto front" in html
     assert "how far its\nlatencies are from measurement: " in html
+    assert "<code>llmtailor export\nt --trial N OUT</code>" in html
     trials = list(csv.DictReader((folder / "trials.csv").open()))
     assert sum(t["status"] == "evaluated" for t in trials) == 5
     # The first enqueued baseline is the dense model: over this budget, rejected by cost alone.

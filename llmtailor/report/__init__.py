@@ -173,6 +173,8 @@ any weight was touched), {statuses.get("duplicate", 0)} repeated plans (not meas
 <p class="sub">Memory, prefill_s and decode_ms_per_token are the cost model's predictions for this device; how far its
 latencies are from measurement: {escape(_latency_check(device))}.</p>
 {_table(front, columns, best)}
+<p class="sub">Any of these as a model folder transformers loads, measured again: <code>llmtailor export
+{escape(name)} --trial N OUT</code> (with <code>--results</code> or <code>--storage</code> as for <code>report</code>).</p>
 {best_html}
 </body></html>
 """
