@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the new folder to write")
     export.add_argument("--results", default="results")
     export.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
+    export.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a folder from_pretrained loads "
+                        "(float weights); gguf: one model.gguf for llama.cpp, weights packed (llama models loaded "
+                        "from a GGUF file)")
     export.add_argument("--sequential", action="store_true", help="compress block by block, each block calibrated "
                         "on the compressed ones before it (better GPTQ than the search's; new scores; minutes; plans "
                         "without a student)")
@@ -357,7 +360,7 @@ def _export(args: argparse.Namespace) -> int:
     from llmtailor.report import export
 
     study = _open_study(args)
-    record = export.export(study, args.trial, args.out, sequential=args.sequential, torch_device=args.torch_device,
+    record = export.export(study, args.trial, args.out, format=args.format, sequential=args.sequential, torch_device=args.torch_device,
                            trust_remote_code=args.trust_remote_code, log=print)
     search, now = record["search"], record["export"]
     print(f"Exported trial {args.trial} to {args.out}: KL {now['kl']:.4g} (the search measured {search['kl']:.4g}), "

@@ -100,7 +100,11 @@ def test_a_sequential_export_is_the_block_by_block_compression_of_the_plan(joint
     teacher = models.load(info["model"])
     windows = calibration.CalibrationSpec(**info["calibration"]).make_windows(teacher.model, teacher.tokenizer)
     plan = CompressionPlan.from_json((tmp_path / "out" / "plan.json").read_text())
-    expected = sequential.compress_sequential(plan, teacher.model, teacher.arch, windows)
+    forms = {}  # module -> its codes, scales and zero points, as a packed (GGUF) export reads them
+    expected = sequential.compress_sequential(plan, teacher.model, teacher.arch, windows, quantized_forms=forms)
+    quantized_layers = sum(p.bits < 16 for p in plan.precision.values())
+    assert len(forms) == quantized_layers and all(torch.equal(q.dequantize(), module.weight.data)
+                                                  for module, q in forms.items())
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits,

@@ -244,7 +244,8 @@ def _compressed(plan: CompressionPlan, teacher: Any, arch: Architecture, calibra
 
 def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: CalibrationStats | None = None,
           cache: LayerCache | None = None, importance: Any = None, students: Any = None, share: bool = False,
-          in_place: tuple[Callable[[Any], bool], list] | None = None) -> Any:
+          in_place: tuple[Callable[[Any], bool], list] | None = None,
+          quantized_forms: dict[Any, QuantizedWeight] | None = None) -> Any:
     """A compressed copy of the teacher (the teacher is left unchanged): structured cut (by ``importance``,
     from ``structure.importance``), distillation of the cut student (by ``students``, a
     ``compression.trained.TrainedStudents``; how it was made is then in ``students.last``), then sparsity and
@@ -253,13 +254,16 @@ def apply(plan: CompressionPlan, teacher: Any, arch: Architecture, calibration: 
     ``share=True``: the model shares the tensors the plan leaves unchanged with the teacher (see the module doc).
     ``in_place`` = (is_teachers, written): the cut, a student's weights and the compressed layers are written into
     the teacher's parameters that is_teachers accepts, each appended to written (``compression.originals.applied``
-    restores them); see `Writes`."""
+    restores them); see `Writes`. ``quantized_forms``: a dict filled with module -> its quantized weight's codes,
+    scales and zero points, for every quantized layer (what an export packs into a runtime's format)."""
     writes = Writes(teacher, in_place)
     model, _, layers = _compressed(plan, teacher, arch, calibration, cache, importance, students, share, writes)
     # old parameter's id -> (old, new); the old one is held so that its id is not reused while this runs
     replaced: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     with torch.no_grad():
-        for _, module, (compressed, _, _), writable in layers:
+        for _, module, (compressed, quantized, _), writable in layers:
+            if quantized_forms is not None and quantized is not None:
+                quantized_forms[module] = quantized
             old = module.weight
             if writable:  # the model's own (a cut's slice, a student's weight), or the teacher's under in_place
                 if compressed.data_ptr() != old.data_ptr():  # (a cached layer is already written there)

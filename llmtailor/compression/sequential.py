@@ -31,20 +31,26 @@ from llmtailor.evaluators.cost import stored_layers
 from llmtailor.plan import CompressionPlan
 
 
-def _compress(model: Any, names: list[str], plan: CompressionPlan, statistics: CalibrationStats) -> None:
+def _compress(model: Any, names: list[str], plan: CompressionPlan, statistics: CalibrationStats,
+              modules: dict[str, Any], quantized_forms: dict[Any, Any] | None) -> None:
     for name in names:
         precision, sparsity = plan.precision_of(name), plan.sparsity_of(name)
         if precision.is_identity and sparsity.is_identity:
             continue
-        weight = model.get_submodule(name).weight
-        compressed, _, _ = compress_cached(weight.data, name, precision, sparsity, statistics, cache=None)
-        weight.data.copy_(compressed.to(weight.dtype))
+        # (an untied embedding is not among the calibrated modules: compressed without statistics)
+        module = modules[name] if name in modules else model.get_submodule(name)
+        compressed, quantized, _ = compress_cached(module.weight.data, name, precision, sparsity, statistics, cache=None)
+        module.weight.data.copy_(compressed.to(module.weight.dtype))
+        if quantized_forms is not None and quantized is not None:
+            quantized_forms[module] = quantized
 
 
 @torch.no_grad()
 def compress_sequential(plan: CompressionPlan, teacher: Any, arch: Architecture, windows: torch.Tensor,
-                        device: str | torch.device = "cpu", progress: bool = False) -> Any:
-    """A compressed copy of the teacher, its blocks compressed in order on the calibration windows."""
+                        device: str | torch.device = "cpu", progress: bool = False,
+                        quantized_forms: dict[Any, Any] | None = None) -> Any:
+    """A compressed copy of the teacher, its blocks compressed in order on the calibration windows.
+    ``quantized_forms``: filled with module -> its quantized weight, as ``compression.apply`` fills it."""
     from tqdm.auto import tqdm
 
     plan.validate(arch)
@@ -56,11 +62,12 @@ def compress_sequential(plan: CompressionPlan, teacher: Any, arch: Architecture,
     form = None
     for index in tqdm(range(len(blocks)), desc="sequential compression", unit="block", disable=not progress):
         names = [lin.name for lin in arch.linears if lin.block == index]
-        statistics = InputStatistics({name: model.get_submodule(name) for name in names})
+        block_modules = {name: model.get_submodule(name) for name in names}
+        statistics = InputStatistics(block_modules)
         for call in calls:
             statistics.new_pass(block_runs.hidden_of(call).shape[:-1].numel())
             blocks[index](*call[0], **call[1])
-        _compress(model, names, plan, statistics.finish())
+        _compress(model, names, plan, statistics.finish(), block_modules, quantized_forms)
         form = block_runs.run_block(blocks[index], calls)  # the compressed block's outputs feed the next block
     rest = [lin.name for lin in stored_layers(arch) if lin.block is None]
     modules = {name: model.get_submodule(arch.lm_head_name if name == arch.embedding.name else name) for name in rest
@@ -69,5 +76,5 @@ def compress_sequential(plan: CompressionPlan, teacher: Any, arch: Architecture,
     # The blocks' outputs are known: the last pass replays them and stops before the logits.
     block_runs.run_to_head(model, arch, blocks, calls, form, windows, device,
                            lambda window: statistics.new_pass(window.numel()))
-    _compress(model, rest, plan, statistics.finish())
+    _compress(model, rest, plan, statistics.finish(), modules, quantized_forms)
     return model.to(next(teacher.parameters()).device)

@@ -14,7 +14,8 @@ weight at zero, a cut student at its smaller shapes. That is what transformers l
 The bytes a runtime holds once the weights are packed are the cost model's, and the card states both sizes.
 With ``sequential`` the plan is instead compressed block by block (``compression.sequential``, each block
 calibrated on the compressed blocks before it): the better model for GPTQ, with new scores, for plans without a
-student. Not here yet: a packed runtime file (GGUF), and sequential compression of a student.
+student. ``format="gguf"`` packs the codes into one GGUF file for llama.cpp instead (`gguf_file`), and what is
+measured is that file as transformers reads it back. Not here yet: sequential compression of a student.
 """
 
 from __future__ import annotations
@@ -59,17 +60,25 @@ def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial
     return trial
 
 
-def export(study: optuna.Study, number: int, out: Path | str, *, sequential: bool = False, torch_device: str = "cpu",
-           trust_remote_code: bool = False, log: Any = print) -> dict[str, Any]:
-    """Write trial `number`'s model into the new folder `out` (with its tokenizer, ``plan.json``, ``scores.json``
-    and a model card ``README.md``); return the scores record. Nothing is left at `out` when it fails.
+FORMATS = ("hf", "gguf")
 
+
+def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "hf", sequential: bool = False,
+           torch_device: str = "cpu", trust_remote_code: bool = False, log: Any = print) -> dict[str, Any]:
+    """Write trial `number`'s model into the new folder `out` with ``plan.json``, ``scores.json`` and a model card
+    ``README.md``; return the scores record. Nothing is left at `out` when it fails.
+
+    ``format``: ``hf``, the float weights and tokenizer that ``from_pretrained`` loads; ``gguf``, one
+    ``model.gguf`` with the weights packed as `gguf_file` says (llama models loaded from a GGUF file). The scores
+    are measured on what was written: for ``gguf``, the file as transformers reads it back.
     ``sequential``: compress the blocks in order, each calibrated on the compressed blocks before it, instead of as
     the search did (on the teacher's inputs). For GPTQ this is the better model (BENCHMARKS.md, bench_gptq.py: on
     the default model at 4 bits g128, KL 0.24 against 0.28; at 3 bits 0.88 against 1.22), and its scores are then
     new figures, not the search's; it takes minutes (no layer comes from the cache). Plans with a student are not
     taken yet."""
     info = study_info(study)
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     trial = finished_trial(study, number)
     plan = CompressionPlan.from_dict(pareto.plan_json(trial))
     if sequential and not plan.student.is_identity:
@@ -82,14 +91,19 @@ def export(study: optuna.Study, number: int, out: Path | str, *, sequential: boo
     if out.exists():
         raise UserError(f"{out} already exists: export writes a new folder; name another one or remove it")
     files.check_writable_folder(out.parent, "export folder")
+    spec = None if info["model"] == "default" else info["model"]
+    if format == "gguf":
+        from llmtailor.report import gguf_file
+
+        gguf_file.check_source(Path(models.resolve(spec)[1]))
     device = models.torch_device(torch_device)
-    teacher = models.load(None if info["model"] == "default" else info["model"],
-                          trust_remote_code=trust_remote_code, log=log)
+    teacher = models.load(spec, trust_remote_code=trust_remote_code, log=log)
     if Architecture.from_dict(info["arch"]) != teacher.arch:
         raise UserError(f"{teacher.name} is not the model study {study.study_name!r} was made for "
                         f"({info['model_name']}): its architecture differs")
     teacher.model.to(device)
     made = {} if sequential else _cached_parts(plan, teacher, info, device, log)
+    forms: dict[Any, Any] = {}  # module -> its quantized weight (codes, scales, zero points), for a packed format
     if sequential:
         from llmtailor.compression import calibration
         from llmtailor.compression import sequential as sequential_mod
@@ -97,25 +111,47 @@ def export(study: optuna.Study, number: int, out: Path | str, *, sequential: boo
         log(f"compressing {teacher.name} block by block under trial {number}'s plan ...")
         windows = calibration.CalibrationSpec(**info["calibration"]).make_windows(teacher.model, teacher.tokenizer,
                                                                                   device)
-        model = sequential_mod.compress_sequential(plan, teacher.model, teacher.arch, windows, device)
+        model = sequential_mod.compress_sequential(plan, teacher.model, teacher.arch, windows, device,
+                                                   quantized_forms=forms)
     else:
         from llmtailor import compression
 
         log(f"applying trial {number}'s plan to {teacher.name} ...")
-        model = compression.apply(plan, teacher.model, teacher.arch, **made)
-    log("measuring the exported model again on the study's evaluation text ...")
-    record = {"study": study.study_name, "trial": number, "model": info["model_name"],
+        model = compression.apply(plan, teacher.model, teacher.arch, **made, quantized_forms=forms)
+    record = {"study": study.study_name, "trial": number, "model": info["model_name"], "format": format,
               "device": info["device"]["name"], "calibration_text": info.get("calibration_text"),
               "evaluation_text": _evaluation_text(info),
               "compression": "sequential" if sequential else "as in the search (teacher inputs)",
               "search": {k: trial.user_attrs[k] for k in SEARCH_FIGURES if k in trial.user_attrs},
-              "export": _scores(model, teacher, info)}
-    record["layers_by_bits"] = layers_by_bits(plan, teacher.arch)
+              "layers_by_bits": layers_by_bits(plan, teacher.arch)}
     students = made.get("students")
-    if students is not None and students.last is not None:
-        record["export"].update(distill_steps=students.last.steps, trained_now=students.last.trained_now,
-                                train_seconds=students.last.seconds if students.last.trained_now else 0.0)
-    _write(model.to("cpu"), teacher.tokenizer, plan, record, out)
+    trained = {} if students is None or students.last is None else dict(
+        distill_steps=students.last.steps, trained_now=students.last.trained_now,
+        train_seconds=students.last.seconds if students.last.trained_now else 0.0)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        if format == "gguf":
+            log("writing model.gguf ...")
+            record["gguf"] = gguf_file.write(model, forms, Path(models.resolve(spec)[1]), staging / "model.gguf")
+            del model, forms
+            model = gguf_file.load(staging / "model.gguf").to(device)
+            log("measuring model.gguf (as transformers reads it back) on the study's evaluation text ...")
+        else:
+            log("measuring the exported model again on the study's evaluation text ...")
+        record["export"] = {**_scores(model, teacher, info), **trained}
+        if format == "hf":
+            model.to("cpu").save_pretrained(staging)
+            teacher.tokenizer.save_pretrained(staging)
+        record["export"]["file_bytes"] = sum(p.stat().st_size for p in staging.iterdir()
+                                             if p.suffix in (".safetensors", ".gguf"))
+        files.write_text(staging / "plan.json", plan.to_json())
+        files.write_text(staging / "scores.json", json.dumps(record, indent=1))
+        files.write_text(staging / "README.md", model_card(plan, record))
+        files.usual_modes(staging)
+        os.rename(staging, out)  # (fails, and nothing is replaced, if something was made at `out` meanwhile)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return record
 
 
@@ -185,23 +221,6 @@ def _scores(model: Any, teacher: Any, info: dict[str, Any]) -> dict[str, Any]:
     return scores
 
 
-def _write(model: Any, tokenizer: Any, plan: CompressionPlan, record: dict[str, Any], out: Path) -> None:
-    """The folder, written beside `out` and renamed into place whole."""
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        files.write_text(staging / "plan.json", plan.to_json())
-        record["export"]["file_bytes"] = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
-        files.write_text(staging / "scores.json", json.dumps(record, indent=1))
-        files.write_text(staging / "README.md", model_card(plan, record))
-        files.usual_modes(staging)
-        os.rename(staging, out)  # (fails, and nothing is replaced, if something was made at `out` meanwhile)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def layers_by_bits(plan: CompressionPlan, arch: Architecture) -> dict[str, int]:
     """How many of the model's weight matrices (those of the blocks a student keeps, the embedding and the head)
     have each weight width, widest first."""
@@ -253,11 +272,27 @@ def model_card(plan: CompressionPlan, record: dict[str, Any]) -> str:
     memory = search.get("memory_bytes")
     sliced = (" The search stopped this plan after its first windows (it was far behind the front there), so its "
               "figures are of those windows alone." if search.get("stage") == "kl_slice" else "")
+    predicted = (f"the cost model puts the model at {_figure(memory / 1e6 if memory else None)} MB in memory (weights "
+                 f"{_figure(search['weight_bytes'] / 1e6 if 'weight_bytes' in search else None)} MB)")
+    if record["format"] == "gguf":
+        made = record["gguf"]
+        load = ("Run `model.gguf` with llama.cpp (`llama-cli -m model.gguf`), or load it with\n"
+                "`AutoModelForCausalLM.from_pretrained(this_folder, gguf_file=\"model.gguf\")` (transformers dequantizes it).")
+        size = (f"`model.gguf` holds {now['file_bytes'] / 1e6:,.1f} MB; its tensors by GGUF type: "
+                + ", ".join(f"{count} {kind}" for kind, count in made["types"].items())
+                + (f"; quantized again into Q8_0 (asymmetric 8 bits has no GGUF type of its own): "
+                   f"{len(made['requantized'])} layers" if made["requantized"] else "")
+                + f". For the plan's own packing {predicted}. Its scores above are of the file as transformers reads it.")
+    else:
+        load = ("Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; no quantization library is "
+                "needed.")
+        size = (f"The weights are stored as floats ({now['file_bytes'] / 1e6:,.1f} MB of safetensors): quantized "
+                f"weights at their dequantized values, pruned weights at zero. Packed for a runtime with the kernels "
+                f"the device profile names, {predicted}.")
     return f"""# {record['model']}, compressed by llmtailor
 
-Trial {record['trial']} of study `{record['study']}`, for the device `{record['device']}`. Load it with
-`AutoModelForCausalLM.from_pretrained(this_folder)`; no quantization library is needed. `plan.json` is the
-plan applied, `scores.json` the figures below.
+Trial {record['trial']} of study `{record['study']}`, for the device `{record['device']}`. {load}
+`plan.json` is the plan applied, `scores.json` the figures below.
 
 ## What was done
 
@@ -273,8 +308,5 @@ Measured on {record['evaluation_text']} (held out from the calibration text).{sl
 
 ## Size
 
-The weights are stored as floats ({now['file_bytes'] / 1e6:,.1f} MB of safetensors): quantized weights at their
-dequantized values, pruned weights at zero. Packed for a runtime with the kernels the device profile names, the
-cost model puts the model at {_figure(memory / 1e6 if memory else None)} MB in memory (weights
-{_figure(search['weight_bytes'] / 1e6 if 'weight_bytes' in search else None)} MB).
+{size}
 """

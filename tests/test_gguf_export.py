@@ -1,0 +1,105 @@
+"""Compressed layers packed into GGUF blocks, and a GGUF export of a whole study's plan read back and measured."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmtailor import cli, compression, models
+from llmtailor.errors import UserError
+from llmtailor.plan import LayerPrecision, LayerSparsity
+from llmtailor.report import export, gguf_file
+
+
+@pytest.mark.parametrize("precision, kind", [
+    (LayerPrecision(4, 64), "Q4_1"), (LayerPrecision(3, 0), "Q4_1"), (LayerPrecision(2, 32), "Q4_1"),
+    (LayerPrecision(4, 32, symmetric=True), "Q4_0"), (LayerPrecision(3, 128, symmetric=True), "Q4_0"),
+    (LayerPrecision(8, 32, symmetric=True), "Q8_0"), (LayerPrecision(8, 0, symmetric=True), "Q8_0")])
+def test_codes_become_the_gguf_blocks_that_hold_them(precision, kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 256) * 0.05
+    dense, quantized, _ = compression.compress_layer(weight, precision, LayerSparsity(0.5))  # pruned ones: zeros
+    rows = gguf_file._rows_for_gguf(16, 4)
+    data, made = gguf_file.encode(quantized, rows)
+    assert made.name == kind and data.dtype == np.uint8
+    read = torch.from_numpy(dequantize(data, GGMLQuantizationType[kind]))
+    # Q4_1 stores the minimum (-scale x zero point) in float16: the one rounding; the other types are exact.
+    tolerance = 1e-3 * dense.abs().max().item() if kind == "Q4_1" else 0
+    torch.testing.assert_close(read, dense[rows], rtol=0, atol=tolerance)
+    assert (read[dense[rows] == 0].abs() <= tolerance).all()
+
+
+def test_codes_no_gguf_type_holds_are_left_to_the_caller():
+    weight = torch.randn(8, 96)
+    for precision in (LayerPrecision(8, 32), LayerPrecision(4, 48)):  # asymmetric 8 bits; groups across blocks
+        assert gguf_file.encode(compression.compress_layer(weight, precision, LayerSparsity())[1]) is None
+    assert gguf_file.encode(compression.compress_layer(torch.randn(8, 100), LayerPrecision(4, 0),
+                                                       LayerSparsity())[1]) is None  # rows of no whole block
+
+
+def test_the_rows_llamacpp_keeps_are_the_ones_transformers_puts_back():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    processor = LlamaTensorProcessor()
+    weights = np.arange(24 * 3).reshape(24, 3)
+    for heads in (6, 2, 1):  # query heads, or key heads under grouped-query attention
+        stored = weights[gguf_file._rows_for_gguf(24, heads)]
+        assert not np.array_equal(stored, weights) or heads == 24 // 2
+        assert np.array_equal(processor._reverse_permute_weights(stored, heads, heads), weights)
+
+
+def test_a_study_of_a_model_folder_cannot_be_written_as_gguf(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    args = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 2, "--results", tmp_path, "--study", "f",
+            "--tasks", "none", "--context", 256, "--prompt", 64, "--eval-windows", 1, "--window-tokens", 64,
+            "--no-progress"]
+    assert cli.main([str(a) for a in args]) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'f' / 'study.db'}")
+    measured = next(t.number for t in study.trials if t.user_attrs.get("status") == "evaluated")
+    with pytest.raises(UserError, match=r"--format gguf copies the tokenizer from the model's own GGUF file; the "
+                                        r"study's model \(.*\) is not one: export it with --format hf"):
+        export.export(study, measured, tmp_path / "out", format="gguf")
+    with pytest.raises(UserError, match="unknown export format 'onnx': choose one of hf, gguf"):
+        export.export(study, measured, tmp_path / "out", format="onnx")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # the default model's GGUF file: its tokenizer on a small random llama
+def test_a_gguf_export_reads_back_as_the_model_the_search_measured(tmp_path, monkeypatch):
+    import optuna
+
+    from llmtailor.hw_profiles import llamacpp
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    small = llamacpp.write(models.default_model_path(), tmp_path / "small.gguf",
+                           shapes=dict(hidden=128, intermediate=256, heads=4, kv_heads=2, blocks=2))
+    args = ["fit", small, "--memory", "30MB", "--trials", 4, "--results", tmp_path, "--study", "g", "--space", "guided",
+            "--calibration-windows", 2, "--tasks", "none", "--context", 256, "--prompt", 64, "--eval-windows", 2,
+            "--window-tokens", 64, "--no-progress"]
+    assert cli.main([str(a) for a in args]) == 0
+    study = optuna.load_study(study_name="g", storage=f"sqlite:///{tmp_path / 'g' / 'study.db'}")
+    trial = next(t for t in study.trials if t.user_attrs.get("status") == "evaluated"
+                 and any(p["bits"] < 16 for p in json.loads(t.user_attrs["plan"])["precision"].values()))
+    record = export.export(study, trial.number, tmp_path / "out", format="gguf", log=lambda line: None)
+    assert record["export"]["kl"] == pytest.approx(trial.user_attrs["kl"], rel=0.05, abs=1e-4)
+    assert set(record["gguf"]["types"]) <= {"Q4_1", "Q4_0", "Q8_0", "F16", "F32"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "model.gguf", "plan.json",
+                                                                     "scores.json"]
+    assert "llama-cli -m model.gguf" in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "model.gguf").stat().st_size < small.stat().st_size / 2  # packed, not float32
+
+
+def test_apply_hands_over_each_quantized_layers_codes(tiny):
+    from llmtailor.plan import CompressionPlan
+
+    precision = {lin.name: LayerPrecision(4, 32) for lin in tiny.arch.linears if lin.block in (0, 2)}
+    forms = {}
+    model = compression.apply(CompressionPlan(precision=precision), tiny.model, tiny.arch, quantized_forms=forms)
+    assert {name for name, module in model.named_modules() if module in forms} == set(precision)
+    assert all(torch.equal(q.dequantize(), module.weight.data) for module, q in forms.items())
