@@ -70,15 +70,47 @@ def test_a_study_of_a_model_folder_cannot_be_written_as_gguf(tiny_model_dir, tmp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # the default model's GGUF file: its tokenizer on a small random llama
-def test_a_gguf_export_reads_back_as_the_model_the_search_measured(tmp_path, monkeypatch):
-    import optuna
-
+@pytest.fixture
+def small_gguf(tmp_path):
+    """A random llama of 2 small blocks with the default model's tokenizer, as a GGUF file."""
     from llmtailor.hw_profiles import llamacpp
 
+    return llamacpp.write(models.default_model_path(), tmp_path / "small.gguf",
+                          shapes=dict(hidden=128, intermediate=256, heads=4, kv_heads=2, blocks=2))
+
+
+@pytest.mark.slow  # the default model's GGUF file: its tokenizer on a small random llama
+def test_a_cut_student_written_as_gguf_reads_back_with_its_own_shapes(small_gguf, tmp_path, monkeypatch):
+    from llmtailor import text
+    from llmtailor.compression import calibration, structure
+    from llmtailor.plan import CompressionPlan, Student
+
     monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
-    small = llamacpp.write(models.default_model_path(), tmp_path / "small.gguf",
-                           shapes=dict(hidden=128, intermediate=256, heads=4, kv_heads=2, blocks=2))
+    teacher = models.load(str(small_gguf))
+    ids = calibration.calibration_windows(teacher.tokenizer, text.split("pydoc").calibration, count=2, tokens=128)
+    stats = calibration.collect(teacher.model, teacher.arch, ids)
+    scores = structure.importance(teacher.model, teacher.arch, stats, ids)
+    student = Student(layers=(1,), heads={1: 2}, mlp_width={1: 128})  # one block, one KV group, half the MLP
+    precision = {lin.name: LayerPrecision(4, 32) for lin in teacher.arch.linears if lin.block == 1}
+    forms = {}
+    model = compression.apply(CompressionPlan(precision=precision, student=student), teacher.model, teacher.arch,
+                              calibration=stats, importance=scores, quantized_forms=forms)
+    made = gguf_file.write(model, forms, small_gguf, tmp_path / "cut.gguf")
+    assert made == {"types": {"F16": 1, "F32": 3, "Q4_1": 7}, "requantized": []}  # embedding F16: not quantized
+    read = gguf_file.load(tmp_path / "cut.gguf")
+    assert (read.config.num_hidden_layers, read.config.num_attention_heads, read.config.num_key_value_heads,
+            read.config.intermediate_size) == (1, 2, 1, 128)
+    with torch.no_grad():  # the embedding went through float16; the rest are the codes as they were
+        ours, theirs = model(ids[:1, :32]).logits, read(ids[:1, :32]).logits
+    assert (ours - theirs).abs().max() < 1e-3 * ours.abs().max()
+
+
+@pytest.mark.slow  # the default model's GGUF file: its tokenizer on a small random llama
+def test_a_gguf_export_reads_back_as_the_model_the_search_measured(small_gguf, tmp_path, monkeypatch):
+    import optuna
+
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
+    small = small_gguf
     args = ["fit", small, "--memory", "30MB", "--trials", 4, "--results", tmp_path, "--study", "g", "--space", "guided",
             "--calibration-windows", 2, "--tasks", "none", "--context", 256, "--prompt", 64, "--eval-windows", 2,
             "--window-tokens", 64, "--no-progress"]
