@@ -360,8 +360,8 @@ def _export(args: argparse.Namespace) -> int:
     from llmtailor.report import export
 
     study = _open_study(args)
-    record = export.export(study, args.trial, args.out, format=args.format, sequential=args.sequential, torch_device=args.torch_device,
-                           trust_remote_code=args.trust_remote_code, log=print)
+    record = export.export(study, args.trial, args.out, format=args.format, sequential=args.sequential,
+                           torch_device=args.torch_device, trust_remote_code=args.trust_remote_code, log=print)
     search, now = record["search"], record["export"]
     print(f"Exported trial {args.trial} to {args.out}: KL {now['kl']:.4g} (the search measured {search['kl']:.4g}), "
           f"perplexity {now['perplexity']:.4g} ({search['perplexity']:.4g}) on {record['evaluation_text']}")

@@ -49,7 +49,7 @@ CALIBRATION = [dict(hidden=768, intermediate=2048, heads=12, kv_heads=4, blocks=
                dict(hidden=768, intermediate=2048, heads=12, kv_heads=4, blocks=24),
                dict(hidden=384, intermediate=1024, heads=6, kv_heads=2, blocks=6),
                dict(hidden=384, intermediate=1024, heads=6, kv_heads=2, blocks=24)]
-_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj"}
 
@@ -81,8 +81,8 @@ def plan_of(path: Path, arch: Any) -> tuple[CompressionPlan, str]:
     for tensor in GGUFReader(path).tensors:
         kind = tensor.tensor_type.name
         parts = tensor.name.split(".")
-        if parts[0] == "blk" and parts[2] in _LINEARS:
-            name = f"model.layers.{parts[1]}.{_LINEARS[parts[2]]}"
+        if parts[0] == "blk" and parts[2] in LINEARS:
+            name = f"model.layers.{parts[1]}.{LINEARS[parts[2]]}"
         elif tensor.name == "token_embd.weight":
             name = arch.embedding.name
         elif tensor.name == "output.weight":

@@ -37,7 +37,7 @@ from llmtailor.evaluators import tasks as lm_tasks
 from llmtailor.plan import CompressionPlan
 from llmtailor.report import study_info
 from llmtailor.search import pareto
-from llmtailor.search.study import status
+from llmtailor.search.study import quality_figures, status
 
 # Studies made before their fingerprint held the window size measured on windows of this many tokens (the default).
 OLD_WINDOW_TOKENS = 256
@@ -206,14 +206,7 @@ def _scores(model: Any, teacher: Any, info: dict[str, Any]) -> dict[str, Any]:
         reference = quality.Reference(teacher.model, teacher.tokenizer, text.split(source).evaluation, windows, tokens,
                                       quality.SEARCH_TOP_K)
         by_text[source] = quality.measure(model, reference)
-    named = info.get("quality_text")
-    chosen = [by_text[named]] if named else list(by_text.values())
-    scores: dict[str, Any] = {"kl": sum(q.kl for q in chosen) / len(chosen),
-                              "perplexity": sum(q.perplexity for q in chosen) / len(chosen),
-                              "eval_tokens": sum(q.tokens for q in by_text.values())}
-    if len(by_text) > 1:
-        scores["kl_by_text"] = {source: q.kl for source, q in by_text.items()}
-        scores["perplexity_by_text"] = {source: q.perplexity for source, q in by_text.items()}
+    scores = quality_figures(by_text, info.get("quality_text"))
     if info.get("tasks"):
         tasks = lm_tasks.resolve_tasks(list(info["tasks"]), text.split(info["text"]).task, info["task_items"],
                                        models.cache_dir())

@@ -28,11 +28,10 @@ import torch
 
 from llmtailor.compression.quantize import QuantizedWeight
 from llmtailor.errors import UserError
+from llmtailor.hw_profiles.llamacpp import LINEARS
 
 BLOCK = 32
-_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down"}
+_LINEARS = {module: kind for kind, module in LINEARS.items()}  # transformers llama module -> GGUF tensor
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 

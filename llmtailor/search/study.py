@@ -601,13 +601,7 @@ class TrialEvaluator:
     def _quality(self, parts: dict[str, list], plan: Any) -> dict[str, Any]:
         """KL and perplexity (the named text's, or the mean over the texts) from measured window slices."""
         by_text = {source: quality.combined(qs) for source, qs in parts.items()}
-        named = self.setup.config.quality_text
-        kl = by_text[named].kl if named else sum(q.kl for q in by_text.values()) / len(by_text)
-        perplexity = by_text[named].perplexity if named else sum(q.perplexity for q in by_text.values()) / len(by_text)
-        measured = {"kl": kl, "perplexity": perplexity, "eval_tokens": sum(q.tokens for q in by_text.values())}
-        if len(by_text) > 1:
-            measured["kl_by_text"] = {source: q.kl for source, q in by_text.items()}
-            measured["perplexity_by_text"] = {source: q.perplexity for source, q in by_text.items()}
+        measured = quality_figures(by_text, self.setup.config.quality_text)
         if plan.student.distillation.steps:
             record = self.students.last
             measured.update(distill_steps=record.steps, train_seconds=record.seconds, train_loss=record.losses[-1],
@@ -713,6 +707,18 @@ class TrialEvaluator:
         trial.set_user_attr("status", why)
         trial.set_user_attr("skip_reason", reason)
         raise optuna.TrialPruned(reason)
+
+
+def quality_figures(by_text: dict[str, quality.Quality], named: str | None) -> dict[str, Any]:
+    """KL and perplexity of the `named` text, or their mean over the texts, the tokens measured, and (several texts)
+    each text's: what a trial records, and what an export measures again."""
+    kl = by_text[named].kl if named else sum(q.kl for q in by_text.values()) / len(by_text)
+    perplexity = by_text[named].perplexity if named else sum(q.perplexity for q in by_text.values()) / len(by_text)
+    measured = {"kl": kl, "perplexity": perplexity, "eval_tokens": sum(q.tokens for q in by_text.values())}
+    if len(by_text) > 1:
+        measured["kl_by_text"] = {source: q.kl for source, q in by_text.items()}
+        measured["perplexity_by_text"] = {source: q.perplexity for source, q in by_text.items()}
+    return measured
 
 
 class DiskFull(UserError):
