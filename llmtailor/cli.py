@@ -326,6 +326,7 @@ def _run_search(args: argparse.Namespace, setup: Any) -> int:
 
 def _open_study(args: argparse.Namespace) -> Any:
     """The study `args.study` in `args.storage`, or in RESULTS/STUDY/study.db; UserError if there is none."""
+    _quiet_libraries()  # (opening a storage with heartbeats warns that they are experimental)
     import optuna
 
     from llmtailor.search.storage import check_url, local_file, open_storage, redact

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -122,6 +124,12 @@ def test_export_refuses_what_it_cannot_write_or_find(joint, tmp_path, monkeypatc
     student = _measured(study, lambda p: not CompressionPlan.from_dict(p).student.is_identity)[0].number
     with pytest.raises(UserError, match=rf"trial {student}'s plan cuts or distills a student, which sequential "):
         export.export(study, student, tmp_path / "a", sequential=True)
+    # From the command line: one line on stderr (no library warning about opening the storage before it), exit 2.
+    done = subprocess.run([sys.executable, "-m", "llmtailor.cli", "export", "jg", "--trial", "999", str(tmp_path / "a"),
+                           "--results", str(folder)], capture_output=True, text=True, env={**os.environ,
+                                                                                          "PYTHONWARNINGS": "default"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("llmtailor: error: study 'jg' has no such trial")
     (tmp_path / "taken").mkdir()
     with pytest.raises(UserError, match="taken already exists: export writes a new folder"):
         export.export(study, measured, tmp_path / "taken")
