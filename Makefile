@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check llmtailor tests benchmarks
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "slow or not slow" --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -161,25 +161,20 @@ def _cached_parts(plan: CompressionPlan, teacher: Any, info: dict[str, Any], dev
     keys the search used."""
     if "calibration" not in info:
         return {}
-    from llmtailor.compression import calibration, layer_cache, structure, trained
+    from llmtailor.compression import calibration, structure, trained
+    from llmtailor.search import calibrated
 
     spec = calibration.CalibrationSpec(**info["calibration"])
-    fingerprint = layer_cache.model_fingerprint(teacher.model)
-    key = spec.key(fingerprint)
     log(f"calibration: {spec.describe()} (from the cache where the study kept it)")
-
-    def windows() -> Any:
-        return spec.make_windows(teacher.model, teacher.tokenizer, device)
-
-    cache = models.cache_dir()
-    stats = calibration.load_or_collect(teacher.model, teacher.arch, windows, key, cache, device)
-    made: dict[str, Any] = {"calibration": stats, "cache": layer_cache.LayerCache(
-        cache / "layers", fingerprint, key, layer_cache.max_bytes_from_env())}
+    stats, key, cache, windows = calibrated.statistics_and_cache(teacher.model, teacher.tokenizer, teacher.arch, spec,
+                                                                 device)
+    made: dict[str, Any] = {"calibration": stats, "cache": cache}
     student = plan.student
     if student.layers is not None or student.heads or student.mlp_width:
-        made["importance"] = structure.load_or_measure(teacher.model, teacher.arch, stats, windows, key, cache)
+        made["importance"] = structure.load_or_measure(teacher.model, teacher.arch, stats, windows, key,
+                                                       models.cache_dir())
     if student.distillation.steps:
-        made["students"] = trained.TrainedStudents(teacher.model, windows, key, cache, device)
+        made["students"] = trained.TrainedStudents(teacher.model, windows, key, models.cache_dir(), device)
     return made
 
 
