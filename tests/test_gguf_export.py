@@ -52,22 +52,70 @@ def test_the_rows_llamacpp_keeps_are_the_ones_transformers_puts_back():
         assert np.array_equal(processor._reverse_permute_weights(stored, heads, heads), weights)
 
 
-def test_a_study_of_a_model_folder_cannot_be_written_as_gguf(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_study_of_a_model_folder_is_written_as_gguf_with_its_own_tokenizer(tiny_model_dir, tmp_path, monkeypatch):
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
     monkeypatch.setenv("LLMTAILOR_CACHE", str(tmp_path / "cache"))
-    args = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 2, "--results", tmp_path, "--study", "f",
+    args = ["fit", tiny_model_dir, "--memory", "500kB", "--trials", 3, "--results", tmp_path, "--study", "f",
             "--tasks", "none", "--context", 256, "--prompt", 64, "--eval-windows", 1, "--window-tokens", 64,
             "--no-progress"]
     assert cli.main([str(a) for a in args]) == 0
     import optuna
 
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'f' / 'study.db'}")
-    measured = next(t.number for t in study.trials if t.user_attrs.get("status") == "evaluated")
-    with pytest.raises(UserError, match=r"--format gguf copies the tokenizer from the model's own GGUF file; the "
-                                        r"study's model \(.*\) is not one: export it with --format hf"):
-        export.export(study, measured, tmp_path / "out", format="gguf")
     with pytest.raises(UserError, match="unknown export format 'onnx': choose one of hf, gguf"):
-        export.export(study, measured, tmp_path / "out", format="onnx")
-    assert not (tmp_path / "out").exists()
+        export.export(study, 0, tmp_path / "out", format="onnx")
+    trial = next(t for t in study.trials if t.user_attrs.get("status") == "evaluated"
+                 and any(p["bits"] < 16 for p in json.loads(t.user_attrs["plan"])["precision"].values()))
+    record = export.export(study, trial.number, tmp_path / "out", format="gguf", log=lambda line: None)
+    assert record["export"]["kl"] == pytest.approx(trial.user_attrs["kl"], rel=0.05, abs=1e-4)
+    from gguf import GGUFReader
+
+    fields = GGUFReader(tmp_path / "out" / "model.gguf").fields
+    assert (fields["tokenizer.ggml.model"].contents(), fields["tokenizer.ggml.pre"].contents()) == ("gpt2", "gpt-2")
+    assert fields["tokenizer.ggml.token_type"].contents()[:3] == [3, 3, 3]  # <unk> <s> </s>: control tokens
+    # transformers rebuilds the tokenizer from the file alone: it splits text as the model's own does
+    original = AutoTokenizer.from_pretrained(tiny_model_dir)
+    read = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    for key in sorted(topics)[40:46]:  # text the tiny tokenizer was not trained on
+        assert read(topics[key]).input_ids == original(topics[key]).input_ids
+    assert (read.bos_token, read.eos_token) == ("<s>", "</s>")
+
+
+def test_what_a_gguf_file_cannot_hold_is_a_clear_error(tiny):
+    import copy
+
+    from tokenizers import decoders, pre_tokenizers
+
+    def refused(match, config=None, tokenizer=None):
+        with pytest.raises(UserError, match=match):
+            gguf_file.check_source(None, config or tiny.model.config, tokenizer or tiny.tokenizer)
+
+    gguf_file.check_source(None, tiny.model.config, tiny.tokenizer)  # the tiny model can be written
+    for change, match in [(dict(model_type="mistral"), r"writes llama-architecture models; this one is 'mistral'"),
+                          (dict(attention_bias=True), "does not write llama models with bias terms yet"),
+                          (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
+                           r"does not write rope scaling \('llama3'\) yet")]:
+        config = copy.deepcopy(tiny.model.config)
+        for key, value in change.items():
+            setattr(config, key, value)
+        refused(match, config)
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    refused(r"cannot name this tokenizer's pre-tokenizer to llama.cpp .*Whitespace", tokenizer=tokenizer)
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert gguf_file._tokenizer_fields(tokenizer, 512)["tokenizer.ggml.pre"][0] == "smollm"
+    tokenizer.backend_tokenizer.decoder = decoders.Metaspace()
+    refused("writes byte-level BPE tokenizers .* for now; this model's is a BPE tokenizer", tokenizer=tokenizer)
+    config = copy.deepcopy(tiny.model.config)
+    config.vocab_size = 100
+    refused("the tokenizer has token ids up to 511 but the model only 100 rows", config)
+    assert gguf_file._tokenizer_fields(tiny.tokenizer, 520)["tokenizer.ggml.tokens"][0][-8:] == [
+        f"[PAD{i}]" for i in range(512, 520)]  # rows past the vocabulary: unused tokens, as llama.cpp expects
 
 
 @pytest.fixture

@@ -69,7 +69,8 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
     ``README.md``; return the scores record. Nothing is left at `out` when it fails.
 
     ``format``: ``hf``, the float weights and tokenizer that ``from_pretrained`` loads; ``gguf``, one
-    ``model.gguf`` with the weights packed as `gguf_file` says (llama models loaded from a GGUF file). The scores
+    ``model.gguf`` with the weights packed as `gguf_file` says (llama models with a byte-level BPE tokenizer, or
+    loaded from a GGUF file). The scores
     are measured on what was written: for ``gguf``, the file as transformers reads it back.
     ``sequential``: compress the blocks in order, each calibrated on the compressed blocks before it, instead of as
     the search did (on the teacher's inputs). For GPTQ this is the better model (BENCHMARKS.md, bench_gptq.py: on
@@ -95,7 +96,13 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
     if format == "gguf":
         from llmtailor.report import gguf_file
 
-        gguf_file.check_source(Path(models.resolve(spec)[1]))
+        kind, where = models.resolve(spec)
+        gguf_source = Path(where) if kind == "gguf" else None
+        if gguf_source is None:  # header and tokenizer made from the model's own: checked before anything is loaded
+            gguf_file.check_source(None, models.load_config(spec, trust_remote_code=trust_remote_code, log=log)[0],
+                                   models.load_tokenizer(spec, trust_remote_code=trust_remote_code, log=log))
+        else:
+            gguf_file.check_source(gguf_source, None, None)
     device = models.torch_device(torch_device)
     teacher = models.load(spec, trust_remote_code=trust_remote_code, log=log)
     if Architecture.from_dict(info["arch"]) != teacher.arch:
@@ -132,7 +139,8 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
     try:
         if format == "gguf":
             log("writing model.gguf ...")
-            record["gguf"] = gguf_file.write(model, forms, Path(models.resolve(spec)[1]), staging / "model.gguf")
+            record["gguf"] = gguf_file.write(model, forms, gguf_source, staging / "model.gguf", teacher.tokenizer,
+                                             teacher.name)
             del model, forms
             model = gguf_file.load(staging / "model.gguf").to(device)
             log("measuring model.gguf (as transformers reads it back) on the study's evaluation text ...")

@@ -12,8 +12,12 @@ An asymmetric 8-bit layer has no such type (its codes minus the zero point span 
 format) are ``F16``, the norms ``F32``. The file is read back by the caller (transformers dequantizes it) and
 measured again, so what it holds is scored, not assumed.
 
-Only llama-architecture models loaded from a GGUF file are written: the tokenizer and every other header field are
-copied from that file, with the block count, head counts and MLP width of the exported (possibly cut) model.
+Only llama-architecture models are written. For a model loaded from a GGUF file the tokenizer and every other header
+field are copied from that file; for a model folder or hub id they are made from its config and its fast tokenizer
+(`header_from_transformers`): byte-level BPE vocabularies only (GPT-2, SmolLM, Llama 3 style), whose
+pre-tokenizer is one llama.cpp names (`PRE_TOKENIZERS`), since llama.cpp splits text by that name and not by the
+regular expression a tokenizer.json holds. SentencePiece vocabularies (Llama 2, Mistral) are an error for now. In
+both cases the block count, head counts and MLP width are the exported (possibly cut) model's.
 """
 
 from __future__ import annotations
@@ -35,17 +39,153 @@ _LINEARS = {module: kind for kind, module in LINEARS.items()}  # transformers ll
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def check_source(source: Path) -> None:
-    """UserError unless `source` is a llama GGUF file (the tokenizer and header come from it)."""
+def check_source(source: Path | None, config: Any, tokenizer: Any) -> None:
+    """UserError unless the model can be written as GGUF: a llama GGUF file (`source`, whose tokenizer and header
+    are copied), or a llama model with a byte-level BPE tokenizer llama.cpp can name (`source` None)."""
     from gguf import GGUFReader
 
-    if source.suffix.lower() != ".gguf":
-        raise UserError(f"--format gguf copies the tokenizer from the model's own GGUF file; the study's model "
-                        f"({source}) is not one: export it with --format hf")
-    architecture = GGUFReader(source).fields["general.architecture"].contents()
-    if architecture != "llama":
-        raise UserError(f"--format gguf writes llama-architecture files; {source.name} is {architecture!r}: "
+    if source is not None:
+        architecture = GGUFReader(source).fields["general.architecture"].contents()
+        if architecture != "llama":
+            raise UserError(f"--format gguf writes llama-architecture files; {source.name} is {architecture!r}: "
+                            "export it with --format hf")
+        return
+    header_from_transformers(config, tokenizer, "check")
+
+
+def header_from_transformers(config: Any, tokenizer: Any, name: str) -> dict[str, tuple[Any, Any, Any]]:
+    """The GGUF header fields {key: (value, type, array item type)} of a transformers llama model and its fast
+    tokenizer; UserError for what llama.cpp's llama architecture or this writer does not hold."""
+    from gguf import GGUFValueType as Kind
+
+    if config.model_type != "llama":
+        raise UserError(f"--format gguf writes llama-architecture models; this one is {config.model_type!r}: "
                         "export it with --format hf")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UserError("--format gguf does not write llama models with bias terms yet: export it with --format hf")
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"--format gguf does not write rope scaling ({rope['rope_type']!r}) yet: export it with "
+                        "--format hf")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    u32, f32 = Kind.UINT32, Kind.FLOAT32
+    fields = {"general.name": (name, Kind.STRING, None),
+              "llama.context_length": (config.max_position_embeddings, u32, None),
+              "llama.embedding_length": (config.hidden_size, u32, None),
+              "llama.block_count": (config.num_hidden_layers, u32, None),
+              "llama.feed_forward_length": (config.intermediate_size, u32, None),
+              "llama.attention.head_count": (config.num_attention_heads, u32, None),
+              "llama.attention.head_count_kv": (config.num_key_value_heads, u32, None),
+              "llama.rope.freq_base": (float(rope["rope_theta"]), f32, None),
+              "llama.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), f32, None),
+              "llama.rope.dimension_count": (head_dim, u32, None),
+              "llama.vocab_size": (config.vocab_size, u32, None)}
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        fields["llama.attention.key_length"] = fields["llama.attention.value_length"] = (head_dim, u32, None)
+    return {**fields, **_tokenizer_fields(tokenizer, config.vocab_size)}
+
+
+# A tokenizer.json pre-tokenizer (as `_pre_tokenizer_shape` describes it) -> the name llama.cpp splits text by.
+# GPT-2's byte-level regex alone is llama.cpp's "gpt-2"; single digits first, then it, is "smollm" (checked against
+# llama.cpp 0.3.36 on the default model's file); a Split by a regular expression is named from transformers' own
+# table of llama.cpp's names and their expressions (`_split_names`).
+PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits:individual", "ByteLevel"): "smollm"}
+
+
+def _pre_tokenizer_shape(pre: dict[str, Any] | None) -> tuple[str, ...]:
+    """A tokenizer.json pre-tokenizer as the sequence of steps it takes ("ByteLevel" with its own regex, "Digits:
+    individual", "Split:<regex>" with the byte-level step after it not splitting again), or () if it has another
+    form."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    shape = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel" and not step.get("add_prefix_space", False):
+            shape.append("ByteLevel" if step.get("use_regex", True) else "ByteLevel:bytes")
+        elif kind == "Digits" and step.get("individual_digits"):
+            shape.append("Digits:individual")
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert") \
+                and "Regex" in step.get("pattern", {}):
+            shape.append(f"Split:{step['pattern']['Regex']}")
+        else:
+            return ()
+    return tuple(shape)
+
+
+def _split_names() -> dict[tuple[str, ...], str]:
+    """{("Split:<regex>", "ByteLevel:bytes"): llama.cpp's name}, the first name transformers lists per regex."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS as splits
+    except ImportError:  # an older transformers: only the shapes named in PRE_TOKENIZERS
+        return {}
+    names: dict[tuple[str, ...], str] = {}
+    for name, regex in splits.items():
+        names.setdefault((f"Split:{regex}", "ByteLevel:bytes"), name)
+    return names
+
+
+def _tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, tuple[Any, Any, Any]]:
+    """The tokenizer.ggml.* fields of a byte-level BPE fast tokenizer, its vocabulary padded to the model's rows."""
+    import json
+
+    from gguf import GGUFValueType as Kind
+    from gguf import TokenType
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("--format gguf needs the model's fast tokenizer (tokenizer.json): export it with --format hf")
+    spec = json.loads(backend.to_str())
+    model, decoder = spec["model"], spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel" \
+            or spec.get("normalizer"):
+        raise UserError("--format gguf writes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3 style) for now; this "
+                        f"model's is a {model.get('type')} tokenizer"
+                        f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
+                        "export it with --format hf")
+    shape = _pre_tokenizer_shape(spec.get("pre_tokenizer"))
+    pre = PRE_TOKENIZERS.get(shape) or _split_names().get(shape)
+    if pre is None:
+        raise UserError("--format gguf cannot name this tokenizer's pre-tokenizer to llama.cpp (it splits text by a "
+                        f"name, not by tokenizer.json's rules: {json.dumps(spec.get('pre_tokenizer'))[:120]}): "
+                        "export it with --format hf")
+    tokens: dict[int, str] = {index: token for token, index in model["vocab"].items()}
+    types = dict.fromkeys(tokens, int(TokenType.NORMAL))
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = int(TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    if max(tokens) >= vocab_size:
+        raise UserError(f"the tokenizer has token ids up to {max(tokens)} but the model only {vocab_size} rows: "
+                        "export it with --format hf")
+    for index in range(vocab_size):  # rows no token names (vocabularies padded to a round size)
+        if index not in tokens:
+            tokens[index], types[index] = f"[PAD{index}]", int(TokenType.UNUSED)
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    probe = tokenizer("a").input_ids
+    fields = {"tokenizer.ggml.model": ("gpt2", Kind.STRING, None), "tokenizer.ggml.pre": (pre, Kind.STRING, None),
+              "tokenizer.ggml.tokens": ([tokens[i] for i in range(vocab_size)], Kind.ARRAY, Kind.STRING),
+              "tokenizer.ggml.token_type": ([types[i] for i in range(vocab_size)], Kind.ARRAY, Kind.INT32),
+              "tokenizer.ggml.merges": (merges, Kind.ARRAY, Kind.STRING),
+              "tokenizer.ggml.add_bos_token": (bool(probe) and probe[0] == tokenizer.bos_token_id, Kind.BOOL, None),
+              "tokenizer.ggml.add_space_prefix": (False, Kind.BOOL, None)}
+    for key in ("bos", "eos", "unk", "pad"):
+        if (index := getattr(tokenizer, f"{key}_token_id", None)) is not None:
+            fields[f"tokenizer.ggml.{'unknown' if key == 'unk' else 'padding' if key == 'pad' else key}_token_id"] = (
+                index, Kind.UINT32, None)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        fields["tokenizer.chat_template"] = (tokenizer.chat_template, Kind.STRING, None)
+    return fields
+
+
+def _copied_header(source: Path) -> dict[str, tuple[Any, Any, Any]]:
+    """Every header field of the GGUF file `source` but the ones the writer writes itself and the file type (one per
+    file; an export mixes types)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(source)
+    return {field.name: (field.contents(), field.types[0],
+                         field.types[1] if field.types[0] == GGUFValueType.ARRAY else None)
+            for field in reader.fields.values()
+            if not field.name.startswith("GGUF.") and field.name not in ("general.architecture", "general.file_type")}
 
 
 def _rows_for_gguf(out: int, heads: int) -> np.ndarray:
@@ -104,25 +244,23 @@ def _gguf_name(name: str) -> str | None:
     return None if kind is None else f"blk.{parts[2]}.{kind}.weight"
 
 
-def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path, target: Path) -> dict[str, Any]:
-    """Write the model into the GGUF file `target` with `source`'s tokenizer and header; return what each tensor
-    became: {"types": {type: count}, "requantized": [names of layers quantized again]}."""
+def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path | None, target: Path,
+          tokenizer: Any = None, name: str = "") -> dict[str, Any]:
+    """Write the model into the GGUF file `target`, its header and tokenizer copied from the GGUF file `source` or
+    (None) made from the model's config and `tokenizer` under `name`; return what each tensor became:
+    {"types": {type: count}, "requantized": [names of layers quantized again]}."""
     from gguf import GGMLQuantizationType as Type
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFWriter
     from gguf.quants import quantize
 
     config = model.config
-    reader = GGUFReader(source)
-    overrides = {"llama.block_count": config.num_hidden_layers, "llama.attention.head_count": config.num_attention_heads,
-                 "llama.attention.head_count_kv": config.num_key_value_heads,
-                 "llama.feed_forward_length": config.intermediate_size}
+    header = _copied_header(source) if source is not None else header_from_transformers(config, tokenizer, name)
+    shapes = {"llama.block_count": config.num_hidden_layers, "llama.attention.head_count": config.num_attention_heads,
+              "llama.attention.head_count_kv": config.num_key_value_heads,
+              "llama.feed_forward_length": config.intermediate_size}
     writer = GGUFWriter(target, "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
-            continue  # the writer writes the first ones itself; the file type is one per file, this file mixes
-        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, overrides.get(field.name, field.contents()), field.types[0], sub_type)
-    del reader
+    for key, (value, kind, item_kind) in header.items():
+        writer.add_key_value(key, shapes.get(key, value), kind, item_kind)
     forms = {f"{name}.weight": quantized_forms[module] for name, module in model.named_modules()
              if module in quantized_forms}
     if config.tie_word_embeddings and "lm_head.weight" in forms:  # the tied matrix is quantized once, as the head
