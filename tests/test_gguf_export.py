@@ -96,8 +96,8 @@ def test_what_a_gguf_file_cannot_hold_is_a_clear_error(tiny):
     gguf_file.check_source(None, tiny.model.config, tiny.tokenizer)  # the tiny model can be written
     for change, match in [(dict(model_type="mistral"), r"writes llama-architecture models; this one is 'mistral'"),
                           (dict(attention_bias=True), "does not write llama models with bias terms yet"),
-                          (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
-                           r"does not write rope scaling \('llama3'\) yet")]:
+                          (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}),
+                           r"does not write rope scaling 'dynamic' yet")]:
         config = copy.deepcopy(tiny.model.config)
         for key, value in change.items():
             setattr(config, key, value)
@@ -183,3 +183,38 @@ def test_apply_hands_over_each_quantized_layers_codes(tiny):
     model = compression.apply(CompressionPlan(precision=precision), tiny.model, tiny.arch, quantized_forms=forms)
     assert {name for name, module in model.named_modules() if module in forms} == set(precision)
     assert all(torch.equal(q.dequantize(), module.weight.data) for module, q in forms.items())
+
+
+def test_a_scaled_rope_is_written_as_llamacpps_frequency_divisors(tiny, tmp_path):
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters=llama3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper attention, so that the logits depend on the rotary frequencies
+        model.model.layers[0].self_attn.q_proj.weight.mul_(6)
+        model.model.layers[0].self_attn.k_proj.weight.mul_(6)
+    divisors = gguf_file.rope_divisors(config)
+    # wavelengths 2 pi 500000^(2i/16): the shortest are under 64/4 tokens (kept), the longest over 64 (divided by 32)
+    assert divisors.shape == (8,) and divisors[0] == 1 and divisors[-1] == pytest.approx(32)
+    assert 1 < divisors[1] < 32 and np.allclose(divisors[2:], 32)  # one between: smoothed
+    made = gguf_file.write(model, {}, None, tmp_path / "m.gguf", tiny.tokenizer, "rope")
+    assert made["types"]["F32"] == 1 + 3  # rope_freqs, the two norms, the final norm
+    stored = next(t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "rope_freqs.weight")
+    assert np.array_equal(np.asarray(stored.data), divisors)
+    read = gguf_file.load(tmp_path / "m.gguf", gguf_file.scaled_rope(config))
+    ids = torch.arange(200)[None] % len(tiny.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(read(ids).logits, model(ids).logits, atol=2e-3, rtol=0)  # float16 weights
+    linear = LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4,
+                                                                    "factor": 4.0}})
+    assert np.allclose(gguf_file.rope_divisors(linear), 4.0) and gguf_file.rope_divisors(tiny.model.config) is None
+    yarn = LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4,
+                                                                  "factor": 4.0}})
+    with pytest.raises(UserError, match=r"does not write rope scaling 'yarn' yet \(only llama3, linear\)"):
+        gguf_file.check_source(None, yarn, tiny.tokenizer)

@@ -141,8 +141,9 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
             log("writing model.gguf ...")
             record["gguf"] = gguf_file.write(model, forms, gguf_source, staging / "model.gguf", teacher.tokenizer,
                                              teacher.name)
+            rope = gguf_file.scaled_rope(model.config)
             del model, forms
-            model = gguf_file.load(staging / "model.gguf").to(device)
+            model = gguf_file.load(staging / "model.gguf", rope).to(device)
             log("measuring model.gguf (as transformers reads it back) on the study's evaluation text ...")
         else:
             log("measuring the exported model again on the study's evaluation text ...")

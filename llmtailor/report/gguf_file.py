@@ -16,8 +16,10 @@ Only llama-architecture models are written. For a model loaded from a GGUF file 
 field are copied from that file; for a model folder or hub id they are made from its config and its fast tokenizer
 (`header_from_transformers`): byte-level BPE vocabularies only (GPT-2, SmolLM, Llama 3 style), whose
 pre-tokenizer is one llama.cpp names (`PRE_TOKENIZERS`), since llama.cpp splits text by that name and not by the
-regular expression a tokenizer.json holds. SentencePiece vocabularies (Llama 2, Mistral) are an error for now. In
-both cases the block count, head counts and MLP width are the exported (possibly cut) model's.
+regular expression a tokenizer.json holds. A rope scaling that divides each rotary frequency by a fixed factor
+(Llama 3.1's ``llama3``, ``linear``) is written as llama.cpp's ``rope_freqs`` tensor of divisors, taken from
+transformers' own scaled frequencies; other scalings, bias terms and SentencePiece vocabularies (Llama 2, Mistral)
+are an error for now. In both cases the block count, head counts and MLP width are the exported (possibly cut) model's.
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ def header_from_transformers(config: Any, tokenizer: Any, name: str) -> dict[str
                         "export it with --format hf")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("--format gguf does not write llama models with bias terms yet: export it with --format hf")
-    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"--format gguf does not write rope scaling ({rope['rope_type']!r}) yet: export it with "
-                        "--format hf")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", *FREQUENCY_SCALINGS):
+        raise UserError(f"--format gguf does not write rope scaling {rope['rope_type']!r} yet (only "
+                        f"{', '.join(FREQUENCY_SCALINGS)}): export it with --format hf")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     u32, f32 = Kind.UINT32, Kind.FLOAT32
     fields = {"general.name": (name, Kind.STRING, None),
@@ -83,6 +85,38 @@ def header_from_transformers(config: Any, tokenizer: Any, name: str) -> dict[str
     if head_dim * config.num_attention_heads != config.hidden_size:
         fields["llama.attention.key_length"] = fields["llama.attention.value_length"] = (head_dim, u32, None)
     return {**fields, **_tokenizer_fields(tokenizer, config.vocab_size)}
+
+
+# Rope scalings that only stretch each rotary frequency by a fixed factor (no attention factor, nothing that
+# depends on the sequence length): llama.cpp takes them as the ``rope_freqs`` tensor of per-frequency divisors.
+FREQUENCY_SCALINGS = ("llama3", "linear")
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    return getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+
+
+def scaled_rope(config: Any) -> dict[str, Any] | None:
+    """The model's rope parameters where they scale the frequencies (what `load` hands back to transformers)."""
+    rope = _rope(config)
+    return None if rope.get("rope_type", "default") == "default" else dict(rope)
+
+
+def rope_divisors(config: Any) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs``: by how much the model's rope scaling divides each rotary frequency (float32,
+    head_dim / 2), taken from transformers' own scaled frequencies; None for unscaled rope."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = _rope(config)
+    if rope.get("rope_type", "default") == "default":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    plain = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    if attention_factor != 1.0:
+        raise UserError(f"rope scaling {rope['rope_type']!r} scales attention by {attention_factor}, which GGUF's "
+                        "llama does not hold: export it with --format hf")
+    return (plain / scaled.double()).float().numpy()
 
 
 # A tokenizer.json pre-tokenizer (as `_pre_tokenizer_shape` describes it) -> the name llama.cpp splits text by.
@@ -266,6 +300,9 @@ def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path 
     if config.tie_word_embeddings and "lm_head.weight" in forms:  # the tied matrix is quantized once, as the head
         forms["model.embed_tokens.weight"] = forms["lm_head.weight"]
     made: dict[str, Any] = {"types": {}, "requantized": []}
+    if source is None and (divisors := rope_divisors(config)) is not None:
+        writer.add_tensor("rope_freqs.weight", divisors, raw_dtype=Type.F32)
+        made["types"]["F32"] = 1
     for name, tensor in model.state_dict().items():
         gguf_name = _gguf_name(name)
         if gguf_name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -292,9 +329,13 @@ def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path 
     return made
 
 
-def load(path: Path) -> Any:
-    """The GGUF file as transformers loads it (dequantized to float32)."""
+def load(path: Path, rope_parameters: dict[str, Any] | None = None) -> Any:
+    """The GGUF file as transformers loads it (dequantized to float32). transformers does not read a llama file's
+    ``rope_freqs``: a scaled model's `rope_parameters` are handed over instead (the divisors themselves are held
+    to transformers' scaling by a test; llama.cpp applies them to every llama model)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' bare tqdm bar over the tensors
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                    **extra).eval()
