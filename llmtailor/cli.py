@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--results", default="results")
     export.add_argument("--storage", help="Optuna storage URL (default: RESULTS/STUDY/study.db)")
     export.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a folder from_pretrained loads "
-                        "(float weights); gguf: one model.gguf for llama.cpp, weights packed (llama models: from a GGUF file, "
-                        "or with a byte-level BPE tokenizer)")
+                        "(float weights); gguf: one model.gguf for llama.cpp, weights packed (llama, qwen2, "
+                        "qwen3: from a GGUF file, or with a byte-level BPE tokenizer)")
     export.add_argument("--sequential", action="store_true", help="compress block by block, each block calibrated "
                         "on the compressed ones before it (better GPTQ than the search's; new scores; minutes; plans "
                         "without a student)")

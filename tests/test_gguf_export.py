@@ -8,7 +8,7 @@ import torch
 
 from llmtailor import cli, compression, models
 from llmtailor.errors import UserError
-from llmtailor.plan import LayerPrecision, LayerSparsity
+from llmtailor.plan import CompressionPlan, LayerPrecision, LayerSparsity
 from llmtailor.report import export, gguf_file
 
 
@@ -94,8 +94,9 @@ def test_what_a_gguf_file_cannot_hold_is_a_clear_error(tiny):
             gguf_file.check_source(None, config or tiny.model.config, tokenizer or tiny.tokenizer)
 
     gguf_file.check_source(None, tiny.model.config, tiny.tokenizer)  # the tiny model can be written
-    for change, match in [(dict(model_type="mistral"), r"writes llama-architecture models; this one is 'mistral'"),
-                          (dict(attention_bias=True), "does not write llama models with bias terms yet"),
+    for change, match in [(dict(model_type="mistral"), r"writes llama, qwen2, qwen3 models; this one is 'mistral'"),
+                          (dict(mlp_bias=True), "does not write MLP bias terms yet"),
+                          (dict(sliding_window=256), "does not write sliding-window attention yet"),
                           (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}),
                            r"does not write rope scaling 'dynamic' yet")]:
         config = copy.deepcopy(tiny.model.config)
@@ -207,7 +208,7 @@ def test_a_scaled_rope_is_written_as_llamacpps_frequency_divisors(tiny, tmp_path
     assert made["types"]["F32"] == 1 + 3  # rope_freqs, the two norms, the final norm
     stored = next(t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "rope_freqs.weight")
     assert np.array_equal(np.asarray(stored.data), divisors)
-    read = gguf_file.load(tmp_path / "m.gguf", gguf_file.scaled_rope(config))
+    read = gguf_file.load(tmp_path / "m.gguf", gguf_file.reader_overrides(config))
     ids = torch.arange(200)[None] % len(tiny.tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(read(ids).logits, model(ids).logits, atol=2e-3, rtol=0)  # float16 weights
@@ -218,3 +219,40 @@ def test_a_scaled_rope_is_written_as_llamacpps_frequency_divisors(tiny, tmp_path
                                                                   "factor": 4.0}})
     with pytest.raises(UserError, match=r"does not write rope scaling 'yarn' yet \(only llama3, linear\)"):
         gguf_file.check_source(None, yarn, tiny.tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama with attention bias"])
+def test_other_architectures_are_written_in_their_own_row_order_and_read_back(kind, tiny, tmp_path):
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class, extra = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # query/key/value biases, rows as transformers keeps them
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),  # per-head query/key norms, heads wider
+        "llama with attention bias": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True))}[kind]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)
+    model = model_class(config).eval()
+    with torch.no_grad():  # sharper attention and non-zero biases: a wrong row order shows in the logits
+        for layer in model.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight.mul_(6)
+                if projection.bias is not None:
+                    projection.bias.normal_()
+    precision = {f"model.layers.{b}.{m}": LayerPrecision(4, 32) for b in range(2)
+                 for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj")}
+    from llmtailor import arch as arch_mod
+
+    forms = {}
+    packed = compression.apply(CompressionPlan(precision=precision), model, arch_mod.from_model(model),
+                               quantized_forms=forms)
+    made = gguf_file.write(packed, forms, None, tmp_path / "m.gguf", tiny.tokenizer, kind)
+    assert made["types"]["Q4_1"] == 6
+    names = {t.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert ("blk.0.attn_q.bias" in names) == (kind != "qwen3") and ("blk.1.attn_k_norm.weight" in names) == (
+        kind == "qwen3")
+    read = gguf_file.load(tmp_path / "m.gguf", gguf_file.reader_overrides(config))
+    ids = torch.arange(64)[None] % len(tiny.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(read(ids).logits, packed(ids).logits, atol=3e-3, rtol=0)  # float16 weights

@@ -69,9 +69,9 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
     ``README.md``; return the scores record. Nothing is left at `out` when it fails.
 
     ``format``: ``hf``, the float weights and tokenizer that ``from_pretrained`` loads; ``gguf``, one
-    ``model.gguf`` with the weights packed as `gguf_file` says (llama models with a byte-level BPE tokenizer, or
-    loaded from a GGUF file). The scores
-    are measured on what was written: for ``gguf``, the file as transformers reads it back.
+    ``model.gguf`` with the weights packed as `gguf_file` says (llama, qwen2 or qwen3 models with a byte-level
+    BPE tokenizer, or loaded from a GGUF file). The scores are measured on what was written: for ``gguf``, the
+    file as transformers reads it back.
     ``sequential``: compress the blocks in order, each calibrated on the compressed blocks before it, instead of as
     the search did (on the teacher's inputs). For GPTQ this is the better model (BENCHMARKS.md, bench_gptq.py: on
     the default model at 4 bits g128, KL 0.24 against 0.28; at 3 bits 0.88 against 1.22), and its scores are then
@@ -141,9 +141,9 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
             log("writing model.gguf ...")
             record["gguf"] = gguf_file.write(model, forms, gguf_source, staging / "model.gguf", teacher.tokenizer,
                                              teacher.name)
-            rope = gguf_file.scaled_rope(model.config)
+            overrides = gguf_file.reader_overrides(model.config)
             del model, forms
-            model = gguf_file.load(staging / "model.gguf", rope).to(device)
+            model = gguf_file.load(staging / "model.gguf", overrides).to(device)
             log("measuring model.gguf (as transformers reads it back) on the study's evaluation text ...")
         else:
             log("measuring the exported model again on the study's evaluation text ...")

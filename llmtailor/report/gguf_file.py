@@ -12,14 +12,16 @@ An asymmetric 8-bit layer has no such type (its codes minus the zero point span 
 format) are ``F16``, the norms ``F32``. The file is read back by the caller (transformers dequantizes it) and
 measured again, so what it holds is scored, not assumed.
 
-Only llama-architecture models are written. For a model loaded from a GGUF file the tokenizer and every other header
-field are copied from that file; for a model folder or hub id they are made from its config and its fast tokenizer
-(`header_from_transformers`): byte-level BPE vocabularies only (GPT-2, SmolLM, Llama 3 style), whose
-pre-tokenizer is one llama.cpp names (`PRE_TOKENIZERS`), since llama.cpp splits text by that name and not by the
-regular expression a tokenizer.json holds. A rope scaling that divides each rotary frequency by a fixed factor
-(Llama 3.1's ``llama3``, ``linear``) is written as llama.cpp's ``rope_freqs`` tensor of divisors, taken from
-transformers' own scaled frequencies; other scalings, bias terms and SentencePiece vocabularies (Llama 2, Mistral)
-are an error for now. In both cases the block count, head counts and MLP width are the exported (possibly cut) model's.
+The architectures written are llama (with or without attention biases), qwen2 and qwen3 (`ARCHITECTURES`). For a
+model loaded from a GGUF file the tokenizer and every other header field are copied from that file; for a model
+folder or hub id they are made from its config and its fast tokenizer (`header_from_transformers`): byte-level BPE
+vocabularies only (GPT-2, SmolLM, Llama 3, Qwen style), whose pre-tokenizer is one llama.cpp names
+(`PRE_TOKENIZERS`), since llama.cpp splits text by that name and not by the regular expression a tokenizer.json
+holds. A rope scaling that divides each rotary frequency by a fixed factor (Llama 3.1's ``llama3``, ``linear``) is
+written as llama.cpp's ``rope_freqs`` tensor of divisors, taken from transformers' own scaled frequencies; other
+scalings, MLP biases, sliding windows and SentencePiece vocabularies (Llama 2, Mistral) are an error for now. In
+both cases the block count, head counts and MLP width are the exported (possibly cut) model's. llama.cpp runs what
+this writes with transformers' tokens and logits (benchmarks/bench_gguf_llamacpp.py).
 """
 
 from __future__ import annotations
@@ -38,33 +40,47 @@ from llmtailor.hw_profiles.llamacpp import LINEARS
 
 BLOCK = 32
 _LINEARS = {module: kind for kind, module in LINEARS.items()}  # transformers llama module -> GGUF tensor
-_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+          "self_attn.k_norm": "attn_k_norm"}  # (the last two: Qwen3's per-head norms)
+# transformers model type -> (llama.cpp's architecture, whether it keeps query/key rows in its interleaved rotary
+# order). llama.cpp runs llama with the rotary halves interleaved, so convert_hf_to_gguf reorders those rows; Qwen's
+# architectures rotate the halves as transformers does (NeoX style), so their rows stay as they are.
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+
+
+def _architecture(model_type: str) -> tuple[str, bool]:
+    if model_type not in ARCHITECTURES:
+        raise UserError(f"--format gguf writes {', '.join(ARCHITECTURES)} models; this one is {model_type!r}: "
+                        "export it with --format hf")
+    return ARCHITECTURES[model_type]
 
 
 def check_source(source: Path | None, config: Any, tokenizer: Any) -> None:
-    """UserError unless the model can be written as GGUF: a llama GGUF file (`source`, whose tokenizer and header
-    are copied), or a llama model with a byte-level BPE tokenizer llama.cpp can name (`source` None)."""
+    """UserError unless the model can be written as GGUF: a GGUF file of an architecture in ARCHITECTURES
+    (`source`, whose tokenizer and header are copied), or such a model with a byte-level BPE tokenizer llama.cpp
+    can name (`source` None)."""
     from gguf import GGUFReader
 
     if source is not None:
         architecture = GGUFReader(source).fields["general.architecture"].contents()
-        if architecture != "llama":
-            raise UserError(f"--format gguf writes llama-architecture files; {source.name} is {architecture!r}: "
-                            "export it with --format hf")
+        if architecture not in {name for name, _ in ARCHITECTURES.values()}:
+            raise UserError(f"--format gguf writes {', '.join(ARCHITECTURES)} files; {source.name} is "
+                            f"{architecture!r}: export it with --format hf")
         return
     header_from_transformers(config, tokenizer, "check")
 
 
 def header_from_transformers(config: Any, tokenizer: Any, name: str) -> dict[str, tuple[Any, Any, Any]]:
-    """The GGUF header fields {key: (value, type, array item type)} of a transformers llama model and its fast
-    tokenizer; UserError for what llama.cpp's llama architecture or this writer does not hold."""
+    """The GGUF header fields {key: (value, type, array item type)} of a transformers model and its fast tokenizer;
+    UserError for what llama.cpp's architecture or this writer does not hold."""
     from gguf import GGUFValueType as Kind
 
-    if config.model_type != "llama":
-        raise UserError(f"--format gguf writes llama-architecture models; this one is {config.model_type!r}: "
-                        "export it with --format hf")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError("--format gguf does not write llama models with bias terms yet: export it with --format hf")
+    arch, _ = _architecture(config.model_type)
+    if getattr(config, "mlp_bias", False):
+        raise UserError("--format gguf does not write MLP bias terms yet: export it with --format hf")
+    if getattr(config, "use_sliding_window", False) or (config.model_type == "llama"
+                                                        and getattr(config, "sliding_window", None)):
+        raise UserError("--format gguf does not write sliding-window attention yet: export it with --format hf")
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ("default", *FREQUENCY_SCALINGS):
         raise UserError(f"--format gguf does not write rope scaling {rope['rope_type']!r} yet (only "
@@ -72,18 +88,18 @@ def header_from_transformers(config: Any, tokenizer: Any, name: str) -> dict[str
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     u32, f32 = Kind.UINT32, Kind.FLOAT32
     fields = {"general.name": (name, Kind.STRING, None),
-              "llama.context_length": (config.max_position_embeddings, u32, None),
-              "llama.embedding_length": (config.hidden_size, u32, None),
-              "llama.block_count": (config.num_hidden_layers, u32, None),
-              "llama.feed_forward_length": (config.intermediate_size, u32, None),
-              "llama.attention.head_count": (config.num_attention_heads, u32, None),
-              "llama.attention.head_count_kv": (config.num_key_value_heads, u32, None),
-              "llama.rope.freq_base": (float(rope["rope_theta"]), f32, None),
-              "llama.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), f32, None),
-              "llama.rope.dimension_count": (head_dim, u32, None),
-              "llama.vocab_size": (config.vocab_size, u32, None)}
+              f"{arch}.context_length": (config.max_position_embeddings, u32, None),
+              f"{arch}.embedding_length": (config.hidden_size, u32, None),
+              f"{arch}.block_count": (config.num_hidden_layers, u32, None),
+              f"{arch}.feed_forward_length": (config.intermediate_size, u32, None),
+              f"{arch}.attention.head_count": (config.num_attention_heads, u32, None),
+              f"{arch}.attention.head_count_kv": (config.num_key_value_heads, u32, None),
+              f"{arch}.rope.freq_base": (float(rope["rope_theta"]), f32, None),
+              f"{arch}.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), f32, None),
+              f"{arch}.rope.dimension_count": (head_dim, u32, None),
+              f"{arch}.vocab_size": (config.vocab_size, u32, None)}
     if head_dim * config.num_attention_heads != config.hidden_size:
-        fields["llama.attention.key_length"] = fields["llama.attention.value_length"] = (head_dim, u32, None)
+        fields[f"{arch}.attention.key_length"] = fields[f"{arch}.attention.value_length"] = (head_dim, u32, None)
     return {**fields, **_tokenizer_fields(tokenizer, config.vocab_size)}
 
 
@@ -96,10 +112,19 @@ def _rope(config: Any) -> dict[str, Any]:
     return getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
 
 
-def scaled_rope(config: Any) -> dict[str, Any] | None:
-    """The model's rope parameters where they scale the frequencies (what `load` hands back to transformers)."""
-    rope = _rope(config)
-    return None if rope.get("rope_type", "default") == "default" else dict(rope)
+def reader_overrides(config: Any) -> dict[str, Any]:
+    """The config values transformers' GGUF reader does not restore from the file, for `load` to hand back: a
+    scaled rope's parameters (llama.cpp reads ``rope_freqs``; transformers ignores it) and a head width other than
+    hidden / heads (the ``key_length`` field)."""
+    rope, overrides = _rope(config), {}
+    if rope.get("rope_type", "default") != "default":
+        overrides["rope_parameters"] = dict(rope)
+    if getattr(config, "attention_bias", False) and config.model_type == "llama":
+        overrides["attention_bias"] = True
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
+        overrides["head_dim"] = head_dim
+    return overrides
 
 
 def rope_divisors(config: Any) -> np.ndarray | None:
@@ -170,8 +195,11 @@ def _tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, tuple[Any, A
         raise UserError("--format gguf needs the model's fast tokenizer (tokenizer.json): export it with --format hf")
     spec = json.loads(backend.to_str())
     model, decoder = spec["model"], spec.get("decoder") or {}
+    # Qwen's tokenizers normalize to NFC first, which llama.cpp does not: text already in NFC (nearly all text)
+    # splits the same, so that normalizer is let through; any other one changes what the merges see.
+    normalizer = spec.get("normalizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel" \
-            or spec.get("normalizer"):
+            or normalizer.get("type", "NFC") != "NFC":
         raise UserError("--format gguf writes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3 style) for now; this "
                         f"model's is a {model.get('type')} tokenizer"
                         f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
@@ -275,7 +303,7 @@ def _gguf_name(name: str) -> str | None:
         return None
     rest = ".".join(parts[3:-1])
     kind = _LINEARS.get(rest) or _NORMS.get(rest)
-    return None if kind is None else f"blk.{parts[2]}.{kind}.weight"
+    return None if kind is None else f"blk.{parts[2]}.{kind}.{parts[-1]}"  # weight or bias
 
 
 def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path | None, target: Path,
@@ -289,10 +317,11 @@ def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path 
 
     config = model.config
     header = _copied_header(source) if source is not None else header_from_transformers(config, tokenizer, name)
-    shapes = {"llama.block_count": config.num_hidden_layers, "llama.attention.head_count": config.num_attention_heads,
-              "llama.attention.head_count_kv": config.num_key_value_heads,
-              "llama.feed_forward_length": config.intermediate_size}
-    writer = GGUFWriter(target, "llama")
+    arch, interleaved = _architecture(config.model_type)
+    shapes = {f"{arch}.block_count": config.num_hidden_layers, f"{arch}.attention.head_count": config.num_attention_heads,
+              f"{arch}.attention.head_count_kv": config.num_key_value_heads,
+              f"{arch}.feed_forward_length": config.intermediate_size}
+    writer = GGUFWriter(target, arch)
     for key, (value, kind, item_kind) in header.items():
         writer.add_key_value(key, shapes.get(key, value), kind, item_kind)
     forms = {f"{name}.weight": quantized_forms[module] for name, module in model.named_modules()
@@ -309,9 +338,9 @@ def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path 
             continue
         weight = tensor.detach().float().cpu().numpy()
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gguf_name.split(".")[-2])
-        rows = None if heads is None else _rows_for_gguf(weight.shape[0], heads)
-        if weight.ndim == 1:
-            data, kind = weight, Type.F32
+        rows = None if heads is None or not interleaved else _rows_for_gguf(weight.shape[0], heads)
+        if weight.ndim == 1:  # norms, and biases (a query/key bias in its weight's row order)
+            data, kind = (weight if rows is None else weight[rows]), Type.F32
         elif name in forms and (encoded := encode(forms[name], rows)) is not None:
             data, kind = encoded
         elif name in forms:  # asymmetric 8 bits (or blocks that do not fit): quantized again, the nearest type
@@ -329,13 +358,12 @@ def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path 
     return made
 
 
-def load(path: Path, rope_parameters: dict[str, Any] | None = None) -> Any:
-    """The GGUF file as transformers loads it (dequantized to float32). transformers does not read a llama file's
-    ``rope_freqs``: a scaled model's `rope_parameters` are handed over instead (the divisors themselves are held
-    to transformers' scaling by a test; llama.cpp applies them to every llama model)."""
+def load(path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """The GGUF file as transformers loads it (dequantized to float32), with the config values its reader does not
+    restore handed over (`reader_overrides` of the model written; the file holds them for llama.cpp, and tests hold
+    the rope divisors to transformers' own scaling)."""
     from transformers import AutoModelForCausalLM
 
-    extra = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' bare tqdm bar over the tensors
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                    **extra).eval()
+                                                    **(overrides or {})).eval()
