@@ -82,10 +82,10 @@ def header_from_transformers(config: Any, tokenizer: Any, name: str) -> dict[str
                                                         and getattr(config, "sliding_window", None)):
         raise UserError("--format gguf does not write sliding-window attention yet: export it with --format hf")
     rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", *FREQUENCY_SCALINGS):
+    if _rope_type(config) not in ("default", *FREQUENCY_SCALINGS):
         raise UserError(f"--format gguf does not write rope scaling {rope['rope_type']!r} yet (only "
                         f"{', '.join(FREQUENCY_SCALINGS)}): export it with --format hf")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     u32, f32 = Kind.UINT32, Kind.FLOAT32
     fields = {"general.name": (name, Kind.STRING, None),
               f"{arch}.context_length": (config.max_position_embeddings, u32, None),
@@ -112,18 +112,25 @@ def _rope(config: Any) -> dict[str, Any]:
     return getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
 
 
+def _rope_type(config: Any) -> str:
+    return _rope(config).get("rope_type", "default")
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def reader_overrides(config: Any) -> dict[str, Any]:
     """The config values transformers' GGUF reader does not restore from the file, for `load` to hand back: a
     scaled rope's parameters (llama.cpp reads ``rope_freqs``; transformers ignores it) and a head width other than
     hidden / heads (the ``key_length`` field)."""
-    rope, overrides = _rope(config), {}
-    if rope.get("rope_type", "default") != "default":
-        overrides["rope_parameters"] = dict(rope)
+    overrides: dict[str, Any] = {}
+    if _rope_type(config) != "default":
+        overrides["rope_parameters"] = dict(_rope(config))
     if getattr(config, "attention_bias", False) and config.model_type == "llama":
         overrides["attention_bias"] = True
-    head_dim = getattr(config, "head_dim", None)
-    if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
-        overrides["head_dim"] = head_dim
+    if _head_dim(config) * config.num_attention_heads != config.hidden_size:
+        overrides["head_dim"] = _head_dim(config)
     return overrides
 
 
@@ -132,10 +139,9 @@ def rope_divisors(config: Any) -> np.ndarray | None:
     head_dim / 2), taken from transformers' own scaled frequencies; None for unscaled rope."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = _rope(config)
-    if rope.get("rope_type", "default") == "default":
+    if _rope_type(config) == "default":
         return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope, head_dim = _rope(config), _head_dim(config)
     plain = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     scaled, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
     if attention_factor != 1.0:
@@ -200,7 +206,7 @@ def _tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, tuple[Any, A
     normalizer = spec.get("normalizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel" \
             or normalizer.get("type", "NFC") != "NFC":
-        raise UserError("--format gguf writes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3 style) for now; this "
+        raise UserError("--format gguf writes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen style) for now; this "
                         f"model's is a {model.get('type')} tokenizer"
                         f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
                         "export it with --format hf")
