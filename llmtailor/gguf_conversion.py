@@ -30,11 +30,48 @@ BY_TENSOR = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")
 
 def write(path: Path, folder: Path) -> None:
     """Dequantize the GGUF file at `path` into the (existing, empty) model folder `folder`."""
-    from transformers import AutoTokenizer
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer
 
     if not _write_by_tensor(path, folder):
         _write_whole(path, folder)
+    if (rope := rope_parameters(GGUFReader(path))) is not None:
+        config = AutoConfig.from_pretrained(folder)
+        config.rope_parameters = rope
+        config.save_pretrained(folder)
+    (folder / "rope-checked").write_text("")  # models.ROPE_CHECKED: nothing for `models._mend_rope` to mend
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+
+
+def rope_parameters(reader: Any) -> dict[str, Any] | None:
+    """The rope scaling of a llama.cpp file, which transformers' GGUF reader drops (it keeps the base frequency
+    only, so the model would run unscaled): a ``rope_freqs`` tensor of per-frequency divisors (how llama.cpp's
+    converter writes Llama 3.1's scaling) or linear scaling fields, as transformers rope parameters; None for an
+    unscaled rope (and for gpt-oss, whose scaling transformers reads itself). UserError for scalings transformers
+    cannot be given from the file (yarn and others), before anything is converted."""
+    import numpy as np
+
+    from llmtailor.errors import UserError
+    from llmtailor.report.gguf_file import rope_from_divisors
+
+    def field(key: str) -> Any:
+        found = reader.fields.get(key)
+        return None if found is None else found.contents()
+
+    arch = field("general.architecture")
+    if arch == "gpt-oss":
+        return None
+    theta = float(field(f"{arch}.rope.freq_base") or 10000.0)
+    divisors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    kind = field(f"{arch}.rope.scaling.type")
+    if divisors is not None:
+        return rope_from_divisors(np.asarray(divisors.data, dtype=np.float64), theta)
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(field(f"{arch}.rope.scaling.factor"))}
+    raise UserError(f"this GGUF file's rope scaling {kind!r} is not one this tool can hand to transformers (linear, "
+                    "or Llama 3's as rope_freqs): load the model's Hugging Face folder instead")
 
 
 def _write_whole(path: Path, folder: Path) -> None:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -295,7 +296,11 @@ def gguf_parameters(reader: Any) -> int:
 
 def _check_convertible(path: Path, reader: Any) -> None:
     """UserError, before a conversion starts, if the installed transformers cannot convert the file's architecture
-    (its list of GGUF architectures, where this version of transformers has one)."""
+    (its list of GGUF architectures, where this version of transformers has one) or it holds a rope scaling the
+    conversion cannot restore (`gguf_conversion.rope_parameters`)."""
+    from llmtailor import gguf_conversion
+
+    gguf_conversion.rope_parameters(reader)
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as supported
     except ImportError:  # another layout of transformers: its converter will say so itself
@@ -320,6 +325,7 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     BENCHMARKS.md, "A sweep's first run on a new machine")."""
     target = _converted_gguf_dir(path)
     if target.is_dir():
+        _mend_rope(path, target)
         return target
     reader = _gguf_reader(path)
     _check_convertible(path, reader)
@@ -344,6 +350,24 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
             raise
     _remember(_digest_record(path), target.name.rsplit("-", 1)[1])
     return target
+
+
+ROPE_CHECKED = "rope-checked"  # in a conversion folder: its config holds the file's rope scaling
+
+
+def _mend_rope(path: Path, target: Path) -> None:
+    """Give a folder converted before the conversion restored a scaled rope (`gguf_conversion.rope_parameters`)
+    the file's scaling: once per folder (reading the file's header takes about 2 s), then the marker says so."""
+    from llmtailor import gguf_conversion
+
+    if (target / ROPE_CHECKED).exists():
+        return
+    rope = gguf_conversion.rope_parameters(_gguf_reader(path))
+    with contextlib.suppress(OSError):  # a cache folder another user owns: it is mended when they load it
+        if rope is not None:
+            config = json.loads((target / "config.json").read_text())
+            write_text(target / "config.json", json.dumps({**config, "rope_parameters": rope}, indent=2) + "\n")
+        write_text(target / ROPE_CHECKED, "")
 
 
 def _write_conversion(path: str, folder: str) -> None:

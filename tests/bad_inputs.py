@@ -77,6 +77,14 @@ def make_inputs(folder: Path, model_dir: Path) -> Path:
     foreign.write_kv_data_to_file()
     foreign.write_tensors_to_file()
     foreign.close()
+    # A llama file whose rope scaling (yarn) transformers' reader would drop and the conversion cannot restore.
+    yarn = gguf.GGUFWriter(str(folder / "yarn.gguf"), "llama")
+    yarn.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    yarn.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    yarn.write_header_to_file()
+    yarn.write_kv_data_to_file()
+    yarn.write_tensors_to_file()
+    yarn.close()
     whole = (folder / "whole.gguf").read_bytes()
     (folder / "truncated.gguf").write_bytes(whole[: len(whole) - 4000])
     (folder / "whole.gguf").unlink()
@@ -122,6 +130,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("truncated .gguf", ["fit", "{in}/truncated.gguf", "--memory", "8GB"], r"truncated.gguf is truncated or not a valid GGUF"),
     (".gguf of an architecture transformers cannot convert", ["fit", "{in}/foreign.gguf", "--memory", "8GB"],
      r"foreign.gguf holds a 'nosucharch' model, which transformers .* cannot convert from GGUF \(it reads llama,"),
+    (".gguf whose rope scaling the conversion cannot restore", ["fit", "{in}/yarn.gguf", "--memory", "8GB"],
+     r"this GGUF file's rope scaling 'yarn' is not one this tool can hand to transformers"),
     ("negative budget, separate value", ["fit", "{model}", "--memory", "-5GB"], r"malformed memory budget '-5GB'"),
     ("negative budget, joined value", ["fit", "{model}", "--memory=-5GB"], r"malformed memory budget '-5GB'"),
     ("storage driver not installed", [*FIT, "--storage", "mysql://x"],

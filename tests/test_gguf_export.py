@@ -221,6 +221,70 @@ def test_a_scaled_rope_is_written_as_llamacpps_frequency_divisors(tiny, tmp_path
         gguf_file.check_source(None, yarn, tiny.tokenizer)
 
 
+def test_a_gguf_files_scaled_rope_survives_its_conversion_and_its_export(tiny, tmp_path):
+    # transformers' GGUF reader keeps only the base frequency; a Llama 3.1 file would run unscaled without the fit
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from llmtailor import gguf_conversion
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)  # head width 64: 32 frequencies, three of them in the smoothed band
+    config = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_parameters=llama3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(6)
+        model.model.layers[0].self_attn.k_proj.weight.mul_(6)
+    gguf_file.write(model, {}, None, tmp_path / "source.gguf", tiny.tokenizer, "rope")
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    gguf_conversion.write(tmp_path / "source.gguf", folder)
+    converted = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert converted.config.rope_parameters == llama3
+    ids = torch.arange(200)[None] % len(tiny.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, model(ids).logits, atol=2e-3, rtol=0)
+        unscaled = AutoModelForCausalLM.from_pretrained(folder, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 500000.0}).eval()
+        assert (unscaled(ids).logits - model(ids).logits).abs().max() > 0.05  # what the conversion gave before
+    gguf_file.write(converted, {}, tmp_path / "source.gguf", tmp_path / "export.gguf")  # the file as its source
+    stored = {t.name: np.asarray(t.data) for t in GGUFReader(tmp_path / "export.gguf").tensors}
+    np.testing.assert_allclose(stored["rope_freqs.weight"], gguf_file.rope_divisors(config), rtol=1e-6)
+    # A folder an earlier version converted (no rope scaling, no marker) is mended when it is next looked up
+    kept = models._convert_gguf(tmp_path / "source.gguf", log=lambda line: None)
+    assert (kept / models.ROPE_CHECKED).exists()
+    (kept / models.ROPE_CHECKED).unlink()
+    older = json.loads((kept / "config.json").read_text())
+    (kept / "config.json").write_text(json.dumps({**older, "rope_parameters": {"rope_type": "default",
+                                                                                "rope_theta": 500000.0}}))
+    assert models._convert_gguf(tmp_path / "source.gguf") == kept and (kept / models.ROPE_CHECKED).exists()
+    assert AutoModelForCausalLM.from_pretrained(kept).config.rope_parameters == llama3
+
+
+@pytest.mark.parametrize("fields, divisors, error", [
+    ({"llama.rope.scaling.type": "yarn"}, None, r"rope scaling 'yarn' is not one this tool can hand to transformers"),
+    ({}, np.r_[np.ones(2), 5.0, np.full(5, 32.0)], r"1 between 1 and the largest\) do not determine a Llama 3"),
+    ({}, np.linspace(1, 3, 16), r"rope_freqs are not a rope scaling transformers runs")])
+def test_a_gguf_rope_the_conversion_cannot_restore_is_refused_before_converting(fields, divisors, error):
+    from types import SimpleNamespace
+
+    from llmtailor import gguf_conversion
+
+    fields = {"general.architecture": "llama", "llama.rope.freq_base": 500000.0, **fields}
+    reader = SimpleNamespace(fields={key: SimpleNamespace(contents=lambda v=value: v) for key, value in fields.items()},
+                             tensors=[] if divisors is None else [SimpleNamespace(name="rope_freqs.weight",
+                                                                                  data=divisors)])
+    with pytest.raises(UserError, match=error):
+        models._check_convertible(models.Path("x.gguf"), reader)
+    linear = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    reader.fields = {key: SimpleNamespace(contents=lambda v=value: v) for key, value in {**fields, **linear}.items()}
+    reader.tensors = []
+    assert gguf_conversion.rope_parameters(reader) == {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama with attention bias"])
 def test_other_architectures_are_written_in_their_own_row_order_and_read_back(kind, tiny, tmp_path):
     from gguf import GGUFReader

@@ -18,7 +18,8 @@ folder or hub id they are made from its config and its fast tokenizer (`header_f
 vocabularies only (GPT-2, SmolLM, Llama 3, Qwen style), whose pre-tokenizer is one llama.cpp names
 (`PRE_TOKENIZERS`), since llama.cpp splits text by that name and not by the regular expression a tokenizer.json
 holds. A rope scaling that divides each rotary frequency by a fixed factor (Llama 3.1's ``llama3``, ``linear``) is
-written as llama.cpp's ``rope_freqs`` tensor of divisors, taken from transformers' own scaled frequencies; other
+written as llama.cpp's ``rope_freqs`` tensor of divisors, taken from transformers' own scaled frequencies (and read
+back from a GGUF source by `rope_from_divisors`, since transformers' GGUF reader drops them); other
 scalings, MLP biases, sliding windows and SentencePiece vocabularies (Llama 2, Mistral) are an error for now. In
 both cases the block count, head counts and MLP width are the exported (possibly cut) model's. llama.cpp runs what
 this writes with transformers' tokens and logits (benchmarks/bench_gguf_llamacpp.py).
@@ -148,6 +149,53 @@ def rope_divisors(config: Any) -> np.ndarray | None:
         raise UserError(f"rope scaling {rope['rope_type']!r} scales attention by {attention_factor}, which GGUF's "
                         "llama does not hold: export it with --format hf")
     return (plain / scaled.double()).float().numpy()
+
+
+def rope_from_divisors(divisors: np.ndarray, rope_theta: float) -> dict[str, Any]:
+    """The inverse of `rope_divisors`, for reading a GGUF file's ``rope_freqs``: transformers rope parameters whose
+    scaled frequencies are the file's. Equal divisors are linear scaling. Otherwise Llama 3's scaling is fitted:
+    frequencies left as they are (divisor 1), divided by the factor (the largest divisor), and between them a band
+    where 1/divisor = 1/factor + s (1 - 1/factor) with s linear in 1/wavelength. Its three parameters (original
+    context, low and high frequency factors) scale together without changing any frequency, so the low one is set
+    to 1 and the line gives the others. UserError where the result does not reproduce the file's divisors."""
+    from transformers import LlamaConfig
+
+    divisors = np.asarray(divisors, dtype=np.float64)
+    factor = float(divisors.max())
+    if np.allclose(divisors, factor, rtol=1e-6):
+        params = {"rope_type": "linear", "rope_theta": float(rope_theta), "factor": _snap(factor)}
+    else:
+        head_dim = 2 * len(divisors)
+        wavelength = 2 * np.pi * float(rope_theta) ** (np.arange(0, head_dim, 2) / head_dim)
+        between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+        if between.sum() < 2:
+            raise UserError(f"this GGUF file's rope_freqs ({len(divisors)} frequency divisors, {between.sum()} "
+                            "between 1 and the largest) do not determine a Llama 3 rope scaling: load the model's "
+                            "Hugging Face folder instead")
+        smooth = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelength[between], smooth, 1)
+        low_wavelength, high_wavelength = -slope / intercept, slope / (1 - intercept)  # where s is 0 and 1
+        if not 0 < high_wavelength < low_wavelength:
+            raise UserError(_NOT_A_SCALING)
+        context = int(round(low_wavelength))  # an integer, as transformers wants; the factors keep the bands exact
+        params = {"rope_type": "llama3", "rope_theta": float(rope_theta), "factor": _snap(factor),
+                  "low_freq_factor": _snap(context / low_wavelength),
+                  "high_freq_factor": _snap(context / high_wavelength), "original_max_position_embeddings": context}
+    config = LlamaConfig(hidden_size=len(divisors) * 2, num_attention_heads=1, rope_parameters=params,
+                         max_position_embeddings=2 * params.get("original_max_position_embeddings", 1))
+    if not np.allclose(rope_divisors(config), divisors, rtol=1e-4):
+        raise UserError(_NOT_A_SCALING)
+    return params
+
+
+_NOT_A_SCALING = ("this GGUF file's rope_freqs are not a rope scaling transformers runs (linear or Llama 3's): load "
+                  "the model's Hugging Face folder instead")
+
+
+def _snap(value: float) -> float:
+    """A fitted value to three decimals where it is that within float32's noise (32.0000038 -> 32.0)."""
+    value = float(value)
+    return round(value, 3) if abs(value - round(value, 3)) < 1e-5 * abs(value) else value
 
 
 # A tokenizer.json pre-tokenizer (as `_pre_tokenizer_shape` describes it) -> the name llama.cpp splits text by.
@@ -335,7 +383,8 @@ def write(model: Any, quantized_forms: dict[Any, QuantizedWeight], source: Path 
     if config.tie_word_embeddings and "lm_head.weight" in forms:  # the tied matrix is quantized once, as the head
         forms["model.embed_tokens.weight"] = forms["lm_head.weight"]
     made: dict[str, Any] = {"types": {}, "requantized": []}
-    if source is None and (divisors := rope_divisors(config)) is not None:
+    # A scaled rope as llama.cpp's divisors, unless the copied header scales it already (linear scaling fields)
+    if (divisors := rope_divisors(config)) is not None and f"{arch}.rope.scaling.type" not in header:
         writer.add_tensor("rope_freqs.weight", divisors, raw_dtype=Type.F32)
         made["types"]["F32"] = 1
     for name, tensor in model.state_dict().items():
