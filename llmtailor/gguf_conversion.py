@@ -33,9 +33,10 @@ def write(path: Path, folder: Path) -> None:
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer
 
-    if not _write_by_tensor(path, folder):
+    rope = rope_parameters(GGUFReader(path))  # its reader (about 150 MB of header for a 49k vocabulary) freed here,
+    if not _write_by_tensor(path, folder):    # before the weights are read
         _write_whole(path, folder)
-    if (rope := rope_parameters(GGUFReader(path))) is not None:
+    if rope is not None:
         config = AutoConfig.from_pretrained(folder)
         config.rope_parameters = rope
         config.save_pretrained(folder)
