@@ -91,9 +91,12 @@ def test_a_sequential_export_is_the_block_by_block_compression_of_the_plan(joint
 
     folder, study, cache = joint
     monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
-    quantized = _measured(study, lambda p: CompressionPlan.from_dict(p).student.is_identity
-                          and any(v["method"] == "gptq" and v["bits"] < 16 for v in p["precision"].values()))
-    assert quantized, "the study measured no GPTQ plan without a student"
+    # GPTQ layers in two blocks at least: with one, the block-by-block calibration sees the teacher's inputs as
+    # the search's did, and the figures come out equal (a study on another CPU drew such a plan first)
+    quantized = _measured(study, lambda p: CompressionPlan.from_dict(p).student.is_identity and len(
+        {name.split(".")[2] for name, v in p["precision"].items()
+         if v["method"] == "gptq" and v["bits"] < 16 and name.startswith("model.layers.")}) >= 2)
+    assert quantized, "the study measured no GPTQ plan without a student over two blocks"
     trial = quantized[0]
     record = export.export(study, trial.number, tmp_path / "out", sequential=True, log=lambda line: None)
     assert record["compression"] == "sequential" and record["search"]["kl"] == trial.user_attrs["kl"]
