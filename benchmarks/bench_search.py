@@ -343,6 +343,7 @@ def main() -> None:
         "calibration": "pydoc calibration split, 128 x 512 tokens",
         "hypervolume_box": {"kl_nats": KL_BOUND, "memory_bytes": bounds["memory"],
                             "latency_s_per_token": bounds["latency"]},
+        "cost_profile": profile.description,  # a calibrated host's or the typical laptop CPU's: what the box is on
         "teacher_forward_seconds_over_eval_tokens": facts["forward_seconds"],
         "teacher_float32_bytes": facts["teacher_float32_bytes"],
         "median_warm_trial_seconds": statistics.median(warm) if warm else None,

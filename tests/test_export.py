@@ -117,6 +117,30 @@ def test_a_sequential_export_is_the_block_by_block_compression_of_the_plan(joint
     assert "block by block" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_a_half_precision_export_stores_and_scores_the_rounded_weights(joint, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    folder, study, cache = joint
+    monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))
+    trial = _measured(study, lambda p: CompressionPlan.from_dict(p).student.is_identity)[0]
+    full = export.export(study, trial.number, tmp_path / "f32", log=lambda line: None)
+    half = export.export(study, trial.number, tmp_path / "bf16", dtype="bfloat16", log=lambda line: None)
+    assert half["dtype"] == "bfloat16" and half["export"]["file_bytes"] < 0.55 * full["export"]["file_bytes"]
+    assert half["export"]["kl"] != full["export"]["kl"]  # the rounded weights: their own figures
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    teacher = models.load(str(models.resolve(study.user_attrs[STUDY_ATTR]["model"])[1]))
+    reference = quality.Reference(teacher.model, teacher.tokenizer, text.split("pydoc").evaluation, 2, 64,
+                                  quality.SEARCH_TOP_K)
+    assert quality.measure(loaded.float(), reference).kl == pytest.approx(half["export"]["kl"], rel=1e-5)
+    assert "stored as bfloat16" in (tmp_path / "bf16" / "README.md").read_text()
+    with pytest.raises(UserError, match=r"--dtype sets the float weights of --format hf; --format gguf packs"):
+        export.export(study, trial.number, tmp_path / "g", format="gguf", dtype="float16")
+    with pytest.raises(UserError, match=r"unknown weight type 'int8': choose one of float32, float16, bfloat16"):
+        export.export(study, trial.number, tmp_path / "i", dtype="int8")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "i").exists()
+
+
 def test_export_refuses_what_it_cannot_write_or_find(joint, tmp_path, monkeypatch):
     folder, study, cache = joint
     monkeypatch.setenv("LLMTAILOR_CACHE", str(cache))

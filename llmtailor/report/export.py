@@ -9,8 +9,9 @@ same windows, the same top-k teacher reference), and task accuracy on its tasks;
 new ones go into ``scores.json`` and the model card, side by side, so a difference shows instead of being assumed
 away.
 
-The weights are stored in the teacher's float dtype: each quantized weight at its dequantized value, each pruned
-weight at zero, a cut student at its smaller shapes. That is what transformers loads with no quantization library.
+The weights are stored as floats (float32 unless ``dtype`` says float16 or bfloat16): each quantized weight at its
+dequantized value (rounded to ``dtype``), each pruned weight at zero, a cut student at its smaller shapes. That is
+what transformers loads with no quantization library.
 The bytes a runtime holds once the weights are packed are the cost model's, and the card states both sizes.
 With ``sequential`` the plan is instead compressed block by block (``compression.sequential``, each block
 calibrated on the compressed blocks before it): the better model for GPTQ, with new scores, for plans without a
@@ -61,10 +62,12 @@ def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial
 
 
 FORMATS = ("hf", "gguf")
+DTYPES = ("float32", "float16", "bfloat16")  # what --format hf stores the float weights as
 
 
-def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "hf", sequential: bool = False,
-           torch_device: str = "cpu", trust_remote_code: bool = False, log: Any = print) -> dict[str, Any]:
+def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "hf", dtype: str = "float32",
+           sequential: bool = False, torch_device: str = "cpu", trust_remote_code: bool = False,
+           log: Any = print) -> dict[str, Any]:
     """Write trial `number`'s model into the new folder `out` with ``plan.json``, ``scores.json`` and a model card
     ``README.md``; return the scores record. Nothing is left at `out` when it fails.
 
@@ -72,6 +75,8 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
     ``model.gguf`` with the weights packed as `gguf_file` says (llama, qwen2 or qwen3 models with a byte-level
     BPE tokenizer, or loaded from a GGUF file). The scores are measured on what was written: for ``gguf``, the
     file as transformers reads it back.
+    ``dtype``: the float type ``hf`` stores the weights in. float16 and bfloat16 halve the folder; the scores are
+    then measured with the weights rounded to that type (in float32 arithmetic), so they are the stored weights'.
     ``sequential``: compress the blocks in order, each calibrated on the compressed blocks before it, instead of as
     the search did (on the teacher's inputs). For GPTQ this is the better model (BENCHMARKS.md, bench_gptq.py: on
     the default model at 4 bits g128, KL 0.24 against 0.28; at 3 bits 0.88 against 1.22), and its scores are then
@@ -80,6 +85,11 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
     info = study_info(study)
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown weight type {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if format == "gguf" and dtype != "float32":
+        raise UserError("--dtype sets the float weights of --format hf; --format gguf packs each layer into its own "
+                        "GGUF type (16-bit layers as F16): leave --dtype out")
     trial = finished_trial(study, number)
     plan = CompressionPlan.from_dict(pareto.plan_json(trial))
     if sequential and not plan.student.is_identity:
@@ -125,7 +135,13 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
 
         log(f"applying trial {number}'s plan to {teacher.name} ...")
         model = compression.apply(plan, teacher.model, teacher.arch, **made, quantized_forms=forms)
+    if format == "hf" and dtype != "float32":
+        import torch
+
+        for parameter in model.parameters():  # buffers (rotary frequencies) are not stored: they stay as loaded
+            parameter.data = parameter.data.to(getattr(torch, dtype)).float()
     record = {"study": study.study_name, "trial": number, "model": info["model_name"], "format": format,
+              **({"dtype": dtype} if format == "hf" else {}),
               "device": info["device"]["name"], "calibration_text": info.get("calibration_text"),
               "evaluation_text": _evaluation_text(info),
               "compression": "sequential" if sequential else "as in the search (teacher inputs)",
@@ -149,7 +165,9 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
             log("measuring the exported model again on the study's evaluation text ...")
         record["export"] = {**_scores(model, teacher, info), **trained}
         if format == "hf":
-            model.to("cpu").save_pretrained(staging)
+            import torch
+
+            model.to("cpu").to(getattr(torch, dtype)).save_pretrained(staging)
             teacher.tokenizer.save_pretrained(staging)
         record["export"]["file_bytes"] = sum(p.stat().st_size for p in staging.iterdir()
                                              if p.suffix in (".safetensors", ".gguf"))
@@ -283,7 +301,8 @@ def model_card(plan: CompressionPlan, record: dict[str, Any]) -> str:
     else:
         load = ("Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; no quantization library is "
                 "needed.")
-        size = (f"The weights are stored as floats ({now['file_bytes'] / 1e6:,.1f} MB of safetensors): quantized "
+        size = (f"The weights are stored as {record.get('dtype', 'float32')} ({now['file_bytes'] / 1e6:,.1f} MB of "
+                f"safetensors; the scores above are of these stored values): quantized "
                 f"weights at their dequantized values, pruned weights at zero. Packed for a runtime with the kernels "
                 f"the device profile names, {predicted}.")
     return f"""# {record['model']}, compressed by llmtailor
