@@ -1,4 +1,4 @@
-"""One trial of a default-model study exported both ways: the float folder and the packed GGUF file.
+"""One trial of a default-model study exported each way: the float folder (float32, bfloat16) and the packed GGUF file.
 
 For each format: the seconds `export` takes (teacher loaded, plan applied from the study's caches, scores measured
 again, files written), the bytes written, and KL and perplexity measured again against the search's figures on the
@@ -69,10 +69,11 @@ def main() -> None:
     trial = study.trials[args.trial]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for fmt in ("hf", "gguf"):
+        for fmt, dtype in (("hf", "float32"), ("hf", "bfloat16"), ("gguf", "float32")):
             started = time.perf_counter()
-            record = export.export(study, args.trial, Path(folder) / fmt, format=fmt, log=lambda line: None)
-            rows.append({"format": fmt, "seconds": round(time.perf_counter() - started, 1),
+            record = export.export(study, args.trial, Path(folder) / f"{fmt}-{dtype}", format=fmt, dtype=dtype,
+                                   log=lambda line: None)
+            rows.append({"format": fmt if fmt == "gguf" else f"{fmt} {dtype}", "seconds": round(time.perf_counter() - started, 1),
                          "file_mb": round(record["export"]["file_bytes"] / 1e6, 1),
                          "kl_search": trial.user_attrs["kl"], "kl_export": record["export"]["kl"],
                          "perplexity_search": trial.user_attrs["perplexity"],
@@ -83,7 +84,7 @@ def main() -> None:
         loaded = models.load(None if info["model"] == "default" else info["model"], log=lambda line: None)
         ids = quality.evaluation_ids(loaded.tokenizer, text.split(info["text"]).evaluation, 256)
         windows = ids[: ids.numel() // 256 * 256].reshape(-1, 256)[:4]
-        path = Path(folder) / "gguf" / "model.gguf"
+        path = Path(folder) / "gguf-float32" / "model.gguf"
         by_llamacpp = perplexity_by_llamacpp(path, windows)
         by_transformers = perplexity_by_transformers(gguf_file.load(path), windows)
         # The same two readers on the model's own GGUF file (made by llama.cpp's tools): how far apart they are on
