@@ -327,8 +327,11 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     if target.is_dir():
         _mend_rope(path, target)
         return target
+    from llmtailor import gguf_conversion
+
     reader = _gguf_reader(path)
     _check_convertible(path, reader)
+    rope = gguf_conversion.rope_parameters(reader)  # handed to the child, which then never reads the header
     params = gguf_parameters(reader)
     del reader  # its mapping of the file
     log(f"converting {path.name} once into a float32 model folder (about {params * 4 / 1e6:,.0f} MB) in {target}; "
@@ -337,7 +340,8 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         done = subprocess.run([sys.executable, "-c", "import sys; from llmtailor import models; "
-                               "models._write_conversion(sys.argv[1], sys.argv[2])", str(path), str(staging)],
+                               "models._write_conversion(sys.argv[1], sys.argv[2], sys.argv[3])", str(path),
+                               str(staging), json.dumps(rope)],
                               capture_output=True, text=True)
         if done.returncode:
             lines = done.stderr.strip().splitlines()
@@ -370,17 +374,17 @@ def _mend_rope(path: Path, target: Path) -> None:
         write_text(target / ROPE_CHECKED, "")
 
 
-def _write_conversion(path: str, folder: str) -> None:
+def _write_conversion(path: str, folder: str, rope: str | None = None) -> None:
     """The child process of `_convert_gguf`: the GGUF file at `path` dequantized and saved into `folder`, tensor by
-    tensor where the architecture allows (`gguf_conversion`). A failure ends the process with its first line as the
-    last line on stderr."""
+    tensor where the architecture allows (`gguf_conversion`); `rope` the file's rope parameters as JSON (None: read
+    them from the file). A failure ends the process with its first line as the last line on stderr."""
     from llmtailor import gguf_conversion
 
     try:
         # transformers draws "Converting and de-quantizing" and "Writing model shards" bars with a bare tqdm on
         # stderr: the parent's log line says what happens.
         with contextlib.redirect_stderr(io.StringIO()):
-            gguf_conversion.write(Path(path), Path(folder))
+            gguf_conversion.write(Path(path), Path(folder), *(() if rope is None else (json.loads(rope),)))
     except Exception as exc:
         print(first_line(exc), file=sys.stderr)
         raise SystemExit(1) from None
