@@ -361,17 +361,34 @@ ROPE_CHECKED = "rope-checked"  # in a conversion folder: its config holds the fi
 
 def _mend_rope(path: Path, target: Path) -> None:
     """Give a folder converted before the conversion restored a scaled rope (`gguf_conversion.rope_parameters`)
-    the file's scaling: once per folder (reading the file's header takes about 2 s), then the marker says so."""
-    from llmtailor import gguf_conversion
-
+    the file's scaling: once per folder, then the marker says so. The file's header is read in a child process
+    (about 3 s): its parse stays in a process's heap, which here is the sweep's own."""
     if (target / ROPE_CHECKED).exists():
         return
-    rope = gguf_conversion.rope_parameters(_gguf_reader(path))
+    done = subprocess.run([sys.executable, "-c", "import sys; from llmtailor import models; "
+                           "models._print_rope(sys.argv[1])", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        raise UserError(lines[-1] if lines else f"reading {path.name}'s rope scaling ended with code "
+                        f"{done.returncode}")
+    rope = json.loads(done.stdout.strip().splitlines()[-1])
     with contextlib.suppress(OSError):  # a cache folder another user owns: it is mended when they load it
         if rope is not None:
             config = json.loads((target / "config.json").read_text())
             write_text(target / "config.json", json.dumps({**config, "rope_parameters": rope}, indent=2) + "\n")
         write_text(target / ROPE_CHECKED, "")
+
+
+def _print_rope(path: str) -> None:
+    """The child process of `_mend_rope`: the file's rope parameters as JSON on stdout, or a failure's first line
+    as the last line on stderr."""
+    from llmtailor import gguf_conversion
+
+    try:
+        print(json.dumps(gguf_conversion.rope_parameters(_gguf_reader(Path(path)))))
+    except Exception as exc:
+        print(first_line(exc), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _write_conversion(path: str, folder: str, rope: str | None = None) -> None:

@@ -264,6 +264,14 @@ def test_a_gguf_files_scaled_rope_survives_its_conversion_and_its_export(tiny, t
     assert AutoModelForCausalLM.from_pretrained(kept).config.rope_parameters == llama3
 
 
+def test_a_mend_that_cannot_read_the_file_says_why_in_one_line(tmp_path):
+    (tmp_path / "broken.gguf").write_bytes(b"not a GGUF file" * 10)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match=r"broken.gguf is truncated or not a valid GGUF file"):
+        models._mend_rope(tmp_path / "broken.gguf", tmp_path / "folder")  # read in a child; its error handed up
+    assert not (tmp_path / "folder" / models.ROPE_CHECKED).exists()
+
+
 @pytest.mark.parametrize("fields, divisors, error", [
     ({"llama.rope.scaling.type": "yarn"}, None, r"rope scaling 'yarn' is not one this tool can hand to transformers"),
     ({}, np.r_[np.ones(2), 5.0, np.full(5, 32.0)], r"1 between 1 and the largest\) do not determine a Llama 3"),
